@@ -1,0 +1,138 @@
+"""`dsa-export build --gpu TARGET`: run every stage this machine can run, record each in `manifest.json`.
+
+Stages that a later version of the tool adds are listed as `not_available`, so the manifest always shows the whole
+pipeline. The manifest is rewritten (atomically) after every stage: an interrupted build still says how far it got.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import dsa_export
+from dsa_export.errors import DSAExportError
+from dsa_export.models import DSAForCausalLM, KVCache, get_preset, init_checkpoint, load_checkpoint
+from dsa_export.models.checkpoint import checkpoint_fingerprint
+from dsa_export.targets import get_target
+
+# Stages of the full pipeline (design.md) that this version cannot run yet, with what they will produce.
+PLANNED_STAGES = {
+    "kernels": "AOT Triton kernels (PTX, cubin, launch metadata) for the target",
+    "export": "model.onnx with dsa:: nodes and io.json",
+    "engine": "TensorRT engine (needs TensorRT and a GPU of the target's architecture)",
+    "deploy": "Triton Inference Server model repository",
+    "parity": "accuracy report against the eager model",
+    "cost": "cost report and plots",
+}
+# Max abs logit difference allowed between prefill + decode and one full forward, by weight dtype.
+SMOKE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def smoke_check(model: DSAForCausalLM, prompt_len: int = 24, decode_steps: int = 4, seed: int = 0) -> dict:
+    """Prefill a batch of 2 prompts, decode greedily token by token, and compare every step's logits with one
+    forward over the whole sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (2, prompt_len), generator=gen)
+    cache = KVCache.empty(model.config.num_hidden_layers)
+    with torch.no_grad():
+        step_logits = [model(ids, cache=cache)]
+        for _ in range(decode_steps):
+            next_ids = step_logits[-1][:, -1:].argmax(-1)
+            ids = torch.cat([ids, next_ids], dim=1)
+            step_logits.append(model(next_ids, cache=cache))
+        full = model(ids)  # every token was fed exactly once above
+    max_diff = (torch.cat(step_logits, dim=1) - full).abs().max().item()
+    tolerance = SMOKE_TOLERANCE[model.lm_head.weight.dtype]
+    return {"prompt_len": prompt_len, "decode_steps": decode_steps, "batch": 2, "max_abs_diff": max_diff,
+            "tolerance": tolerance, "passed": max_diff < tolerance}
+
+
+def run_build(gpu: str, out: str | Path | None = None, checkpoint: str | Path | None = None, preset: str = "tiny",
+              seed: int = 0, dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print) -> dict:
+    target = get_target(gpu)
+    out = Path(out or Path("build") / target.name)
+    if out.exists() and not out.is_dir():
+        raise DSAExportError(f"{out}: output path exists and is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DSAExportError(f"{out}: cannot create output directory ({e.strerror})") from None
+    if not os.access(out, os.W_OK):
+        raise DSAExportError(f"{out}: output directory is not writable")
+    if checkpoint is None:
+        get_preset(preset)  # fail fast on an unknown preset
+    elif not Path(checkpoint).is_dir():
+        raise DSAExportError(f"{checkpoint}: checkpoint directory not found")
+
+    manifest = {
+        "tool": {"dsa_export": dsa_export.__version__, "torch": torch.__version__, "python": platform.python_version(),
+                 "platform": platform.platform()},
+        "command": sys.argv,
+        "target": asdict(target),
+        "options": {"checkpoint": str(checkpoint) if checkpoint else None, "preset": None if checkpoint else preset,
+                    "seed": seed, "dtype": str(dtype).removeprefix("torch.")},
+        "stages": {},
+    }
+    manifest_path = out / "manifest.json"
+
+    def stage(name: str, fn: Callable[[], dict | None]):
+        log(f"[{name}] ...")
+        start = time.perf_counter()
+        record = {"status": "running"}
+        manifest["stages"][name] = record
+        try:
+            record.update(fn() or {})
+            record["status"] = "failed" if record.get("passed") is False else "ok"
+        except BaseException as e:
+            record.update(status="failed", error=str(e) or type(e).__name__)
+            raise
+        finally:
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            write_json_atomic(manifest_path, manifest)
+        log(f"[{name}] {record['status']} ({record['seconds']:.1f}s)")
+
+    if checkpoint is None:
+        checkpoint = out / "checkpoint"
+        stage("checkpoint", lambda: {"path": str(init_checkpoint(get_preset(preset), checkpoint, seed=seed)),
+                                     "source": f"preset '{preset}', seed {seed}"})
+    model_box = {}
+
+    def load():
+        model_box["model"] = load_checkpoint(checkpoint, dtype=dtype)
+        config = model_box["model"].config
+        manifest["config"] = config.to_hf_dict()
+        return {"path": str(checkpoint), "fingerprint": checkpoint_fingerprint(checkpoint)}
+
+    stage("load", load)
+    stage("smoke", lambda: smoke_check(model_box["model"]))
+    for name, what in PLANNED_STAGES.items():
+        manifest["stages"][name] = {"status": "not_available", "produces": what,
+                                    "reason": "not implemented in this version of dsa-export"}
+    write_json_atomic(manifest_path, manifest)
+    if manifest["stages"]["smoke"]["status"] != "ok":
+        raise DSAExportError(f"smoke check failed: prefill+decode differs from the full forward by "
+                             f"{manifest['stages']['smoke']['max_abs_diff']:.3g} (see {manifest_path})")
+    log(f"wrote {manifest_path}")
+    return manifest

@@ -1,0 +1,141 @@
+"""The `dsa-export` command. Thin: parses options and calls the modules; bad input → one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+import dsa_export
+from dsa_export.errors import DSAExportError
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def _config_for(source: str):
+    """(config, checkpoint dir or None) for a checkpoint path or a preset name."""
+    from dsa_export.models import get_preset, load_config
+
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise DSAExportError(f"{path}: not a checkpoint directory")
+        return load_config(path), path
+    if "/" in source or source.startswith("."):
+        raise DSAExportError(f"{path}: checkpoint directory not found")
+    return get_preset(source), None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(dsa_export.__version__, prog_name="dsa-export")
+def cli():
+    """DeepSeek-V3.2-Exp (DeepSeek Sparse Attention) from PyTorch to ONNX, TensorRT and Triton Inference Server.
+
+    \b
+    Example (built-in tiny model, everything this machine can run):
+      dsa-export build --gpu h100
+    """
+
+
+@cli.command()
+@click.option("--preset", default="tiny", show_default=True, help="Built-in config to initialise.")
+@click.option("--fp8", is_flag=True, help="Store linear weights as FP8 e4m3 with 128x128 block scales.")
+@click.option("--seed", default=0, show_default=True, help="Random seed of the weights.")
+@click.option("--max-shard-mb", default=2048, show_default=True, help="Split into shards of at most this size.")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+def init(preset: str, fp8: bool, seed: int, max_shard_mb: int, out_dir: Path):
+    """Write a seeded random checkpoint in HF layout to OUT_DIR.
+
+    \b
+    Example: dsa-export init --preset tiny --fp8 ckpt/tiny-fp8
+    """
+    from dsa_export.models import get_preset, init_checkpoint
+
+    config = get_preset(preset)
+    if preset != "tiny":
+        raise DSAExportError(f"preset '{preset}' is too large to materialise; only 'tiny' can be initialised")
+    init_checkpoint(config, out_dir, seed=seed, fp8=fp8, max_shard_bytes=max_shard_mb << 20)
+    click.echo(f"wrote {'FP8' if fp8 else 'bf16'} checkpoint '{preset}' (seed {seed}) to {out_dir}")
+
+
+@cli.command()
+@click.argument("source")
+def inspect(source: str):
+    """Show config, layer plan, parameter counts and KV-cache size of SOURCE (a checkpoint directory or a preset);
+    for a checkpoint, check every tensor's presence, dtype and shape from the safetensors headers.
+
+    \b
+    Example: dsa-export inspect v3.2-exp
+    """
+    from dsa_export.models.checkpoint import check_tensors, read_headers
+    from dsa_export.models.summary import summarize
+
+    config, path = _config_for(source)
+    summary = summarize(config)
+    click.echo(f"source: {path or f'preset {source}'}")
+    click.echo("config:")
+    for key, value in config.to_hf_dict().items():
+        if key not in ("architectures", "model_type"):
+            click.echo(f"  {key}: {value}")
+    dense = summary.layer_plan.count("dense")
+    click.echo(f"layers: {len(summary.layer_plan)} ({dense} dense MLP, {len(summary.layer_plan) - dense} MoE): "
+               + " ".join("D" if kind == "dense" else "M" for kind in summary.layer_plan))
+    click.echo(f"parameters: {summary.total_params:,} total, {summary.active_params:,} active per token")
+    kv = summary.kv_bytes_per_token
+    click.echo(f"KV cache per token (all layers, MLA latent + indexer keys): {kv['bf16']:,} B bf16, "
+               f"{kv['fp8']:,} B fp8")
+    if path is None:
+        click.echo("tensors: (preset, no checkpoint to check)")
+        return
+    stored = read_headers(path)
+    check_tensors(config, stored)
+    fp8 = sum(t.dtype == "F8_E4M3" for t in stored.values())
+    files = len({t.file for t in stored.values()})
+    click.echo(f"tensors: {len(stored)} in {files} file(s), all present with the expected shapes "
+               f"({fp8} FP8 weights)")
+
+
+@cli.command()
+@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")
+@click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: build/<gpu>].")
+@click.option("--seed", default=0, show_default=True, help="Seed of the preset's random weights.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+              help="Dtype of the eager model.")
+def build(gpu, checkpoint, preset, out, seed, dtype):
+    """Run every stage this machine can run for one GPU target and write build/<gpu>/manifest.json.
+
+    \b
+    Example: dsa-export build --gpu h100
+    """
+    from dsa_export.build import run_build
+
+    run_build(gpu, out=out, checkpoint=checkpoint, preset=preset, seed=seed, dtype=_torch_dtype(dtype),
+              log=click.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="dsa-export", standalone_mode=False)
+    except DSAExportError as e:
+        click.echo(f"dsa-export: error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("dsa-export: interrupted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

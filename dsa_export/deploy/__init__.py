@@ -1,0 +1,1 @@
+"""Triton Inference Server model repository, its Python-backend generation model, client."""

@@ -1,0 +1,1 @@
+"""Export wrapper with explicit KV-cache I/O, ONNX export + graph checks, TensorRT engine build."""

@@ -1,0 +1,272 @@
+"""HF-layout checkpoints: `config.json` + one or many `*.safetensors` (+ `model.safetensors.index.json`).
+
+Reading is tensor by tensor (`safe_open`), so peak memory stays near the model's own size; FP8 e4m3 weights with
+`weight_scale_inv` block scales are dequantised on load; the MTP layer (`model.layers.{num_hidden_layers}`) is skipped.
+Nothing is ever unpickled. Writing goes to a temporary directory that is renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from dsa_export.errors import DSAExportError
+from dsa_export.models.config import DSAConfig, load_config
+from dsa_export.models.fp8 import FP8, dequantize_weight, quantize_weight
+from dsa_export.models.model import DSAForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SCALE_SUFFIX = ".weight_scale_inv"
+FLOAT_DTYPES = {"F32", "BF16", "F16"}
+SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", FP8: "F8_E4M3"}
+
+
+class CheckpointError(DSAExportError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    fp8_ok: bool  # may be stored as FP8 e4m3 with a weight_scale_inv beside it
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    file: Path
+    dtype: str  # safetensors dtype string, e.g. "BF16", "F8_E4M3"
+    shape: tuple[int, ...]
+
+
+def model_skeleton(config: DSAConfig) -> DSAForCausalLM:
+    """The model on the meta device: names and shapes of every tensor, no memory (works for the 671B preset)."""
+    with torch.device("meta"):
+        return DSAForCausalLM(config)
+
+
+def expected_tensors(config: DSAConfig) -> dict[str, TensorSpec]:
+    """Every tensor a checkpoint must hold. FP8 is allowed exactly where the official checkpoint uses it:
+    linear weights, except the LM head and the indexer's weights_proj (the gate is no nn.Linear)."""
+    model = model_skeleton(config)
+    fp8_ok = {f"{name}.weight" for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith("weights_proj")}
+    return {name: TensorSpec(tuple(t.shape), name in fp8_ok) for name, t in model.state_dict().items()}
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------------
+def _shard_files(path: Path) -> list[Path]:
+    index = path / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        for f in files:
+            if not f.exists():
+                raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files")
+    return files
+
+
+def read_headers(path: str | Path) -> dict[str, StoredTensor]:
+    """Name → (file, dtype, shape) for every stored tensor, from the safetensors headers only."""
+    stored: dict[str, StoredTensor] = {}
+    for file in _shard_files(Path(path)):
+        try:
+            with safe_open(file, framework="pt") as handle:
+                for name in handle.keys():
+                    if name in stored:
+                        raise CheckpointError(f"tensor '{name}' is stored twice ({stored[name].file.name}, {file.name})")
+                    sl = handle.get_slice(name)
+                    stored[name] = StoredTensor(file, sl.get_dtype(), tuple(sl.get_shape()))
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: unreadable safetensors file ({e}); truncated or corrupt?") from None
+    return stored
+
+
+def _is_mtp(name: str, config: DSAConfig) -> bool:
+    return name.startswith(f"model.layers.{config.num_hidden_layers}.")
+
+
+def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor]) -> None:
+    """Raise on the first missing, unexpected or wrongly shaped/typed tensor."""
+    expected = expected_tensors(config)
+    block = config.fp8_block or (128, 128)
+    for name, spec in expected.items():
+        if name not in stored:
+            raise CheckpointError(f"tensor '{name}' is missing")
+        got = stored[name]
+        if got.shape != spec.shape:
+            raise CheckpointError(f"tensor '{name}' has shape {list(got.shape)}, expected {list(spec.shape)}")
+        if got.dtype == "F8_E4M3" and spec.fp8_ok:
+            scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
+            want = tuple(-(-d // b) for d, b in zip(spec.shape, block))
+            scale = stored.get(scale_name)
+            if scale is None:
+                raise CheckpointError(f"tensor '{scale_name}' is missing (needed by FP8 weight '{name}')")
+            if scale.shape != want or scale.dtype not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor '{scale_name}' has {scale.dtype}{list(scale.shape)}, "
+                                      f"expected a float tensor of shape {list(want)}")
+        elif got.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor '{name}' has dtype {got.dtype}, expected one of "
+                                  f"{sorted(FLOAT_DTYPES | ({'F8_E4M3'} if spec.fp8_ok else set()))}")
+    for name in stored:
+        if _is_mtp(name, config) or name in expected:
+            continue
+        owner = name.removesuffix(SCALE_SUFFIX) + ".weight"
+        if name.endswith(SCALE_SUFFIX) and stored.get(owner, None) and stored[owner].dtype == "F8_E4M3":
+            continue
+        raise CheckpointError(f"tensor '{name}' is unexpected for this config")
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """sha256 over config.json and every shard's header and size: identifies a checkpoint without reading
+    hundreds of GB of weights."""
+    path = Path(path)
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for file in _shard_files(path):
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            digest.update(f.read(min(header_len, 100_000_000)))
+        digest.update(str(file.stat().st_size).encode())
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> DSAForCausalLM:
+    """Build the model from an HF-layout directory, one tensor at a time."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint directory not found")
+    config = load_config(path)
+    stored = read_headers(path)
+    check_tensors(config, stored)
+    model = model_skeleton(config).to(dtype).keep_fp32_params()
+    model = model.to_empty(device="cpu").init_buffers()
+    params = model.state_dict()
+    block = config.fp8_block or (128, 128)
+    handles: dict[Path, object] = {}
+    try:
+        for name in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+            info = stored[name]
+            tensor = _open(handles, info.file).get_tensor(name)
+            if tensor.dtype == FP8:
+                scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
+                scale = _open(handles, stored[scale_name].file).get_tensor(scale_name)
+                tensor = dequantize_weight(tensor, scale, block)
+            params[name].copy_(tensor.to(params[name].dtype))
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: failed reading a tensor ({e})") from None
+    finally:
+        handles.clear()
+    return model.eval()
+
+
+def _open(handles: dict, file: Path):
+    if file not in handles:
+        handles[file] = safe_open(file, framework="pt")
+    return handles[file]
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------------
+def random_state_dict(config: DSAConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """Seeded random weights for every expected tensor, scaled so activations stay O(1) through the layers."""
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, spec in expected_tensors(config).items():
+        if name.endswith(("layernorm.weight", "norm.weight")):  # RMSNorm/LayerNorm gains near 1
+            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
+        elif name.endswith(("e_score_correction_bias", "k_norm.bias")):
+            t = 0.1 * torch.randn(spec.shape, generator=gen)
+        elif name.endswith("embed_tokens.weight"):
+            t = torch.randn(spec.shape, generator=gen)
+        else:  # linear weights [out, in]
+            t = torch.randn(spec.shape, generator=gen) / spec.shape[-1] ** 0.5
+        keep_fp32 = name.endswith(DSAForCausalLM.FP32_PARAMS)
+        state[name] = t.to(torch.float32 if keep_fp32 else dtype)
+    return state
+
+
+def quantize_state_dict(state: dict[str, torch.Tensor], config: DSAConfig,
+                        block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
+    """FP8 block-quantise the weights that the official checkpoint stores in FP8."""
+    specs = expected_tensors(config)
+    out = {}
+    for name, tensor in state.items():
+        if specs[name].fp8_ok:
+            out[name], out[name.removesuffix(".weight") + SCALE_SUFFIX] = quantize_weight(tensor, block)
+        else:
+            out[name] = tensor
+    return out
+
+
+def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: str | Path,
+                    max_shard_bytes: int = 2 << 30) -> Path:
+    """Write config.json + safetensors shards (+ index when more than one) atomically: temp dir, then rename."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
+        raise CheckpointError(f"{out_dir}: not empty and not a checkpoint; refusing to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / file, metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                     indent=2) + "\n")
+        if out_dir.exists():  # swap in the complete new directory, then drop the old one
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "ckpt")
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: bool = False,
+                    max_shard_bytes: int = 2 << 30) -> Path:
+    """A seeded random checkpoint in HF layout (bf16, or FP8 with 128×128 block scales)."""
+    state = random_state_dict(config, seed)
+    if fp8:
+        config = config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
+                                                     "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
+                                                     "weight_block_size": [128, 128]})
+        state = quantize_state_dict(state, config)
+    else:
+        config = config.replace(quantization_config=None)
+    return save_checkpoint(state, config, out_dir, max_shard_bytes)

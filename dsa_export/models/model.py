@@ -1,0 +1,357 @@
+"""The eager DeepSeek-V3.2-Exp model (dsa-architecture.md §2–§6), readable top to bottom.
+
+Module names follow the HF checkpoint (`model.layers.N.self_attn.q_a_proj`, ...), so `state_dict()` keys *are*
+the checkpoint's tensor names and loading needs no renaming table.
+
+Caches are explicit tensors, one pair per layer: the MLA latent cache [B,T,kv_lora_rank+rope] (normalised latent ‖
+roped k_pe) and the indexer key cache [B,T,index_head_dim]. A step writes its new rows at `positions` (a scatter),
+so a batch of prompts of different lengths shares one cache tensor: row b's junk beyond its own length is never
+visible, because a query at position p only sees keys t <= p.
+
+Attention modes (`DSAForCausalLM.attention`):
+  "sparse": absorbed MQA over the latent cache, attending only the indexer's top-k rows (the exported form);
+  "masked": DeepSeek's reference semantics, MHA over expanded keys with the top-k mask added to dense scores;
+  "dense":  plain dense MLA (causal mask only, indexer unused): the baseline DSA is compared with.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsa_export.models.config import DSAConfig, yarn_mscale
+from dsa_export.models.dsa_ops import lightning_indexer, sparse_mla, visible_keys
+from dsa_export.models.fp8 import hadamard_matrix, simulate_indexer_fp8
+
+ATTENTION_MODES = ("sparse", "masked", "dense")
+
+
+# ---- RoPE with YaRN (§3) ----------------------------------------------------------------------------------------------
+def rope_inv_freq(config: DSAConfig) -> torch.Tensor:
+    dim, theta = config.qk_rope_head_dim, config.rope_theta
+    freqs = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    yarn = config.rope_scaling
+    if yarn is not None:
+        def correction_dim(rotations: float) -> float:
+            return dim * math.log(yarn.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low = max(math.floor(correction_dim(yarn.beta_fast)), 0)
+        high = min(math.ceil(correction_dim(yarn.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / yarn.factor * ramp + freqs * (1 - ramp)
+    return freqs.float()
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float):
+    angles = positions[..., None].float() * inv_freq  # [B,S,rope/2]
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[2i], x[2i+1]) (MLA; GLM-5-style indexers)."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the pairs (x[i], x[i+d/2]) (NeoX layout; DeepSeek's fixed indexer)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+# ---- small blocks -----------------------------------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate x) · up x), the activation in fp32."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, inter, bias=False)
+        self.up_proj = nn.Linear(dim, inter, bias=False)
+        self.down_proj = nn.Linear(inter, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = F.silu(self.gate_proj(x).float()) * self.up_proj(x).float()
+        return self.down_proj(hidden.to(x.dtype))
+
+
+def write_cache(past: torch.Tensor | None, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Grow the cache by S rows and put new[b,s] at row positions[b,s] (== concatenation for aligned batches)."""
+    B, S, D = new.shape
+    grown = new.new_zeros(B, S, D) if past is None else torch.cat([past, new.new_zeros(B, S, D)], dim=1)
+    return grown.scatter(1, positions[..., None].expand(B, S, D).long(), new)
+
+
+# ---- lightning indexer (§5) -------------------------------------------------------------------------------------------
+class Indexer(nn.Module):
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.rope_dim = config.index_n_heads, config.index_head_dim, config.qk_rope_head_dim
+        self.interleaved = config.indexer_rope_interleave
+        self.wq_b = nn.Linear(config.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)  # kept in fp32
+        # Per-head weight scale HI^-0.5, with DI^-0.5 folded in: ReLU(a·x) = a·ReLU(x) for a > 0.
+        self.weight_scale = (self.n_heads * self.head_dim) ** -0.5
+        self.fp8_sim = False
+        self.register_buffer("hadamard", hadamard_matrix(self.head_dim) if self._hadamard_ok() else None,
+                             persistent=False)
+
+    def _hadamard_ok(self) -> bool:
+        return self.head_dim & (self.head_dim - 1) == 0
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first rope_dim dims (rope first, then nope)."""
+        rotate = rope_interleaved if self.interleaved else rope_halves
+        return torch.cat([rotate(x[..., :self.rope_dim], cos, sin), x[..., self.rope_dim:]], dim=-1)
+
+    def _maybe_fp8(self, x: torch.Tensor) -> torch.Tensor:
+        return simulate_indexer_fp8(x, self.hadamard) if self.fp8_sim else x
+
+    def keys(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        k = F.layer_norm(self.wk(x).float(), (self.head_dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
+                         self.k_norm.eps).to(x.dtype)
+        return self._maybe_fp8(self._rope(k, cos, sin))
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(q [B,S,HI,DI], w [B,S,HI] fp32) for `lightning_indexer`."""
+        B, S, _ = x.shape
+        q = self.wq_b(qr).view(B, S, self.n_heads, self.head_dim)
+        q = self._maybe_fp8(self._rope(q, cos[:, :, None], sin[:, :, None]))
+        w = F.linear(x.float(), self.weights_proj.weight.float()) * self.weight_scale
+        return q, w
+
+
+# ---- MLA (§4) ---------------------------------------------------------------------------------------------------------
+class MLA(nn.Module):
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.nope, self.rope, self.v_dim = (c.num_attention_heads, c.qk_nope_head_dim,
+                                                          c.qk_rope_head_dim, c.v_head_dim)
+        self.kv_rank, self.topk, self.scale = c.kv_lora_rank, c.index_topk, c.softmax_scale
+        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        self.q_a_layernorm = RMSNorm(c.q_lora_rank, c.rms_norm_eps)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, c.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.indexer = Indexer(config)
+
+    def forward(self, x, positions, cos, sin, past_kv, past_index_k, mode: str):
+        B, S, _ = x.shape
+        qr = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(qr).view(B, S, self.n_heads, self.nope + self.rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = rope_interleaved(q_pe, cos[:, :, None], sin[:, :, None])
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        kv = write_cache(past_kv, torch.cat([self.kv_a_layernorm(latent), rope_interleaved(k_pe, cos, sin)], -1),
+                         positions)
+        index_k = write_cache(past_index_k, self.indexer.keys(x, cos, sin), positions)
+
+        indices = None
+        if mode != "dense":
+            iq, iw = self.indexer.queries(x, qr, cos, sin)
+            indices = lightning_indexer(iq, index_k, iw, positions, self.topk)
+
+        # wkv_b viewed per head: [H, nope + v, kv_rank]
+        w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+        w_uk, w_uv = w_kv[:, :self.nope], w_kv[:, self.nope:]
+        if mode == "sparse":
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_UK into the query
+            o_latent = sparse_mla(torch.cat([q_latent, q_pe], -1), kv, indices, self.scale, self.kv_rank)
+            out = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)
+        else:
+            out = self._mha(q_nope, q_pe, kv, positions, indices, w_uk, w_uv)
+        return self.o_proj(out.flatten(2)), kv, index_k
+
+    def _mha(self, q_nope, q_pe, kv, positions, indices, w_uk, w_uv):
+        """MHA mode over expanded keys; the top-k selection (if any) is an additive mask on dense scores."""
+        latent, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
+        k_nope = torch.einsum("btc,hdc->bthd", latent, w_uk)
+        value = torch.einsum("btc,hvc->bthv", latent, w_uv)
+        scores = (torch.einsum("bshd,bthd->bsht", q_nope, k_nope) +
+                  torch.einsum("bshr,btr->bsht", q_pe, k_pe)).float() * self.scale
+        allowed = visible_keys(positions, kv.shape[1])
+        if indices is not None:  # scatter the selection into a [B,S,T] mask; −1 slots land in a spare column
+            T = kv.shape[1]
+            slots = torch.where(indices >= 0, indices, T).long()
+            selected = allowed.new_zeros(*allowed.shape[:2], T + 1).scatter(-1, slots, True)[..., :T]
+            allowed = allowed & selected
+        scores = scores.masked_fill(~allowed[:, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(value.dtype)
+        return torch.einsum("bsht,bthv->bshv", probs, value)
+
+
+# ---- MoE (§6) ---------------------------------------------------------------------------------------------------------
+class Gate(nn.Module):
+    """Sigmoid scores + correction bias, group-limited top-k (noaux_tc); weights from the unbiased scores."""
+
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        self.config = config
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts))  # kept in fp32
+
+    def forward(self, x: torch.Tensor):
+        c = self.config
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N,E]
+        biased = scores + self.e_score_correction_bias.float()
+        group_scores = biased.view(-1, c.n_group, c.n_routed_experts // c.n_group).topk(2, dim=-1).values.sum(-1)
+        top_groups = group_scores.topk(c.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, top_groups, True)
+        expert_mask = group_mask.repeat_interleave(c.n_routed_experts // c.n_group, dim=1)
+        experts = biased.masked_fill(~expert_mask, float("-inf")).topk(c.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, experts)
+        if c.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        return weights * c.routed_scaling_factor, experts
+
+
+class MoE(nn.Module):
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        self.gate = Gate(config)
+        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
+                                     for _ in range(config.n_routed_experts))
+        self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        weights, experts = self.gate(flat)
+        combine = torch.zeros(flat.shape[0], len(self.experts), device=x.device).scatter(1, experts, weights)
+        # Every expert runs on every token, weighted by its (mostly zero) routing weight: exact, branch-free and
+        # traceable with static shapes. Fine for the sizes that run on CPU; GPU engines would use grouped GEMMs.
+        y = sum(expert(flat).float() * combine[:, e, None] for e, expert in enumerate(self.experts))
+        return (y + self.shared_experts(flat).float()).to(x.dtype).view_as(x)
+
+
+# ---- blocks and model (§2) --------------------------------------------------------------------------------------------
+class Block(nn.Module):
+    def __init__(self, config: DSAConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLA(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h, positions, cos, sin, past_kv, past_index_k, mode):
+        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, past_kv, past_index_k, mode)
+        h = h + attn
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, kv, index_k
+
+
+class DSAModel(nn.Module):
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@dataclass
+class KVCache:
+    """Per-layer cache tensors; `None` entries before the first step."""
+
+    latent: list[torch.Tensor | None]
+    index_keys: list[torch.Tensor | None]
+
+    @classmethod
+    def empty(cls, num_layers: int) -> "KVCache":
+        return cls([None] * num_layers, [None] * num_layers)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.latent[0] is None else self.latent[0].shape[1]
+
+
+class DSAForCausalLM(nn.Module):
+    # Parameters that stay fp32 whatever the model dtype (as in the official checkpoint and HF).
+    FP32_PARAMS = ("indexer.weights_proj.weight", "gate.e_score_correction_bias")
+
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        self.config = config
+        self.model = DSAModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.attention = "sparse"
+        yarn = config.rope_scaling
+        self.rope_attention_factor = 1.0 if yarn is None else (
+            yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim))
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+
+    def init_buffers(self) -> "DSAForCausalLM":
+        """(Re)compute the non-persistent buffers, e.g. after `to_empty` from the meta device."""
+        self.inv_freq = rope_inv_freq(self.config)
+        for layer in self.model.layers:
+            indexer = layer.self_attn.indexer
+            if indexer.hadamard is not None:
+                indexer.hadamard = hadamard_matrix(indexer.head_dim)
+        return self
+
+    def set_indexer_fp8_sim(self, enabled: bool) -> None:
+        """Hadamard + FP8 round trip in every indexer (off by default; needs a power-of-two index_head_dim)."""
+        if enabled and self.config.index_head_dim & (self.config.index_head_dim - 1):
+            raise ValueError("indexer FP8 simulation needs a power-of-two index_head_dim")
+        for layer in self.model.layers:
+            layer.self_attn.indexer.fp8_sim = enabled
+
+    def keep_fp32_params(self) -> "DSAForCausalLM":
+        for name, param in self.named_parameters():
+            if name.endswith(self.FP32_PARAMS):
+                param.data = param.data.float()
+        return self
+
+    def forward_with_cache(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                           past_latent: list[torch.Tensor | None], past_index_keys: list[torch.Tensor | None]):
+        """The functional core: (logits [B,S,V] fp32, new latent caches, new index-key caches)."""
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
+        latents, index_keys = [], []
+        for layer, past_kv, past_ik in zip(self.model.layers, past_latent, past_index_keys):
+            h, kv, ik = layer(h, positions, cos, sin, past_kv, past_ik, self.attention)
+            latents.append(kv)
+            index_keys.append(ik)
+        logits = self.lm_head(self.model.norm(h)).float()
+        return logits, latents, index_keys
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B,S,V] for every position. With `cache`, continue from it (and update it in place)."""
+        B, S = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        self._check_positions(positions, past + S)
+        if cache is None:
+            cache = KVCache.empty(self.config.num_hidden_layers)
+        logits, cache.latent, cache.index_keys = self.forward_with_cache(input_ids, positions, cache.latent,
+                                                                         cache.index_keys)
+        return logits
+
+    def _check_positions(self, positions: torch.Tensor, num_rows: int) -> None:
+        if torch.compiler.is_compiling():
+            return
+        limit = min(num_rows, self.config.max_position_embeddings)
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= limit):
+            raise ValueError(f"positions must lie in [0, {limit}) for a cache of {num_rows} rows "
+                             f"(max_position_embeddings {self.config.max_position_embeddings})")

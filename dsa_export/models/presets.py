@@ -1,0 +1,41 @@
+"""Built-in configs: `tiny` (demo and tests, every mechanism active) and `v3.2-exp` (the 671B shapes)."""
+
+from __future__ import annotations
+
+from dsa_export.errors import DSAExportError
+from dsa_export.models.config import DSAConfig, YarnScaling
+
+_REAL_YARN = YarnScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
+                         mscale=1.0, mscale_all_dim=1.0)
+
+PRESETS: dict[str, DSAConfig] = {
+    # 1 dense + 2 MoE layers, 8 experts in 2 groups, topk 8 (< the test sequences), YaRN on (max_pos > original).
+    # 8 indexer heads keep exact score ties (all heads ReLU'd to 0) rare enough for set-equal comparisons.
+    "tiny": DSAConfig(
+        vocab_size=320, hidden_size=64, num_hidden_layers=3, first_k_dense_replace=1,
+        intermediate_size=128, moe_intermediate_size=32,
+        num_attention_heads=4, q_lora_rank=48, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, index_n_heads=8, index_head_dim=16, index_topk=8,
+        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+        rope_theta=10000.0, rope_scaling=_REAL_YARN, rms_norm_eps=1e-6, max_position_embeddings=163840,
+    ),
+    # DeepSeek-V3.2-Exp (671B), from the official config.json. For cost modelling and meta-device tracing only.
+    "v3.2-exp": DSAConfig(
+        vocab_size=129280, hidden_size=7168, num_hidden_layers=61, first_k_dense_replace=3,
+        intermediate_size=18432, moe_intermediate_size=2048,
+        num_attention_heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+        v_head_dim=128, index_n_heads=64, index_head_dim=128, index_topk=2048,
+        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4,
+        routed_scaling_factor=2.5, norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc",
+        rope_theta=10000.0, rope_scaling=_REAL_YARN, rms_norm_eps=1e-6, max_position_embeddings=163840,
+        quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
+    ),
+}
+
+
+def get_preset(name: str) -> DSAConfig:
+    if name not in PRESETS:
+        raise DSAExportError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    return PRESETS[name]

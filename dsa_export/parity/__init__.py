@@ -1,0 +1,1 @@
+"""Accuracy and cost comparisons against the eager model, reports and plots."""

@@ -1,0 +1,1 @@
+"""One prefill/decode/generate interface over eager, ONNX Runtime and TensorRT sessions."""
