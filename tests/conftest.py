@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from dsa_export.models import get_preset, init_checkpoint, load_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return get_preset("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config):
+    """A bf16 tiny checkpoint in HF layout, written once per session."""
+    return init_checkpoint(tiny_config, tmp_path_factory.mktemp("ckpt") / "tiny", seed=1)
+
+
+@pytest.fixture()
+def tiny_model(tiny_checkpoint):
+    return load_checkpoint(tiny_checkpoint, progress=False)
+
+
+def random_ids(config, batch, length, seed=0):
+    return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
