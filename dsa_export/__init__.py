@@ -9,16 +9,20 @@ __version__ = "0.1.0"
 
 def load_model(path_or_preset: str | Path, dtype=None, seed: int = 0):
     """The eager model (an `nn.Module`) from an HF-layout checkpoint directory, or a preset name (`tiny`, ...) with
-    seeded random weights. `model(input_ids)` returns logits [B,S,V] for every position."""
+    seeded random weights. `model(input_ids)` returns logits [B,S,V] for every position. The indexer and the sparse
+    attention run through the `dsa::` custom ops (tiled reference on CPU, Triton kernels on CUDA)."""
     import torch
 
+    from dsa_export.kernels import use_custom_ops
     from dsa_export.models import DSAForCausalLM, get_preset, load_checkpoint
     from dsa_export.models.checkpoint import random_state_dict
 
     dtype = dtype or torch.float32
     if Path(path_or_preset).exists():
-        return load_checkpoint(path_or_preset, dtype=dtype)
-    config = get_preset(str(path_or_preset))
-    model = DSAForCausalLM(config)
-    model.load_state_dict(random_state_dict(config, seed))  # the same weights `init --preset` writes
-    return model.to(dtype).keep_fp32_params().init_buffers().eval()
+        model = load_checkpoint(path_or_preset, dtype=dtype)
+    else:
+        config = get_preset(str(path_or_preset))
+        model = DSAForCausalLM(config)
+        model.load_state_dict(random_state_dict(config, seed))  # the same weights `init --preset` writes
+        model = model.to(dtype).keep_fp32_params().init_buffers().eval()
+    return use_custom_ops(model)

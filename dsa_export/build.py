@@ -20,6 +20,7 @@ import torch
 
 import dsa_export
 from dsa_export.errors import DSAExportError
+from dsa_export.kernels import use_custom_ops
 from dsa_export.models import DSAForCausalLM, KVCache, get_preset, init_checkpoint, load_checkpoint
 from dsa_export.models.checkpoint import checkpoint_fingerprint
 from dsa_export.targets import get_target
@@ -120,7 +121,7 @@ def run_build(gpu: str, out: str | Path | None = None, checkpoint: str | Path | 
     model_box = {}
 
     def load():
-        model_box["model"] = load_checkpoint(checkpoint, dtype=dtype)
+        model_box["model"] = use_custom_ops(load_checkpoint(checkpoint, dtype=dtype))
         config = model_box["model"].config
         manifest["config"] = config.to_hf_dict()
         return {"path": str(checkpoint), "fingerprint": checkpoint_fingerprint(checkpoint)}

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,16 @@ from dsa_export.models.dsa_ops import lightning_indexer, sparse_mla, visible_key
 from dsa_export.models.fp8 import hadamard_matrix, simulate_indexer_fp8
 
 ATTENTION_MODES = ("sparse", "masked", "dense")
+
+
+class DSAOps(NamedTuple):
+    """The two functions that tracing swaps for `dsa::` custom ops (see `dsa_export.kernels.use_custom_ops`)."""
+
+    lightning_indexer: Callable
+    sparse_mla: Callable
+
+
+TORCH_SEMANTICS = DSAOps(lightning_indexer, sparse_mla)
 
 
 # ---- RoPE with YaRN (§3) ----------------------------------------------------------------------------------------------
@@ -154,7 +165,7 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.indexer = Indexer(config)
 
-    def forward(self, x, positions, cos, sin, past_kv, past_index_k, mode: str):
+    def forward(self, x, positions, cos, sin, past_kv, past_index_k, mode: str, ops: DSAOps):
         B, S, _ = x.shape
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(B, S, self.n_heads, self.nope + self.rope)
@@ -168,14 +179,14 @@ class MLA(nn.Module):
         indices = None
         if mode != "dense":
             iq, iw = self.indexer.queries(x, qr, cos, sin)
-            indices = lightning_indexer(iq, index_k, iw, positions, self.topk)
+            indices = ops.lightning_indexer(iq, index_k, iw, positions, self.topk)
 
         # wkv_b viewed per head: [H, nope + v, kv_rank]
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv[:, :self.nope], w_kv[:, self.nope:]
         if mode == "sparse":
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_UK into the query
-            o_latent = sparse_mla(torch.cat([q_latent, q_pe], -1), kv, indices, self.scale, self.kv_rank)
+            o_latent = ops.sparse_mla(torch.cat([q_latent, q_pe], -1), kv, indices, self.scale, self.kv_rank)
             out = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)
         else:
             out = self._mha(q_nope, q_pe, kv, positions, indices, w_uk, w_uv)
@@ -251,8 +262,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h, positions, cos, sin, past_kv, past_index_k, mode):
-        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, past_kv, past_index_k, mode)
+    def forward(self, h, positions, cos, sin, past_kv, past_index_k, mode, ops):
+        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, past_kv, past_index_k, mode,
+                                           ops)
         h = h + attn
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, kv, index_k
@@ -292,6 +304,7 @@ class DSAForCausalLM(nn.Module):
         self.model = DSAModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.attention = "sparse"
+        self.ops = TORCH_SEMANTICS  # `dsa_export.kernels.use_custom_ops` swaps in torch.ops.dsa.*
         yarn = config.rope_scaling
         self.rope_attention_factor = 1.0 if yarn is None else (
             yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim))
@@ -328,7 +341,7 @@ class DSAForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
         latents, index_keys = [], []
         for layer, past_kv, past_ik in zip(self.model.layers, past_latent, past_index_keys):
-            h, kv, ik = layer(h, positions, cos, sin, past_kv, past_ik, self.attention)
+            h, kv, ik = layer(h, positions, cos, sin, past_kv, past_ik, self.attention, self.ops)
             latents.append(kv)
             index_keys.append(ik)
         logits = self.lm_head(self.model.norm(h)).float()

@@ -1,0 +1,73 @@
+"""CPU reference implementations of the two `dsa::` ops in plain torch, tiled over queries.
+
+Same results as the readable semantics in `dsa_export.models.dsa_ops`, but memory-bounded: the indexer never holds
+more than one query tile's [rows, HI, T] score block (TILE_BYTES), never the whole [S, T] matrix, so a 64K-token
+prefill fits in a few GB. Keys a tile cannot see (beyond its largest position) are not scored at all.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
+
+
+def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """[R,T] scores (−inf = invisible) → [R,topk] int64 key indices, ascending, −1 padded; ties to the lower t.
+
+    torch.topk does not promise which of several equal scores it keeps, so take its k-th value as a threshold,
+    keep everything above it and fill the remaining room with the lowest-t keys equal to it."""
+    rows, num_keys = scores.shape
+    kept = min(topk, num_keys)
+    kth = scores.topk(kept, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = scores > kth
+    tie = (scores == kth) & (kth > float("-inf"))
+    room = kept - above.sum(-1, keepdim=True)
+    chosen = above | (tie & (tie.cumsum(-1) <= room))
+    key = torch.arange(num_keys, device=scores.device)
+    indices = torch.where(chosen, key, num_keys).topk(kept, dim=-1, largest=False).values
+    indices = torch.where(indices < num_keys, indices, -1)
+    return torch.nn.functional.pad(indices, (0, topk - kept), value=-1)
+
+
+def _rows_per_tile(bytes_per_row: int) -> int:
+    return max(1, TILE_BYTES // max(bytes_per_row, 1))
+
+
+def lightning_indexer_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
+                                topk: int) -> torch.Tensor:
+    B, S, HI, DI = q.shape
+    T = k.shape[1]
+    out = torch.full((B, S, topk), -1, dtype=torch.int32, device=q.device)
+    rows = _rows_per_tile(HI * T * 4)
+    for b in range(B):
+        keys = k[b].float()
+        for s0 in range(0, S, rows):
+            tile = slice(s0, min(s0 + rows, S))
+            pos = positions[b, tile]
+            seen = min(int(pos.max()) + 1, T)  # keys past the tile's last position are invisible to all of it
+            qt = q[b, tile].float()
+            scores = (qt.reshape(-1, DI) @ keys[:seen].T).relu_().view(qt.shape[0], HI, seen)
+            scores = torch.bmm(w[b, tile].float().unsqueeze(1), scores).squeeze(1)  # Σ_h w·ReLU(q·k) → [rows, seen]
+            scores.masked_fill_(torch.arange(seen, device=q.device) > pos[:, None], float("-inf"))
+            out[b, tile] = select_topk(scores, topk).to(torch.int32)
+    return out
+
+
+def sparse_mla_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
+                         dv: int) -> torch.Tensor:
+    B, S, H, DK = q.shape
+    K = indices.shape[-1]
+    out = q.new_empty(B, S, H, dv)
+    rows = _rows_per_tile(K * DK * 4)
+    for b in range(B):
+        for s0 in range(0, S, rows):
+            tile = slice(s0, min(s0 + rows, S))
+            idx = indices[b, tile]
+            valid = idx >= 0
+            selected = kv[b][idx.clamp(min=0).long()].float()  # gather the chosen latent rows: [rows, K, DK]
+            scores = torch.bmm(q[b, tile].float(), selected.transpose(1, 2)).mul_(scale)  # [rows, H, K]
+            scores.masked_fill_(~valid[:, None, :], float("-inf"))
+            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no valid slot → zeros
+            out[b, tile] = torch.bmm(probs, selected[..., :dv]).to(q.dtype)
+    return out
