@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dsa_export.models import KVCache
+from dsa_export.models import KVCache, dsa_ops
+from dsa_export.models.model import DSAOps
 from dsa_export.models.fp8 import fp8_act_roundtrip, hadamard_matrix
 from conftest import random_ids
 
@@ -78,17 +79,19 @@ def test_positions_beyond_the_cache_are_rejected(tiny_model, tiny_config):
         run(tiny_model, random_ids(tiny_config, 1, 4), positions=torch.tensor([[0, 1, 2, 9]]))
 
 
-def test_indexer_fp8_simulation_keeps_the_first_layer_selection(tiny_model, tiny_config, monkeypatch):
+def test_indexer_fp8_simulation_keeps_the_first_layer_selection(tiny_model, tiny_config):
     h = hadamard_matrix(16)
     torch.testing.assert_close(h @ h.T, torch.eye(16))
     x = torch.randn(4, 32)
     assert (fp8_act_roundtrip(x, 16) - x).abs().max() <= x.abs().max() / 8  # e4m3: 3 mantissa bits
 
-    import dsa_export.models.model as model_module
-
     selections = []
-    real_indexer = model_module.lightning_indexer
-    monkeypatch.setattr(model_module, "lightning_indexer", lambda *a: selections.append(real_indexer(*a)) or selections[-1])
+
+    def spy(*args):
+        selections.append(dsa_ops.lightning_indexer(*args))
+        return selections[-1]
+
+    tiny_model.ops = DSAOps(spy, dsa_ops.sparse_mla)
     ids = random_ids(tiny_config, 2, 40, seed=4)
     run(tiny_model, ids)
     tiny_model.set_indexer_fp8_sim(True)
