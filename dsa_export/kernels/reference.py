@@ -47,8 +47,9 @@ def lightning_indexer_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
             pos = positions[b, tile]
             seen = min(int(pos.max()) + 1, T)  # keys past the tile's last position are invisible to all of it
             qt = q[b, tile].float()
-            scores = (qt.reshape(-1, DI) @ keys[:seen].T).relu_().view(qt.shape[0], HI, seen)
-            scores = torch.bmm(w[b, tile].float().unsqueeze(1), scores).squeeze(1)  # Σ_h w·ReLU(q·k) → [rows, seen]
+            # keys × (rows·heads) keeps the long dimension as GEMM rows (much faster than the transpose on CPU)
+            scores = (keys[:seen] @ qt.reshape(-1, DI).T).relu_().view(seen, qt.shape[0], HI).transpose(0, 1)
+            scores = torch.bmm(scores, w[b, tile].float().unsqueeze(-1)).squeeze(-1)  # Σ_h w·ReLU(q·k): [rows, seen]
             scores.masked_fill_(torch.arange(seen, device=q.device) > pos[:, None], float("-inf"))
             out[b, tile] = select_topk(scores, topk).to(torch.int32)
     return out
@@ -65,7 +66,8 @@ def sparse_mla_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
             tile = slice(s0, min(s0 + rows, S))
             idx = indices[b, tile]
             valid = idx >= 0
-            selected = kv[b][idx.clamp(min=0).long()].float()  # gather the chosen latent rows: [rows, K, DK]
+            # gather the chosen latent rows: [rows, K, DK] (index_select is the fast gather on CPU)
+            selected = kv[b].index_select(0, idx.clamp(min=0).flatten().long()).view(*idx.shape, DK).float()
             scores = torch.bmm(q[b, tile].float(), selected.transpose(1, 2)).mul_(scale)  # [rows, H, K]
             scores.masked_fill_(~valid[:, None, :], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no valid slot → zeros
