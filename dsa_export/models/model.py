@@ -226,7 +226,8 @@ class Gate(nn.Module):
         biased = scores + self.e_score_correction_bias.float()
         group_scores = biased.view(-1, c.n_group, c.n_routed_experts // c.n_group).topk(2, dim=-1).values.sum(-1)
         top_groups = group_scores.topk(c.topk_group, dim=-1).indices
-        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter(1, top_groups, True)
+        # a float scatter, then a compare: TensorRT's ScatterElements takes no BOOL tensors
+        group_mask = torch.zeros_like(group_scores).scatter(1, top_groups, 1.0) > 0
         expert_mask = group_mask.repeat_interleave(c.n_routed_experts // c.n_group, dim=1)
         experts = biased.masked_fill(~expert_mask, float("-inf")).topk(c.num_experts_per_tok, dim=-1).indices
         weights = scores.gather(1, experts)
