@@ -6,11 +6,8 @@ pipeline. The manifest is rewritten (atomically) after every stage: an interrupt
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import sys
-import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +17,7 @@ import torch
 
 import dsa_export
 from dsa_export.errors import DSAExportError
+from dsa_export.files import ensure_output_dir, write_json_atomic
 from dsa_export.kernels import use_custom_ops
 from dsa_export.models import DSAForCausalLM, KVCache, get_preset, init_checkpoint, load_checkpoint
 from dsa_export.models.checkpoint import checkpoint_fingerprint
@@ -27,7 +25,6 @@ from dsa_export.targets import get_target
 
 # Stages of the full pipeline (design.md) that this version cannot run yet, with what they will produce.
 PLANNED_STAGES = {
-    "kernels": "AOT Triton kernels (PTX, cubin, launch metadata) for the target",
     "export": "model.onnx with dsa:: nodes and io.json",
     "engine": "TensorRT engine (needs TensorRT and a GPU of the target's architecture)",
     "deploy": "Triton Inference Server model repository",
@@ -36,19 +33,6 @@ PLANNED_STAGES = {
 }
 # Max abs logit difference allowed between prefill + decode and one full forward, by weight dtype.
 SMOKE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.25, torch.float16: 0.05}
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temp file beside `path`, then rename: readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def smoke_check(model: DSAForCausalLM, prompt_len: int = 24, decode_steps: int = 4, seed: int = 0) -> dict:
@@ -73,15 +57,7 @@ def smoke_check(model: DSAForCausalLM, prompt_len: int = 24, decode_steps: int =
 def run_build(gpu: str, out: str | Path | None = None, checkpoint: str | Path | None = None, preset: str = "tiny",
               seed: int = 0, dtype: torch.dtype = torch.float32, log: Callable[[str], None] = print) -> dict:
     target = get_target(gpu)
-    out = Path(out or Path("build") / target.name)
-    if out.exists() and not out.is_dir():
-        raise DSAExportError(f"{out}: output path exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DSAExportError(f"{out}: cannot create output directory ({e.strerror})") from None
-    if not os.access(out, os.W_OK):
-        raise DSAExportError(f"{out}: output directory is not writable")
+    out = ensure_output_dir(out or Path("build") / target.name)
     if checkpoint is None:
         get_preset(preset)  # fail fast on an unknown preset
     elif not Path(checkpoint).is_dir():
@@ -128,6 +104,16 @@ def run_build(gpu: str, out: str | Path | None = None, checkpoint: str | Path | 
 
     stage("load", load)
     stage("smoke", lambda: smoke_check(model_box["model"]))
+
+    def kernels():
+        from dsa_export.kernels.aot import compile_kernels, kernel_dims
+
+        kernel_dir = out / "kernels" / target.kernel_arch
+        written = compile_kernels(target.name, kernel_dir, kernel_dims(model_box["model"].config))
+        return {"path": str(kernel_dir), "kernels": {m["kernel"]: {k: m[k] for k in (
+            "symbol", "shared_bytes", "registers", "num_warps", "grid")} for m in written}}
+
+    stage("kernels", kernels)
     for name, what in PLANNED_STAGES.items():
         manifest["stages"][name] = {"status": "not_available", "produces": what,
                                     "reason": "not implemented in this version of dsa-export"}

@@ -102,6 +102,39 @@ def inspect(source: str):
                f"({fp8} FP8 weights)")
 
 
+def _checkpoint_or_preset_config(checkpoint: Path | None, preset: str):
+    from dsa_export.models import get_preset, load_config
+
+    if checkpoint is None:
+        return get_preset(preset)
+    if not checkpoint.is_dir():
+        raise DSAExportError(f"{checkpoint}: checkpoint directory not found")
+    return load_config(checkpoint)
+
+
+@cli.command()
+@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the PTX, cubin and JSON.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint whose shapes are compiled in.")
+@click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
+def kernels(gpu, out, checkpoint, preset):
+    """Compile the DSA Triton kernels ahead of time for one GPU target (no GPU needed): per kernel the PTX, the
+    cubin and a JSON of launch metadata; fails if a kernel exceeds the target's shared-memory or register limits.
+
+    \b
+    Example: dsa-export kernels --gpu h100 --out build/h100/kernels/sm_90a
+    """
+    from dsa_export.kernels.aot import compile_kernels, kernel_dims
+    from dsa_export.targets import get_target
+
+    target = get_target(gpu)
+    config = _checkpoint_or_preset_config(checkpoint, preset)
+    for meta in compile_kernels(target.name, out, kernel_dims(config)):
+        click.echo(f"{meta['kernel']:<24} {meta['arch']:<8} {meta['num_warps']} warps  shared {meta['shared_bytes']:>6} B  "
+                   f"registers {meta['registers']}  grid ({meta['grid']})")
+    click.echo(f"wrote {out}")
+
+
 @cli.command()
 @click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")

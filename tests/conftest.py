@@ -1,3 +1,9 @@
+import os
+
+# The Triton interpreter is chosen when triton is imported, so set it before anything imports triton. AOT compilation
+# (tests/test_aot.py) then runs in a child process without it (dsa_export/kernels/aot.py explains why).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -92,6 +92,8 @@ def test_bad_checkpoint_gives_one_line_and_exit_2(capsys, tmp_path, tiny_checkpo
     (["inspect", "huge"], "unknown preset 'huge'"),
     (["build", "--gpu", "h100", "--preset", "huge"], "unknown preset 'huge'"),
     (["build", "--gpu", "v100"], "unknown GPU 'v100'"),
+    (["kernels", "--gpu", "v100", "--out", "k"], "unknown GPU 'v100'"),
+    (["kernels", "--gpu", "h100", "--out", "k", "--checkpoint", "/no/such/dir"], "checkpoint directory not found"),
     (["inspect", "./no/such/dir"], "checkpoint directory not found"),
     (["build", "--gpu", "h100", "--checkpoint", "/no/such/dir"], "checkpoint directory not found"),
 ])
@@ -114,6 +116,11 @@ def test_build_writes_manifest(capsys, tmp_path):
     stages = manifest["stages"]
     assert [stages[s]["status"] for s in ("checkpoint", "load", "smoke")] == ["ok"] * 3
     assert stages["smoke"]["max_abs_diff"] < 1e-4
+    assert stages["kernels"]["status"] == "ok"
+    kernel_dir = tmp_path / "b" / "kernels" / "sm_90a"
+    for name in stages["kernels"]["kernels"]:
+        assert (kernel_dir / f"{name}.ptx").read_text().count(".target sm_90a") == 1
+        assert (kernel_dir / f"{name}.cubin").read_bytes()[:4] == b"\x7fELF"
     assert stages["engine"]["status"] == "not_available"
     assert manifest["target"]["kernel_arch"] == "sm_90a"
     assert len(stages["load"]["fingerprint"]) == 64

@@ -1,0 +1,343 @@
+"""Ahead-of-time compilation of the DSA Triton kernels for one GPU target, on a machine without a GPU.
+
+`compile_kernels("h100", out_dir, kernel_dims(config))` writes, for every kernel specialisation the engine needs
+(op × input dtype, model shapes compiled in; `kernel_specs`), `<name>.ptx`, `<name>.cubin` and `<name>.json` (launch
+metadata) into out_dir, and checks shared memory and registers against the architecture's limits (DSAExportError
+if exceeded). `compile_targets({"a100": dir1, "h100": dir2}, dims)` does several targets in one go.
+
+How: `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32), options)` cross-compiles
+with the ptxas bundled in the triton wheel (toolchain.md §3.2); `cuobjdump --dump-resource-usage` from the same wheel
+reads the registers out of the cubin.
+
+What we found about TRITON_INTERPRET (triton 3.7.1, checked on this CPU machine):
+- The mode is fixed when modules are imported, not at launch: `@triton.jit` returns an `InterpretedFunction` instead of
+  a `JITFunction` if TRITON_INTERPRET=1 is set *at decoration time* (runtime/jit.py `jit`). That includes triton's own
+  `tl.sum`, `tl.max`, `tl.sort`, ... (triton/language/standard.py), which are decorated when triton is imported.
+- So one process can do only one of the two. With triton imported under TRITON_INTERPRET=1, `triton.compile` of our
+  kernels fails ("'ir.value' object has no attribute 'data'": the code generator walks into interpreted `tl.sum`);
+  with triton imported without it, the interpreter fails ("Cannot call @triton.jit'd outside of the scope of a
+  kernel"), even when our own kernel is re-wrapped as an `InterpretedFunction`.
+- Unsetting TRITON_INTERPRET later changes nothing for functions already decorated. Therefore, when this process's
+  triton or our kernels were imported in interpreter mode (e.g. a pytest session that runs the interpreter tests),
+  `compile_kernels` compiles in a child process (`python -m dsa_export.kernels.aot`) without TRITON_INTERPRET:
+  same files, same checks, same errors. Otherwise it compiles in-process.
+
+Hidden parameters: triton 3.7 appends two pointer parameters, `global_scratch` and `profile_scratch`, after the
+kernel's own arguments. Each JSON records `ptx_params` (counted from the PTX `.entry`) and `hidden_params`; both scratch
+sizes are 0 for these kernels, so a launcher may pass null pointers there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from dsa_export.errors import DSAExportError
+from dsa_export.files import ensure_output_dir, write_atomic
+from dsa_export.targets import GPUTarget, get_target
+
+# triton and the kernel modules are imported inside the functions: importing this module must not fix triton's
+# interpreter-or-compiler mode for the process (module docstring).
+
+
+@dataclass(frozen=True)
+class ArchLimits:
+    max_shared_bytes: int  # max shared memory per block (dynamic, opted in, + static)
+    max_registers_per_thread: int = 255
+    max_registers_per_block: int = 65536
+
+
+# Keyed by compute capability. Source: CUDA C Programming Guide, "Compute Capabilities", table "Technical
+# Specifications per Compute Capability" (maximum amount of shared memory per thread block; registers per thread
+# and per thread block).
+ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
+    (8, 0): ArchLimits(max_shared_bytes=166912),  # 163 KiB
+    (8, 9): ArchLimits(max_shared_bytes=101376),  # 99 KiB
+    (9, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
+    (10, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
+}
+DEFAULT_SHARED_BYTES = 49152  # above this a launcher must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize)
+NUM_STAGES = 2
+POSITIONS_TYPE = "*i64"  # positions arrive as torch's default int64
+TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv"}
+DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
+
+
+@dataclass(frozen=True)
+class KernelDims:
+    """The model dimensions that are compiled into the kernels."""
+    HI: int  # indexer heads
+    DI: int  # indexer head dim
+    topk: int
+    H: int  # attention heads
+    DK: int  # latent row = kv_lora_rank + qk_rope_head_dim
+    dv: int  # value width = kv_lora_rank
+    scale: float  # softmax scale (with YaRN mscale)
+
+
+def kernel_dims(config) -> KernelDims:
+    """KernelDims of a `dsa_export.models.config.DSAConfig`."""
+    return KernelDims(HI=config.index_n_heads, DI=config.index_head_dim, topk=config.index_topk,
+                      H=config.num_attention_heads, DK=config.kv_lora_rank + config.qk_rope_head_dim,
+                      dv=config.kv_lora_rank, scale=config.softmax_scale)
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """One specialisation to compile: kernel, runtime argument types (in kernel order), compile-time constants."""
+    name: str  # file stem, e.g. "lightning_indexer_bf16"
+    op: str
+    kernel: object  # the @triton.jit function
+    signature: dict[str, str]  # runtime argument → Triton type, in the kernel's order
+    roles: dict[str, str]  # runtime argument → what the launcher passes
+    constexprs: dict
+    grid: str  # launch grid as a formula of the input shapes
+    num_warps: int
+    num_stages: int = NUM_STAGES
+
+
+def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
+    """Every specialisation the engine needs on `target`: fp32 and bf16 for both ops, fp8 indexer inputs where
+    the target has fp8."""
+    from dsa_export.kernels import triton_indexer, triton_sparse_mla
+
+    capability = target.compute_capability[0] * 10 + target.compute_capability[1]
+    indexer_dtypes = [torch.float32, torch.bfloat16] + ([torch.float8_e4m3fn] if target.fp8 else [])
+    specs = []
+    for dtype in indexer_dtypes:
+        t = TRITON_TYPES[dtype]
+        specs.append(KernelSpec(
+            name=f"lightning_indexer_{DTYPE_TAGS[dtype]}", op="lightning_indexer",
+            kernel=triton_indexer.lightning_indexer_kernel,
+            signature={"q_ptr": f"*{t}", "k_ptr": f"*{t}", "w_ptr": "*fp32", "pos_ptr": POSITIONS_TYPE,
+                       "S": "i32", "T": "i32", "out_ptr": "*i32"},
+            roles={"q_ptr": "input q [B,S,HI,DI]", "k_ptr": "input k [B,T,DI]", "w_ptr": "input w [B,S,HI]",
+                   "pos_ptr": "input positions [B,S]", "S": "scalar q.shape[1]", "T": "scalar k.shape[1]",
+                   "out_ptr": "output indices [B,S,topk]"},
+            constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dtype, capability),
+            grid="B*S, 1, 1", num_warps=triton_indexer.NUM_WARPS))
+    for dtype in (torch.float32, torch.bfloat16):
+        t = TRITON_TYPES[dtype]
+        constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
+        head_blocks = triton_sparse_mla.sparse_mla_grid(1, 1, constexprs)[1]
+        specs.append(KernelSpec(
+            name=f"sparse_mla_{DTYPE_TAGS[dtype]}", op="sparse_mla", kernel=triton_sparse_mla.sparse_mla_kernel,
+            signature={"q_ptr": f"*{t}", "kv_ptr": f"*{t}", "idx_ptr": "*i32", "S": "i32", "T": "i32", "K": "i32",
+                       "out_ptr": f"*{t}"},
+            roles={"q_ptr": "input q [B,S,H,DK]", "kv_ptr": "input kv [B,T,DK]", "idx_ptr": "input indices [B,S,K]",
+                   "S": "scalar q.shape[1]", "T": "scalar kv.shape[1]", "K": "scalar indices.shape[2]",
+                   "out_ptr": "output out [B,S,H,dv]"},
+            constexprs=constexprs, grid=f"B*S, {head_blocks}, 1",
+            num_warps=triton_sparse_mla.NUM_WARPS))
+    return specs
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------------
+def check_limits(kernel: str, target: GPUTarget, shared_bytes: int, registers: int | None, threads: int) -> None:
+    """Raise DSAExportError if the compiled kernel cannot launch on the target's architecture."""
+    limits = ARCH_LIMITS[target.compute_capability]
+    where = f"kernel {kernel} on {target.name} ({target.kernel_arch})"
+    if shared_bytes > limits.max_shared_bytes:
+        raise DSAExportError(f"{where} needs {shared_bytes} B of shared memory per block, "
+                             f"limit {limits.max_shared_bytes} B")
+    if registers is not None:
+        if registers > limits.max_registers_per_thread:
+            raise DSAExportError(f"{where} needs {registers} registers per thread, "
+                                 f"limit {limits.max_registers_per_thread}")
+        if registers * threads > limits.max_registers_per_block:
+            raise DSAExportError(f"{where} needs {registers * threads} registers per block "
+                                 f"({registers} × {threads} threads), limit {limits.max_registers_per_block}")
+
+
+def ptx_entry_params(ptx: str) -> list[str]:
+    """The parameter names of the PTX `.entry`, in order."""
+    match = re.search(r"\.entry\s+\S+\s*\((.*?)\)", ptx, re.S)
+    if match is None:
+        raise RuntimeError("no .entry in the PTX")
+    return [param.split()[-1] for param in match.group(1).split(",") if param.strip()]
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """REG/STACK/SHARED/LOCAL of the cubin's kernel, from the triton wheel's cuobjdump ({} if it is unavailable)."""
+    import triton
+
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.cubin"
+        path.write_bytes(cubin)
+        result = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {}
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", result.stdout)}
+
+
+# ---- compilation -----------------------------------------------------------------------------------------------------
+def can_compile_here() -> bool:
+    """False if triton or our kernels were imported with TRITON_INTERPRET=1: then only a fresh process can compile
+    them (module docstring)."""
+    import triton.language as tl
+    from triton.runtime import JITFunction
+
+    from dsa_export.kernels import triton_indexer, triton_sparse_mla
+
+    functions = (tl.sum, triton_indexer.lightning_indexer_kernel, triton_sparse_mla.sparse_mla_kernel)
+    return all(isinstance(f, JITFunction) for f in functions)
+
+
+@contextlib.contextmanager
+def _environ(**values: str | None):
+    """Set (or, with None, remove) environment variables for the duration of the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
+    """Compile one specialisation, write .ptx/.cubin/.json, check the limits; return the metadata."""
+    import triton
+    from triton.backends.compiler import GPUTarget as TritonTarget
+    from triton.compiler import ASTSource
+
+    major, minor = target.compute_capability
+    signature = {**spec.signature, **{name: "constexpr" for name in spec.constexprs}}
+    source = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs)
+    compiled = triton.compile(source, target=TritonTarget("cuda", major * 10 + minor, 32),
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+    meta, ptx = compiled.metadata, compiled.asm["ptx"]
+
+    arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+    if arch != target.kernel_arch:  # targets.py and triton disagree: the table needs fixing
+        raise DSAExportError(f"kernel {spec.name}: triton compiled for {arch}, targets.py says {target.kernel_arch} "
+                             f"for {target.name}")
+    usage = resource_usage(compiled.asm["cubin"])
+    threads = meta.num_warps * 32
+    shared = meta.shared + usage.get("shared", 0)  # dynamic (launch) + static
+    check_limits(spec.name, target, shared, usage.get("reg"), threads)  # before writing anything
+
+    params = ptx_entry_params(ptx)
+    hidden = params[len(spec.signature):]
+
+    arguments = [{"name": name, "type": type_, "role": spec.roles[name]} for name, type_ in spec.signature.items()]
+    hidden_names = ["global_scratch", "profile_scratch"] + [f"hidden_{i}" for i in range(2, len(hidden))]
+    arguments += [{"name": name, "type": "*i8", "role": "hidden: triton scratch pointer, sized by "
+                   "global_scratch_size/profile_scratch_size (0: pass null)"} for name in hidden_names[:len(hidden)]]
+    metadata = {
+        "kernel": spec.name, "op": spec.op, "symbol": meta.name,
+        "target": target.name, "arch": arch, "compute_capability": target.cc,
+        "ptx_version": re.search(r"^\.version\s+([\d.]+)", ptx, re.M).group(1), "triton_version": triton.__version__,
+        "num_warps": meta.num_warps, "num_stages": spec.num_stages, "threads_per_block": threads,
+        "block": f"{threads}, 1, 1", "grid": spec.grid,
+        "shared_bytes": meta.shared, "static_shared_bytes": usage.get("shared"),
+        "shared_opt_in": shared > DEFAULT_SHARED_BYTES,
+        "registers": usage.get("reg"), "local_bytes": usage.get("local"), "stack_bytes": usage.get("stack"),
+        "global_scratch_size": meta.global_scratch_size, "profile_scratch_size": meta.profile_scratch_size,
+        "signature": spec.signature, "constexprs": spec.constexprs, "arguments": arguments,
+        "ptx_params": len(params), "hidden_params": len(hidden),
+        "files": {"ptx": f"{spec.name}.ptx", "cubin": f"{spec.name}.cubin"},
+    }
+    write_atomic(out_dir / f"{spec.name}.ptx", ptx)
+    write_atomic(out_dir / f"{spec.name}.cubin", compiled.asm["cubin"])
+    write_atomic(out_dir / f"{spec.name}.json", json.dumps(metadata, indent=2) + "\n")  # last: marks it complete
+    return metadata
+
+
+def compile_kernels(target_name: str, out_dir: str | Path, dims: KernelDims | dict, cache_dir: str | Path | None = None,
+                    progress: bool = True, subprocess_: bool | None = None) -> list[dict]:
+    """Compile every specialisation for `target_name` into out_dir; return the metadata dicts written as JSON.
+
+    cache_dir: triton's cache during compilation (default: a temporary directory, removed afterwards; ~/.triton is
+    never touched). subprocess_: compile in a child process (default: only if this process cannot, see
+    can_compile_here).
+    """
+    return compile_targets({target_name: out_dir}, dims, cache_dir, progress, subprocess_)[target_name]
+
+
+def compile_targets(out_dirs: dict[str, str | Path], dims: KernelDims | dict, cache_dir: str | Path | None = None,
+                    progress: bool = True, subprocess_: bool | None = None) -> dict[str, list[dict]]:
+    """compile_kernels for several targets at once ({target name: out_dir}); one child process at most."""
+    jobs = {name: (get_target(name), Path(out_dir)) for name, out_dir in out_dirs.items()}
+    dims = dims if isinstance(dims, KernelDims) else KernelDims(**dims)
+    for _, out_dir in jobs.values():
+        ensure_output_dir(out_dir)
+    if subprocess_ is None:
+        subprocess_ = not can_compile_here()
+    with contextlib.ExitStack() as stack:
+        if cache_dir is None:
+            cache_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dsa-triton-cache-"))
+        if subprocess_:
+            _compile_in_child(jobs, dims, Path(cache_dir), progress)
+            return {name: [json.loads((out_dir / f"{spec.name}.json").read_text())
+                           for spec in kernel_specs(target, dims)] for name, (target, out_dir) in jobs.items()}
+        from tqdm import tqdm
+
+        work = [(name, target, out_dir, spec) for name, (target, out_dir) in jobs.items()
+                for spec in kernel_specs(target, dims)]
+        written: dict[str, list[dict]] = {name: [] for name in jobs}
+        with _environ(TRITON_CACHE_DIR=str(cache_dir), TRITON_INTERPRET=None):
+            bar = tqdm(work, desc=f"kernels {','.join(t.name for t, _ in jobs.values())}", unit="kernel",
+                       disable=not progress)
+            for name, target, out_dir, spec in bar:
+                written[name].append(compile_spec(spec, target, out_dir))
+        return written
+
+
+def _compile_in_child(jobs: dict, dims: KernelDims, cache_dir: Path, progress: bool) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "dsa_export.kernels.aot", json.dumps(asdict(dims)), "--cache-dir", str(cache_dir)]
+    for target, out_dir in jobs.values():
+        command += ["--job", target.name, str(out_dir)]
+    if not progress:
+        command.append("--quiet")
+    # stderr stays live (progress bar, tracebacks); stdout carries a DSAExportError's one-line message
+    result = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if result.returncode == 2:
+        raise DSAExportError(result.stdout.strip().splitlines()[-1])
+    if result.returncode != 0:
+        raise RuntimeError(f"kernel compilation failed in a child process (exit code {result.returncode}); "
+                           f"its traceback is above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m dsa_export.kernels.aot DIMS_JSON --job TARGET OUT_DIR [--job ...] [--cache-dir D] [--quiet]`
+    (the child process of compile_targets)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dims", help="JSON object with HI, DI, topk, H, DK, dv, scale")
+    parser.add_argument("--job", nargs=2, action="append", required=True, metavar=("TARGET", "OUT_DIR"))
+    parser.add_argument("--cache-dir")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        compile_targets(dict(args.job), json.loads(args.dims), cache_dir=args.cache_dir, progress=not args.quiet,
+                        subprocess_=False)
+    except DSAExportError as e:
+        print(e)  # to stdout: the parent re-raises it
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Top-k sparse MLA attention as a Triton kernel: gather the selected latent rows, flash-style online softmax.
+
+Contract (design.md, `dsa::SparseMLA`; reference: `dsa_export.models.dsa_ops.sparse_mla`):
+q [B,S,H,DK], kv [B,T,DK], indices [B,S,K] int32 (−1 = empty slot); attributes scale, dv → out [B,S,H,dv] in q's
+dtype = softmax(scale · q·kv[idx]ᵀ) · kv[idx, :dv] over the valid slots only; a row without valid slots gives zeros.
+
+Design
+------
+One program per query row (b, s) and block of BLOCK_H heads; BLOCK_H covers all heads of small models (the tiny
+preset: one program per row), and is capped at MAX_BLOCK_H so the [BLOCK_H, dv] fp32 accumulator stays in
+registers for the real model (128 heads × 512). It is MQA over the latent: every head reads the same gathered rows.
+The program walks the row's K slots in tiles of BLOCK_K: it gathers the selected latent rows (−1 slots are masked,
+so they are never read), splits each row into its value part kv[:dv] (DV_P wide) and its RoPE part kv[dv:] (DR_P
+wide) so that both have power-of-2 tile widths (512 + 64 for the real model, 32 + 8 → 32 + 16 padded for tiny),
+and updates the running max m, the running sum l and the output accumulator in fp32 (online softmax, exp2 with
+scale·log2(e) folded in). A row whose slots are all empty keeps l = 0 and is written as zeros.
+
+`scale` is a compile-time constant (SCALE): TensorRT ahead-of-time plugins cannot pass float scalars at run time
+(toolchain.md §2.1). Loads are converted to fp32 at once (the Triton interpreter computes bf16 arithmetic wrongly);
+the dots use "ieee" for fp32 inputs and "tf32" otherwise, as in triton_indexer.py (for bf16 that rounds only the
+probabilities in p·v, to 10 mantissa bits: well inside the bf16 output's precision).
+For the real model (H 128 → 8 head blocks of 16, dv 512, rope 64) the bf16 kernel compiles to 56 KiB of shared
+memory and 210–242 registers per thread without spills on sm_80…sm_100a (dsa_export.kernels.aot checks this).
+
+Kernel argument order follows TensorRT's ahead-of-time plugin convention: input pointers, int32 scalars, output
+pointers, then the compile-time constants.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+NUM_WARPS = 4
+BLOCK_K = 16  # slots per tile
+MAX_BLOCK_H = 16  # heads per program
+
+
+@triton.jit
+def sparse_mla_kernel(
+    q_ptr, kv_ptr, idx_ptr,  # inputs: q [B,S,H,DK], kv [B,T,DK], indices [B,S,K] int32
+    S, T, K,  # int32: queries per batch row, cache length, slots per query
+    out_ptr,  # output: [B,S,H,DV] in q's dtype
+    H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SCALE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DV_P: tl.constexpr, DR_P: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # flat b*S + s
+    b = row // S
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    dv = tl.arange(0, DV_P)  # value part of a latent row: [0, DV)
+    dr = tl.arange(0, DR_P)  # RoPE part: [DV, DK)
+    head_ok = heads[:, None] < H
+    dv_ok = dv[None, :] < DV
+    dr_ok = dr[None, :] < DK - DV
+
+    q_rows = q_ptr + row * H * DK + heads[:, None] * DK
+    q_v = tl.load(q_rows + dv[None, :], mask=head_ok & dv_ok, other=0.0).to(tl.float32)
+    q_r = tl.load(q_rows + DV + dr[None, :], mask=head_ok & dr_ok, other=0.0).to(tl.float32)
+    qk_scale: tl.constexpr = SCALE * 1.4426950408889634  # exp(x·scale) = exp2(x·scale·log2 e)
+
+    m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the scaled scores
+    l = tl.zeros([BLOCK_H], tl.float32)  # running softmax denominator
+    acc = tl.zeros([BLOCK_H, DV_P], tl.float32)
+    kv_base = kv_ptr + b * T * DK
+    for k0 in range(0, K, BLOCK_K):
+        slot = k0 + tl.arange(0, BLOCK_K)
+        index = tl.load(idx_ptr + row * K + slot, mask=slot < K, other=-1)
+        valid = index >= 0
+        kv_rows = kv_base + index.to(tl.int64)[:, None] * DK
+        kv_v = tl.load(kv_rows + dv[None, :], mask=valid[:, None] & dv_ok, other=0.0).to(tl.float32)
+        kv_r = tl.load(kv_rows + DV + dr[None, :], mask=valid[:, None] & dr_ok, other=0.0).to(tl.float32)
+
+        s = tl.dot(q_v, tl.trans(kv_v), input_precision=DOT_PRECISION)
+        s = tl.dot(q_r, tl.trans(kv_r), acc=s, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_K]
+        s = tl.where(valid[None, :], s * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no valid slot yet: avoid (−inf) − (−inf)
+        p = tl.exp2(s - m_safe[:, None])  # empty slots: exp2(−inf) = 0
+        alpha = tl.exp2(m - m_safe)
+        l = l * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p, kv_v, acc=acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
+
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]  # no valid slot: acc = 0, so the row is written as zeros
+    out_rows = out_ptr + row * H * DV + heads[:, None] * DV
+    tl.store(out_rows + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok & dv_ok)
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(n))
+
+
+def sparse_mla_constexprs(H: int, DK: int, dv: int, scale: float, dtype: torch.dtype) -> dict:
+    """The compile-time constants for one model shape and input dtype (shared by the launcher and the AOT build)."""
+    if not 0 < dv < DK:
+        raise ValueError(f"sparse_mla: dv={dv} must be in 1..DK-1 (DK={DK}): the row is value ‖ RoPE part")
+    return {"H": H, "DK": DK, "DV": dv, "SCALE": float(scale), "BLOCK_H": min(MAX_BLOCK_H, _pow2(H)),
+            "BLOCK_K": BLOCK_K, "DV_P": _pow2(dv), "DR_P": _pow2(DK - dv),
+            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def sparse_mla_grid(B: int, S: int, constexprs: dict) -> tuple[int, int, int]:
+    return (B * S, math.ceil(constexprs["H"] / constexprs["BLOCK_H"]), 1)
+
+
+def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int) -> torch.Tensor:
+    """out [B,S,H,dv] in q's dtype; same contract as `dsa_export.models.dsa_ops.sparse_mla`.
+
+    Launches on CUDA tensors, or on CPU tensors when triton was imported with TRITON_INTERPRET=1."""
+    B, S, H, DK = q.shape
+    T, K = kv.shape[1], indices.shape[-1]
+    out = torch.empty((B, S, H, dv), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    q, kv, indices = q.contiguous(), kv.contiguous(), indices.to(torch.int32).contiguous()
+    constexprs = sparse_mla_constexprs(H, DK, dv, scale, q.dtype)
+    sparse_mla_kernel[sparse_mla_grid(B, S, constexprs)](
+        q, kv, indices, S, T, K, out, **constexprs, num_warps=NUM_WARPS)
+    return out

@@ -1,0 +1,111 @@
+"""Ahead-of-time compilation of the DSA kernels for all five GPU targets, on this CPU-only machine (tiny model dims).
+
+Nothing here imports triton at collection time (dsa_export.kernels.aot imports it lazily): test_triton_kernels.py
+needs to be the first to import it, with TRITON_INTERPRET=1. When it did, compile_kernels compiles in a child
+process; run alone, this file compiles in-process. Either way the triton cache goes to a tmp dir.
+"""
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from dsa_export.errors import DSAExportError
+from dsa_export.kernels import aot
+from dsa_export.models.presets import get_preset
+from dsa_export.targets import TARGETS
+
+TINY = aot.kernel_dims(get_preset("tiny"))
+JSON_FIELDS = {"kernel", "op", "symbol", "target", "arch", "compute_capability", "ptx_version", "num_warps",
+               "num_stages", "threads_per_block", "grid", "shared_bytes", "registers", "signature", "constexprs",
+               "arguments", "ptx_params", "hidden_params", "global_scratch_size", "profile_scratch_size"}
+
+
+@pytest.fixture(scope="module")
+def triton_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory, triton_cache):
+    """target name → (out_dir, metadata list), for all five targets."""
+    out_dirs = {name: tmp_path_factory.mktemp(f"kernels-{name}") for name in TARGETS}
+    metas = aot.compile_targets(out_dirs, TINY, cache_dir=triton_cache, progress=False)
+    return {name: (out_dirs[name], metas[name]) for name in TARGETS}
+
+
+def test_kernel_dims_from_the_tiny_config():
+    config = get_preset("tiny")
+    assert TINY == aot.KernelDims(HI=8, DI=16, topk=8, H=4, DK=40, dv=32, scale=config.softmax_scale)
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
+    target = TARGETS[name]
+    out_dir, metas = compiled[name]
+    expected = ["lightning_indexer_fp32", "lightning_indexer_bf16"] + (["lightning_indexer_fp8e4m3"] if target.fp8
+                                                                      else []) + ["sparse_mla_fp32", "sparse_mla_bf16"]
+    assert [m["kernel"] for m in metas] == expected
+    limits = aot.ARCH_LIMITS[target.compute_capability]
+    for meta in metas:
+        ptx = (out_dir / f"{meta['kernel']}.ptx").read_text()
+        assert re.search(rf"^\.target {target.kernel_arch}$", ptx, re.M)
+        assert (out_dir / f"{meta['kernel']}.cubin").read_bytes()[:4] == b"\x7fELF"
+        on_disk = json.loads((out_dir / f"{meta['kernel']}.json").read_text())
+        assert on_disk == meta and JSON_FIELDS <= meta.keys()
+        assert meta["arch"] == target.kernel_arch and meta["target"] == name
+        assert meta["symbol"] in ptx and meta["threads_per_block"] == meta["num_warps"] * 32
+        assert 0 < meta["shared_bytes"] <= limits.max_shared_bytes
+        assert 0 < meta["registers"] <= limits.max_registers_per_thread
+        assert meta["ptx_version"] == re.search(r"^\.version (\S+)$", ptx, re.M).group(1)
+        assert meta["grid"].startswith("B*S, ")
+        assert meta["constexprs"]["SKIP_TILES" if meta["op"] == "lightning_indexer" else "SCALE"] == \
+            (target.compute_capability < (10, 0) if meta["op"] == "lightning_indexer" else TINY.scale)
+        # hidden trailing params: what the PTX .entry really has, beyond the kernel's own runtime arguments
+        entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
+        assert entry.group(1) == meta["symbol"]
+        params = entry.group(2).count(".param")
+        assert meta["ptx_params"] == params == len(meta["arguments"])
+        assert meta["hidden_params"] == params - len(meta["signature"]) == 2  # global_scratch, profile_scratch
+        assert [a["name"] for a in meta["arguments"][-2:]] == ["global_scratch", "profile_scratch"]
+        assert meta["global_scratch_size"] == meta["profile_scratch_size"] == 0  # a launcher may pass null there
+    assert not list(out_dir.glob(".*"))  # no temp files left behind
+
+
+def test_h100_and_h200_share_kernels(compiled):
+    for h100, h200 in zip(compiled["h100"][1], compiled["h200"][1]):
+        ptx = [(compiled[name][0] / f"{meta['kernel']}.ptx").read_text() for name, meta in (("h100", h100),
+                                                                                           ("h200", h200))]
+        assert ptx[0] == ptx[1]
+
+
+def test_child_process_compilation_gives_the_same_kernels(compiled, triton_cache, tmp_path):
+    metas = aot.compile_kernels("a100", tmp_path, TINY, cache_dir=triton_cache, progress=False, subprocess_=True)
+    assert metas == compiled["a100"][1]
+    assert (tmp_path / "sparse_mla_bf16.ptx").read_text() == (compiled["a100"][0] / "sparse_mla_bf16.ptx").read_text()
+
+
+def test_unknown_target_is_a_user_error(tmp_path):
+    with pytest.raises(DSAExportError, match="unknown GPU 'v100'"):
+        aot.compile_kernels("v100", tmp_path, TINY)
+
+
+def test_too_much_shared_memory_is_refused_with_a_clear_message(triton_cache, tmp_path):
+    # a 1024-wide latent value: the fp32 sparse-MLA tiles need ~131 KiB of shared memory, L40S has 99 KiB per block
+    wide = dataclasses.replace(TINY, dv=1024, DK=1024 + 8)
+    with pytest.raises(DSAExportError, match=r"^kernel sparse_mla_fp32 on l40s \(sm_89\) needs \d+ B of shared "
+                                             r"memory per block, limit 101376 B$"):
+        aot.compile_kernels("l40s", tmp_path, wide, cache_dir=triton_cache, progress=False)
+    assert not list(tmp_path.glob("sparse_mla_fp32.*"))  # nothing written for the refused kernel
+
+
+def test_limit_check_messages():
+    a100 = TARGETS["a100"]
+    aot.check_limits("k", a100, shared_bytes=166912, registers=255, threads=256)  # exactly at the limits: fine
+    with pytest.raises(DSAExportError, match="kernel k on a100 .sm_80. needs 166913 B of shared memory"):
+        aot.check_limits("k", a100, shared_bytes=166913, registers=32, threads=128)
+    with pytest.raises(DSAExportError, match="needs 256 registers per thread, limit 255"):
+        aot.check_limits("k", a100, shared_bytes=0, registers=256, threads=128)
+    with pytest.raises(DSAExportError, match=r"needs 131072 registers per block \(128 × 1024 threads\), limit 65536"):
+        aot.check_limits("k", a100, shared_bytes=0, registers=128, threads=1024)
