@@ -1,8 +1,9 @@
 """CPU reference implementations of the two `dsa::` ops in plain torch, tiled over queries.
 
-Same results as the readable semantics in `dsa_export.models.dsa_ops`, but memory-bounded: the indexer never holds
-more than one query tile's [rows, HI, T] score block (TILE_BYTES), never the whole [S, T] matrix, so a 64K-token
-prefill fits in a few GB. Keys a tile cannot see (beyond its largest position) are not scored at all.
+Same results as the readable semantics in `dsa_export.models.dsa_ops`, but memory-bounded: the indexer holds one
+query tile's [rows, T] scores plus one key chunk's per-head scores (TILE_BYTES together), never the whole [S, T]
+matrix, so a 64K-token prefill fits in well under a GB. Keys a tile cannot see (beyond its largest position) are not
+scored at all.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
+KEY_CHUNK = 4096  # keys scored per GEMM: small, reused buffers instead of one [T, rows·HI] block
 
 
 def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
@@ -24,9 +26,12 @@ def select_topk(scores: torch.Tensor, topk: int) -> torch.Tensor:
     tie = (scores == kth) & (kth > float("-inf"))
     room = kept - above.sum(-1, keepdim=True)
     chosen = above | (tie & (tie.cumsum(-1) <= room))
-    key = torch.arange(num_keys, device=scores.device)
-    indices = torch.where(chosen, key, num_keys).topk(kept, dim=-1, largest=False).values
-    indices = torch.where(indices < num_keys, indices, -1)
+    if bool((chosen.sum(-1) == kept).all()):  # every row keeps exactly `kept` keys (the usual case): read them off
+        indices = chosen.nonzero()[:, 1].view(rows, kept)
+    else:  # rows with fewer visible keys: the chosen ones first (ascending t), then −1
+        key = torch.arange(num_keys, device=scores.device)
+        indices = torch.where(chosen, key, num_keys).topk(kept, dim=-1, largest=False).values
+        indices = torch.where(indices < num_keys, indices, -1)
     return torch.nn.functional.pad(indices, (0, topk - kept), value=-1)
 
 
@@ -39,17 +44,22 @@ def lightning_indexer_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
     B, S, HI, DI = q.shape
     T = k.shape[1]
     out = torch.full((B, S, topk), -1, dtype=torch.int32, device=q.device)
-    rows = _rows_per_tile(HI * T * 4)
+    chunk = min(KEY_CHUNK, T)
+    rows = _rows_per_tile(4 * (T + chunk * HI))  # a tile's score rows plus one key chunk's per-head scores
     for b in range(B):
         keys = k[b].float()
         for s0 in range(0, S, rows):
             tile = slice(s0, min(s0 + rows, S))
             pos = positions[b, tile]
             seen = min(int(pos.max()) + 1, T)  # keys past the tile's last position are invisible to all of it
-            qt = q[b, tile].float()
-            # keys × (rows·heads) keeps the long dimension as GEMM rows (much faster than the transpose on CPU)
-            scores = (keys[:seen] @ qt.reshape(-1, DI).T).relu_().view(seen, qt.shape[0], HI).transpose(0, 1)
-            scores = torch.bmm(scores, w[b, tile].float().unsqueeze(-1)).squeeze(-1)  # Σ_h w·ReLU(q·k): [rows, seen]
+            queries = q[b, tile].float().reshape(-1, DI)  # [rows·HI, DI]
+            weights = w[b, tile].float().unsqueeze(-1)  # [rows, HI, 1]
+            scores = queries.new_empty(weights.shape[0], seen)
+            for t0 in range(0, seen, chunk):
+                t1 = min(t0 + chunk, seen)
+                # keys × (rows·heads): the long dimension as GEMM rows is much faster on CPU than the transpose
+                per_head = (keys[t0:t1] @ queries.T).relu_().view(t1 - t0, -1, HI).transpose(0, 1)
+                scores[:, t0:t1] = torch.bmm(per_head, weights).squeeze(-1)  # Σ_h w·ReLU(q·k)
             scores.masked_fill_(torch.arange(seen, device=q.device) > pos[:, None], float("-inf"))
             out[b, tile] = select_topk(scores, topk).to(torch.int32)
     return out
