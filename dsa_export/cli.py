@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import dsa_export
-from dsa_export.errors import DSAExportError
+from dsa_export.errors import DSAExportError, CheckFailure
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
@@ -102,6 +102,28 @@ def inspect(source: str):
                f"({fp8} FP8 weights)")
 
 
+def _load_eager(checkpoint: Path | None, preset: str, seed: int = 0, dtype=None):
+    import dsa_export
+
+    if checkpoint is not None:
+        if not checkpoint.is_dir():
+            raise DSAExportError(f"{checkpoint}: checkpoint directory not found")
+        return dsa_export.load_model(checkpoint, dtype=dtype)
+    return dsa_export.load_model(preset, dtype=dtype, seed=seed)
+
+
+def _threshold_options(command):
+    """One --option per parity threshold, named and defaulted from `Thresholds` (one source of truth)."""
+    import dataclasses
+
+    from dsa_export.parity.accuracy import Thresholds
+
+    for f in reversed(dataclasses.fields(Thresholds)):
+        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=float, default=f.default,
+                               show_default=True, help="Parity threshold.")(command)
+    return command
+
+
 def _checkpoint_or_preset_config(checkpoint: Path | None, preset: str):
     from dsa_export.models import get_preset, load_config
 
@@ -136,6 +158,54 @@ def kernels(gpu, out, checkpoint, preset):
 
 
 @cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")
+@click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for model.onnx and io.json.")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
+              help="Weights and caches of the exported graph (ONNX Runtime on CPU runs float32 only).")
+@click.option("--last-logits-only", is_flag=True, help="Return logits for the last position only.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the preset's random weights.")
+def export(checkpoint, preset, out, dtype, last_logits_only, seed):
+    """Export ONNX: one dsa::LightningIndexer and one dsa::SparseMLA node per layer (with standard-op decompositions
+    as model-local functions), explicit per-layer KV-cache inputs/outputs, dynamic batch/seq/past; then check it.
+
+    \b
+    Example: dsa-export export --preset tiny --out build/onnx
+    """
+    from dsa_export.exporter.onnx_export import export_onnx
+
+    model = _load_eager(checkpoint, preset, seed)
+    path = export_onnx(model, out, dtype=_torch_dtype(dtype), last_logits_only=last_logits_only)
+    click.echo(f"wrote {path} (+ model.onnx.data, io.json)")
+
+
+@cli.command()
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")
+@click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(path_type=Path),
+              help="Directory holding model.onnx and io.json (from `dsa-export export`).")
+@click.option("--out", type=click.Path(path_type=Path), help="Report directory [default: ONNX_DIR/parity].")
+@click.option("--new-tokens", default=32, show_default=True, help="Greedy tokens generated per prompt.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the preset's weights and of the prompts.")
+@_threshold_options
+def parity(checkpoint, preset, onnx_dir, out, new_tokens, seed, **thresholds):
+    """Compare the eager model with ONNX Runtime on the same prompts (logits, KL, top-1, greedy tokens, indexer
+    selections); write parity.json and parity.md; exit 1 naming the metric if a threshold is missed.
+
+    \b
+    Example: dsa-export parity --preset tiny --onnx build/onnx
+    """
+    from dsa_export.parity.accuracy import Thresholds
+    from dsa_export.parity.run import run_parity
+
+    model = _load_eager(checkpoint, preset, seed)
+    report = run_parity(model, onnx_dir, out or onnx_dir / "parity", Thresholds(**thresholds), new_tokens, seed)
+    for backend in report["backends"]:
+        click.echo(f"{backend['backend']}: " + ", ".join(f"{k} {v:.4g}" for k, v in backend["metrics"].items()))
+    click.echo(f"wrote {out or onnx_dir / 'parity'}/parity.md: {'PASSED' if report['passed'] else 'FAILED'}")
+
+
+@cli.command()
 @click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")
 @click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
@@ -161,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except DSAExportError as e:
         click.echo(f"dsa-export: error: {e}", err=True)
         return 2
+    except CheckFailure as e:
+        click.echo(f"dsa-export: check failed: {e}", err=True)
+        return 1
     except click.exceptions.Abort:
         click.echo("dsa-export: interrupted", err=True)
         return 130

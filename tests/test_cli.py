@@ -93,6 +93,9 @@ def test_bad_checkpoint_gives_one_line_and_exit_2(capsys, tmp_path, tiny_checkpo
     (["build", "--gpu", "h100", "--preset", "huge"], "unknown preset 'huge'"),
     (["build", "--gpu", "v100"], "unknown GPU 'v100'"),
     (["kernels", "--gpu", "v100", "--out", "k"], "unknown GPU 'v100'"),
+    (["export", "--checkpoint", "/no/such/dir", "--out", "o"], "checkpoint directory not found"),
+    (["export", "--out", "/proc/dsa-export-test"], "cannot create output directory"),
+    (["parity", "--onnx", "/no/such/dir"], "no exported model"),
     (["kernels", "--gpu", "h100", "--out", "k", "--checkpoint", "/no/such/dir"], "checkpoint directory not found"),
     (["inspect", "./no/such/dir"], "checkpoint directory not found"),
     (["build", "--gpu", "h100", "--checkpoint", "/no/such/dir"], "checkpoint directory not found"),
@@ -121,6 +124,10 @@ def test_build_writes_manifest(capsys, tmp_path):
     for name in stages["kernels"]["kernels"]:
         assert (kernel_dir / f"{name}.ptx").read_text().count(".target sm_90a") == 1
         assert (kernel_dir / f"{name}.cubin").read_bytes()[:4] == b"\x7fELF"
+    assert stages["export"]["status"] == "ok" and stages["parity"]["status"] == "ok"
+    for name in ("model.onnx", "model.onnx.data", "io.json", "parity/parity.json", "parity/parity.md"):
+        assert (tmp_path / "b" / name).stat().st_size > 0, name
+    assert stages["parity"]["metrics"]["onnxruntime"]["greedy_match"] == 1.0
     assert stages["engine"]["status"] == "not_available"
     assert manifest["target"]["kernel_arch"] == "sm_90a"
     assert len(stages["load"]["fingerprint"]) == 64
@@ -132,3 +139,14 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "dsa-export: error: unknown GPU 'rtx9090' (known: a100, l40s, h100, h200, b200)"
+
+
+def test_export_then_parity_from_the_command_line(capsys, tmp_path, tiny_checkpoint):
+    code, out, _ = run_cli(capsys, "export", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "x"))
+    assert code == 0 and (tmp_path / "x" / "model.onnx").exists()
+    code, out, _ = run_cli(capsys, "parity", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "x"),
+                           "--new-tokens", "4")
+    assert code == 0 and "PASSED" in out
+    code, _, err = run_cli(capsys, "parity", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "x"),
+                           "--new-tokens", "2", "--max-abs-logits", "0")
+    assert code == 1 and err.startswith("dsa-export: check failed: onnxruntime: max_abs_logits")

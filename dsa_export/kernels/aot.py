@@ -297,7 +297,7 @@ def compile_targets(out_dirs: dict[str, str | Path], dims: KernelDims | dict, ca
         written: dict[str, list[dict]] = {name: [] for name in jobs}
         with _environ(TRITON_CACHE_DIR=str(cache_dir), TRITON_INTERPRET=None):
             bar = tqdm(work, desc=f"kernels {','.join(t.name for t, _ in jobs.values())}", unit="kernel",
-                       disable=not progress)
+                       disable=None if progress else True)  # None: off when not a terminal
             for name, target, out_dir, spec in bar:
                 written[name].append(compile_spec(spec, target, out_dir))
         return written

@@ -160,7 +160,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progre
     block = config.fp8_block or (128, 128)
     handles: dict[Path, object] = {}
     try:
-        for name in tqdm(params, desc="loading weights", unit="tensor", disable=not progress, leave=False):
+        # disable=None: tqdm draws only on a terminal
+        for name in tqdm(params, desc="loading weights", unit="tensor", disable=None if progress else True, leave=False):
             info = stored[name]
             tensor = _open(handles, info.file).get_tensor(name)
             if tensor.dtype == FP8:

@@ -185,9 +185,10 @@ class MLA(nn.Module):
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_kv[:, :self.nope], w_kv[:, self.nope:]
         if mode == "sparse":
-            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_uk)  # absorb W_UK into the query
+            # absorb W_UK into the query, W_UV into the output (matmuls, not einsums: ONNX Einsum has no bf16)
+            q_latent = (q_nope.transpose(1, 2) @ w_uk).transpose(1, 2)  # [B,S,H,kv_rank]
             o_latent = ops.sparse_mla(torch.cat([q_latent, q_pe], -1), kv, indices, self.scale, self.kv_rank)
-            out = torch.einsum("bshc,hvc->bshv", o_latent, w_uv)
+            out = (o_latent.transpose(1, 2) @ w_uv.transpose(1, 2)).transpose(1, 2)  # [B,S,H,v_dim]
         else:
             out = self._mha(q_nope, q_pe, kv, positions, indices, w_uk, w_uv)
         return self.o_proj(out.flatten(2)), kv, index_k

@@ -1,0 +1,161 @@
+"""Accuracy parity: the eager model vs each available backend on the same prompts, gated by thresholds.
+
+Per prompt position: logits max/mean abs error, cosine similarity, KL divergence of the next-token distributions,
+top-1 agreement. Per layer: recall of the eager indexer's top-k set. Then greedy generation token by token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
+from dsa_export.runtime import Session
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    max_abs_logits: float = 1e-3
+    min_cosine: float = 0.9999
+    max_kl: float = 1e-4
+    min_top1: float = 1.0
+    min_greedy_match: float = 1.0
+    min_indexer_recall: float = 0.99
+
+
+@dataclass
+class _Totals:
+    max_abs: float = 0.0
+    abs_sum: float = 0.0
+    count: int = 0
+    min_cosine: float = 1.0
+    max_kl: float = 0.0
+    kl_sum: float = 0.0
+    top1_same: int = 0
+    positions: int = 0
+    recall_hits: list = field(default_factory=list)
+    recall_total: list = field(default_factory=list)
+
+
+def default_prompts(vocab_size: int, seed: int = 0) -> list[list[list[int]]]:
+    """4 seeded prompts in 3 batches, the first a batch of 2 prompts of different lengths."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
+
+    return [[prompt(17), prompt(29)], [prompt(23)], [prompt(11)]]
+
+
+def _compare_step(ref, cand, lengths: torch.Tensor, totals: _Totals) -> None:
+    """Accumulate metrics over the valid (unpadded) positions of one step's results."""
+    S = ref.logits.shape[1]
+    valid = torch.arange(S) < lengths[:, None]  # [B,S]
+    a, b = ref.logits[valid].double(), cand.logits[valid].double()
+    diff = (a - b).abs()
+    totals.max_abs = max(totals.max_abs, diff.max().item())
+    totals.abs_sum += diff.sum().item()
+    totals.count += diff.numel()
+    totals.min_cosine = min(totals.min_cosine, torch.cosine_similarity(a, b, dim=-1).min().item())
+    log_p, log_q = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).clamp(min=0)
+    totals.max_kl = max(totals.max_kl, kl.max().item())
+    totals.kl_sum += kl.sum().item()
+    totals.top1_same += (a.argmax(-1) == b.argmax(-1)).sum().item()
+    totals.positions += a.shape[0]
+    if not totals.recall_hits:
+        totals.recall_hits = [0] * len(ref.indexer_topk)
+        totals.recall_total = [0] * len(ref.indexer_topk)
+    for layer, (x, y) in enumerate(zip(ref.indexer_topk, cand.indexer_topk)):
+        for row_x, row_y in zip(x[valid], y[valid]):
+            wanted = set(row_x.tolist()) - {-1}
+            totals.recall_hits[layer] += len(wanted & set(row_y.tolist()))
+            totals.recall_total[layer] += len(wanted)
+
+
+def compare(reference, candidate, prompt_batches: list[list[list[int]]], new_tokens: int = 32) -> dict:
+    """Run both backends on every batch: prefill, then greedy decoding step by step, comparing every step."""
+    totals = _Totals()
+    generations = []
+    for batch in prompt_batches:
+        ref, cand = Session(reference), Session(candidate)
+        logits_ref, logits_cand = ref.prefill(batch), cand.prefill(batch)
+        _compare_step(ref.last, cand.last, ref.lengths, totals)
+        tokens_ref, tokens_cand = [[] for _ in batch], [[] for _ in batch]
+        for step in range(new_tokens):
+            # each backend continues with its own greedy choice: a divergence shows up as a token mismatch
+            next_ref, next_cand = logits_ref.argmax(-1), logits_cand.argmax(-1)
+            for row, token in zip(tokens_ref, next_ref.tolist()):
+                row.append(token)
+            for row, token in zip(tokens_cand, next_cand.tolist()):
+                row.append(token)
+            if step + 1 == new_tokens:
+                break
+            logits_ref, logits_cand = ref.decode(next_ref), cand.decode(next_cand)
+            if torch.equal(next_ref, next_cand):
+                _compare_step(ref.last, cand.last, torch.ones(len(batch), dtype=torch.long), totals)
+        generations += [{"prompt_len": len(p), "reference": r, "candidate": c} for p, r, c in
+                        zip(batch, tokens_ref, tokens_cand)]
+    matched = sum(x == y for g in generations for x, y in zip(g["reference"], g["candidate"]))
+    total = sum(len(g["reference"]) for g in generations)
+    recall = [h / t if t else 1.0 for h, t in zip(totals.recall_hits, totals.recall_total)]
+    return {
+        "backend": candidate.name,
+        "prompts": [len(p) for batch in prompt_batches for p in batch],
+        "batches": [len(batch) for batch in prompt_batches],
+        "new_tokens": new_tokens,
+        "metrics": {
+            "max_abs_logits": totals.max_abs,
+            "mean_abs_logits": totals.abs_sum / max(totals.count, 1),
+            "min_cosine": totals.min_cosine,
+            "max_kl": totals.max_kl,
+            "mean_kl": totals.kl_sum / max(totals.positions, 1),
+            "top1": totals.top1_same / max(totals.positions, 1),
+            "greedy_match": matched / max(total, 1),
+            "min_indexer_recall": min(recall) if recall else 1.0,
+        },
+        "positions_compared": totals.positions,
+        "indexer_recall_per_layer": recall,
+        "generations": generations,
+    }
+
+
+def failures(report: dict, thresholds: Thresholds) -> list[str]:
+    m, t = report["metrics"], thresholds
+    checks = [("max_abs_logits", m["max_abs_logits"] <= t.max_abs_logits, "<=", t.max_abs_logits),
+              ("min_cosine", m["min_cosine"] >= t.min_cosine, ">=", t.min_cosine),
+              ("max_kl", m["max_kl"] <= t.max_kl, "<=", t.max_kl),
+              ("top1", m["top1"] >= t.min_top1, ">=", t.min_top1),
+              ("greedy_match", m["greedy_match"] >= t.min_greedy_match, ">=", t.min_greedy_match),
+              ("min_indexer_recall", m["min_indexer_recall"] >= t.min_indexer_recall, ">=", t.min_indexer_recall)]
+    return [f"{report['backend']}: {name} = {m[name]:.6g}, needs {op} {limit:g}" for name, ok, op, limit in checks
+            if not ok]
+
+
+def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Path) -> list[str]:
+    """parity.json + parity.md in out_dir; returns the failures (empty = every backend passed)."""
+    out_dir = ensure_output_dir(out_dir)
+    missed = [f for r in reports for f in failures(r, thresholds)]
+    write_json_atomic(out_dir / "parity.json", {"thresholds": asdict(thresholds), "passed": not missed,
+                                                "failures": missed, "backends": reports})
+    lines = ["# Accuracy parity against the eager model", "",
+             "| backend | max abs logits | mean abs | min cosine | max KL | top-1 | greedy match | min indexer recall |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in reports:
+        m = r["metrics"]
+        lines.append(f"| {r['backend']} | {m['max_abs_logits']:.3g} | {m['mean_abs_logits']:.3g} | "
+                     f"{m['min_cosine']:.6f} | {m['max_kl']:.3g} | {m['top1']:.3f} | {m['greedy_match']:.3f} | "
+                     f"{m['min_indexer_recall']:.3f} |")
+    t = thresholds
+    lines += ["", f"Thresholds: max abs logits <= {t.max_abs_logits:g}, cosine >= {t.min_cosine:g}, KL <= {t.max_kl:g}, "
+                  f"top-1 >= {t.min_top1:g}, greedy match >= {t.min_greedy_match:g}, indexer recall >= "
+                  f"{t.min_indexer_recall:g}.", ""]
+    for r in reports:
+        lines.append(f"{r['backend']}: prompts of {r['prompts']} tokens in batches of {r['batches']}, "
+                     f"{r['new_tokens']} greedy tokens each; {r['positions_compared']} positions compared; indexer "
+                     f"recall per layer {', '.join(f'{x:.3f}' for x in r['indexer_recall_per_layer'])}.")
+    lines += ["", "**PASSED**" if not missed else "**FAILED**: " + "; ".join(missed)]
+    write_atomic(out_dir / "parity.md", "\n".join(lines) + "\n")
+    return missed

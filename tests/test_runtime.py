@@ -1,0 +1,54 @@
+"""The runtime Session over backends: generation modes, limits, bad input; CUDA paths where a GPU exists."""
+
+import pytest
+import torch
+
+from dsa_export.errors import DSAExportError
+from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend, Session
+
+
+def test_sampled_generation_is_seeded_and_top_k_limited(tiny_onnx, tiny_config):
+    session = Session(OnnxRuntimeBackend(tiny_onnx))
+    prompts = [[1, 2, 3, 4, 5], [7, 8, 9]]
+    a = session.generate(prompts, 6, temperature=1.0, top_k=5, seed=3)
+    b = session.generate(prompts, 6, temperature=1.0, top_k=5, seed=3)
+    assert a == b and all(len(row) == 6 for row in a)
+    greedy = session.generate(prompts, 6)
+    assert a != greedy  # sampling at temperature 1 does not follow the argmax everywhere
+    # top_k=1 sampling is greedy
+    assert session.generate(prompts, 6, temperature=1.0, top_k=1, seed=9) == greedy
+
+
+def test_session_rejects_sequences_longer_than_allowed(tiny_model):
+    session = Session(EagerBackend(tiny_model), max_positions=8)
+    session.prefill([[1, 2, 3, 4, 5, 6]])
+    session.decode([1])
+    session.decode([1])
+    with pytest.raises(DSAExportError, match="sequence of 9 tokens is longer than the model allows \\(8\\)"):
+        session.decode([1])
+    with pytest.raises(DSAExportError, match="at least one token"):
+        session.prefill([[1, 2], []])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_custom_ops_on_cuda_run_the_triton_kernels_and_match_the_reference():
+    from dsa_export.kernels import CUSTOM_OPS
+    from dsa_export.models import dsa_ops
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, w = torch.randn(2, 3, 8, 16, generator=gen), torch.randn(2, 40, 16, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    positions = (37 + torch.arange(3)).expand(2, 3).contiguous()
+    got = CUSTOM_OPS.lightning_indexer(q.cuda(), k.cuda(), w.cuda(), positions.cuda(), 8).cpu()
+    expected = dsa_ops.lightning_indexer(q, k, w, positions, 8)
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+    mq, kv = torch.randn(2, 3, 4, 40, generator=gen), torch.randn(2, 40, 40, generator=gen)
+    out = CUSTOM_OPS.sparse_mla(mq.cuda(), kv.cuda(), expected.cuda(), 0.2, 32).cpu()
+    torch.testing.assert_close(out, dsa_ops.sparse_mla(mq, kv, expected, 0.2, 32), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU and onnxruntime-gpu")
+def test_onnxruntime_prefers_the_cuda_provider_on_a_gpu(tiny_onnx):
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime-gpu")
+    assert OnnxRuntimeBackend(tiny_onnx).providers[0] == "CUDAExecutionProvider"
