@@ -112,16 +112,29 @@ def _load_eager(checkpoint: Path | None, preset: str, seed: int = 0, dtype=None)
     return dsa_export.load_model(preset, dtype=dtype, seed=seed)
 
 
-def _threshold_options(command):
-    """One --option per parity threshold, named and defaulted from `Thresholds` (one source of truth)."""
+def _dataclass_options(cls, what: str):
+    """One --option per field of `cls`, named and defaulted from it (one source of truth)."""
     import dataclasses
 
+    def decorate(command):
+        for f in reversed(dataclasses.fields(cls)):
+            command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=float, default=f.default,
+                                   show_default=True, help=what)(command)
+        return command
+
+    return decorate
+
+
+def _threshold_options(command):
     from dsa_export.parity.accuracy import Thresholds
 
-    for f in reversed(dataclasses.fields(Thresholds)):
-        command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=float, default=f.default,
-                               show_default=True, help="Parity threshold.")(command)
-    return command
+    return _dataclass_options(Thresholds, "Parity threshold.")(command)
+
+
+def _assumption_options(command):
+    from dsa_export.parity.cost import Assumptions
+
+    return _dataclass_options(Assumptions, "Cost-model assumption.")(command)
 
 
 def _checkpoint_or_preset_config(checkpoint: Path | None, preset: str):
@@ -135,7 +148,7 @@ def _checkpoint_or_preset_config(checkpoint: Path | None, preset: str):
 
 
 @cli.command()
-@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
+@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h800, h200 or b200.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Directory for the PTX, cubin and JSON.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint whose shapes are compiled in.")
 @click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
@@ -206,7 +219,45 @@ def parity(checkpoint, preset, onnx_dir, out, new_tokens, seed, **thresholds):
 
 
 @cli.command()
-@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h200 or b200.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), help="Checkpoint whose config is costed.")
+@click.option("--preset", default="v3.2-exp", show_default=True, help="Built-in config when no --checkpoint is given.")
+@click.option("--gpu", default="h800", show_default=True, help="GPU whose peaks the roofline uses.")
+@click.option("--price", default=2.0, show_default=True, help="USD per GPU-hour.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("build/cost"), show_default=True)
+@click.option("--measure-preset", default="tiny", show_default=True,
+              help="Model timed on this machine (eager dense, eager DSA); 'none' to skip measuring.")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Also time ONNX Runtime on this export.")
+@_assumption_options
+def cost(checkpoint, preset, gpu, price, out, measure_preset, onnx_dir, **assumptions):
+    """Model cost per million tokens by token position, prefill and decode, dense MLA vs DSA; calibrate against
+    DeepSeek's H800 figure; time decode steps on this machine. Writes cost.json, cost.md and PNG plots.
+
+    \b
+    Example: dsa-export cost --preset v3.2-exp --gpu h800 --price 2
+    """
+    from dsa_export.parity.cost import Assumptions
+    from dsa_export.parity.cost_report import measure_decode, write_cost_report
+    from dsa_export.targets import get_target
+
+    target = get_target(gpu)
+    config = _checkpoint_or_preset_config(checkpoint, preset)
+    measured = None
+    if measure_preset != "none":
+        model = _load_eager(None, measure_preset)
+        model.name = f"preset {measure_preset}"
+        measured = measure_decode(model, onnx_dir)
+    report = write_cost_report(config, target, out, price, Assumptions(**assumptions), measured)
+    if report["calibration"]:
+        for r in report["calibration"]["points"]:
+            click.echo(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "
+                       f"paper ${r['paper_usd']:.2f}  ({r['relative_error']:+.1%})")
+        for c in report["calibration"]["crossovers"]:
+            click.echo(f"{c['phase']:<8} crossover: model {c['model_position']}, paper ~{c['paper_position']}")
+    click.echo(f"wrote {out}/cost.json, cost.md, " + ", ".join(report["plots"]))
+
+
+@cli.command()
+@click.option("--gpu", required=True, help="Target GPU: a100, l40s, h100, h800, h200 or b200.")
 @click.option("--checkpoint", type=click.Path(path_type=Path), help="HF-layout checkpoint directory.")
 @click.option("--preset", default="tiny", show_default=True, help="Built-in config when no --checkpoint is given.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output directory [default: build/<gpu>].")

@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the DSA kernels for all five GPU targets, on this CPU-only machine (tiny model dims).
+"""Ahead-of-time compilation of the DSA kernels for every GPU target, on this CPU-only machine (tiny model dims).
 
 Nothing here imports triton at collection time (dsa_export.kernels.aot imports it lazily): test_triton_kernels.py
 needs to be the first to import it, with TRITON_INTERPRET=1. When it did, compile_kernels compiles in a child
@@ -29,7 +29,7 @@ def triton_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, triton_cache):
-    """target name → (out_dir, metadata list), for all five targets."""
+    """target name → (out_dir, metadata list), for every target."""
     out_dirs = {name: tmp_path_factory.mktemp(f"kernels-{name}") for name in TARGETS}
     metas = aot.compile_targets(out_dirs, TINY, cache_dir=triton_cache, progress=False)
     return {name: (out_dirs[name], metas[name]) for name in TARGETS}

@@ -105,10 +105,11 @@ def test_bad_names_give_one_line_and_exit_2(capsys, tmp_path, argv, message):
     assert code == 2 and err.count("\n") == 1 and message in err, err
 
 
-def test_build_output_path_that_is_a_file(capsys, tmp_path):
+@pytest.mark.parametrize("command", [["build", "--gpu", "h100"], ["export"], ["kernels", "--gpu", "h100"]])
+def test_output_path_that_is_a_file(capsys, tmp_path, command):
     (tmp_path / "f").write_text("precious")
-    code, _, err = run_cli(capsys, "build", "--gpu", "h100", "--out", str(tmp_path / "f"))
-    assert code == 2 and "not a directory" in err
+    code, _, err = run_cli(capsys, *command, "--out", str(tmp_path / "f"))
+    assert code == 2 and err.count("\n") == 1 and "not a directory" in err
     assert (tmp_path / "f").read_text() == "precious"
 
 
@@ -128,6 +129,11 @@ def test_build_writes_manifest(capsys, tmp_path):
     for name in ("model.onnx", "model.onnx.data", "io.json", "parity/parity.json", "parity/parity.md"):
         assert (tmp_path / "b" / name).stat().st_size > 0, name
     assert stages["parity"]["metrics"]["onnxruntime"]["greedy_match"] == 1.0
+    assert stages["cost"]["status"] == "ok"
+    for name in ("cost.json", "cost.md", "cost_by_position.png", "measured_decode.png"):
+        assert (tmp_path / "b" / "cost" / name).stat().st_size > 0, name
+    measured = json.loads((tmp_path / "b" / "cost" / "cost.json").read_text())["measured"]["backends"]
+    assert set(measured) == {"eager dense", "eager DSA", "onnxruntime DSA"}
     assert stages["engine"]["status"] == "not_available"
     assert manifest["target"]["kernel_arch"] == "sm_90a"
     assert len(stages["load"]["fingerprint"]) == 64
@@ -138,7 +144,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dsa_export.cli", "build", "--gpu", "rtx9090"],
                           capture_output=True, text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "dsa-export: error: unknown GPU 'rtx9090' (known: a100, l40s, h100, h200, b200)"
+    assert proc.stderr.strip() == "dsa-export: error: unknown GPU 'rtx9090' (known: a100, l40s, h100, h800, h200, b200)"
 
 
 def test_export_then_parity_from_the_command_line(capsys, tmp_path, tiny_checkpoint):

@@ -32,9 +32,11 @@ class StepResult:
 class EagerBackend:
     name = "eager"
 
-    def __init__(self, model: DSAForCausalLM):
+    def __init__(self, model: DSAForCausalLM, attention: str = "sparse"):
+        """attention: "sparse" (DSA through the dsa:: ops), or "dense" (plain dense MLA, the cost baseline)."""
         self.model = model.eval()
         self.config = model.config
+        self.attention = attention
         self.cache_dtype = next(model.parameters()).dtype
 
     def empty_caches(self, batch: int) -> list[torch.Tensor]:
@@ -51,7 +53,7 @@ class EagerBackend:
             return selections[-1]
 
         saved = self.model.ops, self.model.attention
-        self.model.ops, self.model.attention = DSAOps(indexer, CUSTOM_OPS.sparse_mla), "sparse"
+        self.model.ops, self.model.attention = DSAOps(indexer, CUSTOM_OPS.sparse_mla), self.attention
         try:
             with torch.no_grad():
                 logits, latents, keys = self.model.forward_with_cache(input_ids, positions, caches[:L], caches[L:])
