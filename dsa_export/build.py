@@ -123,7 +123,11 @@ def run_build(gpu: str, out: str | Path | None = None, checkpoint: str | Path | 
         from dsa_export.parity.accuracy import Thresholds
         from dsa_export.parity.run import run_parity
 
-        report = run_parity(model_box["model"], out, out / "parity", Thresholds(), raise_on_failure=False)
+        # model.onnx is fp32 (ONNX Runtime on CPU has no bf16 MatMul): compare it with the fp32 eager model
+        reference = model_box["model"]
+        if dtype != torch.float32:
+            reference = use_custom_ops(load_checkpoint(checkpoint, dtype=torch.float32))
+        report = run_parity(reference, out, out / "parity", Thresholds(), raise_on_failure=False)
         return {"path": str(out / "parity"), "passed": report["passed"], "failures": report["failures"],
                 "metrics": {b["backend"]: b["metrics"] for b in report["backends"]}}
 

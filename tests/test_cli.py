@@ -156,3 +156,12 @@ def test_export_then_parity_from_the_command_line(capsys, tmp_path, tiny_checkpo
     code, _, err = run_cli(capsys, "parity", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "x"),
                            "--new-tokens", "2", "--max-abs-logits", "0")
     assert code == 1 and err.startswith("dsa-export: check failed: onnxruntime: max_abs_logits")
+
+
+def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "build", "--gpu", "a100", "--dtype", "bfloat16", "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+    assert stages["parity"]["status"] == "ok" and stages["cost"]["status"] == "ok"
+    assert stages["smoke"]["tolerance"] == 0.25  # bf16 prefill+decode vs full forward
+    assert "sm_80" in stages["kernels"]["path"] and "lightning_indexer_fp8e4m3" not in stages["kernels"]["kernels"]

@@ -31,10 +31,11 @@ def measure_decode(model, onnx_dir: Path | None = None, contexts=MEASURE_CONTEXT
                   [torch.randn(1, context, c.index_head_dim, generator=gen) for _ in range(c.num_hidden_layers)])
         ids, positions = torch.tensor([[3]]), torch.tensor([[context]])
         best = dict.fromkeys(backends, float("inf"))
+        typed = {name: [c.to(b.cache_dtype) for c in caches] for name, b in backends.items()}
         for _ in range(repeat + 1):  # round-robin; the first round warms up (and counts only if it is the best)
             for name, backend in backends.items():
                 start = time.perf_counter()
-                backend.step(ids, positions, caches)
+                backend.step(ids, positions, typed[name])
                 best[name] = min(best[name], time.perf_counter() - start)
         for name in backends:
             rows[name].append({"context": context, "seconds": best[name]})

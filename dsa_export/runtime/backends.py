@@ -95,10 +95,10 @@ class OnnxRuntimeBackend:
             os.unlink(tmp)
         self.input_names = [t.name for t in self.io.inputs]
         self.output_names = [t.name for t in self.io.outputs] + self.topk_names
-        self.cache_dtype = self.io.inputs[2].dtype
+        self.cache_dtype = getattr(torch, self.io.inputs[2].dtype)
 
     def empty_caches(self, batch: int) -> list[torch.Tensor]:
-        return [torch.zeros(batch, 0, t.dims[-1], dtype=getattr(torch, t.dtype)) for t in self.io.inputs[2:]]
+        return [torch.zeros(batch, 0, t.dims[-1], dtype=self.cache_dtype) for t in self.io.inputs[2:]]
 
     def step(self, input_ids, positions, caches) -> StepResult:
         feeds = dict(zip(self.input_names, [input_ids.long(), positions.long(), *caches]))
