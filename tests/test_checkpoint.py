@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import dsa_export
 from dsa_export.models import init_checkpoint, load_checkpoint

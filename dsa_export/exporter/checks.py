@@ -32,7 +32,6 @@ def check_graph(path: Path, io: GraphIO) -> dict:
     register_schemas()
     try:
         onnx.checker.check_model(str(path), full_check=True)  # by path: external weights are checked too
-        model = onnx.load(path, load_external_data=False)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(path), check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise GraphCheckError(f"ONNX check failed: {str(e).splitlines()[0]}") from None
@@ -62,7 +61,7 @@ def check_graph(path: Path, io: GraphIO) -> dict:
         if dtype is not None and dtype not in SUPPORTED[node.op_type]:
             raise GraphCheckError(f"op {node.op_type} (node '{node.name}') on {dtype} is not supported by TensorRT "
                                   f"(only {'/'.join(SUPPORTED[node.op_type])}; {SOURCE})")
-    for function in model.functions:
+    for function in inferred.functions:
         for node in function.node:
             if node.op_type not in SUPPORTED:
                 raise GraphCheckError(f"op {node.op_type} in the dsa::{function.name} decomposition is not in "
@@ -81,4 +80,4 @@ def check_graph(path: Path, io: GraphIO) -> dict:
                 raise GraphCheckError(f"graph {kind[:-1]} '{name}' is {dtype}, io.json says {spec.dtype}")
             if dims != list(spec.dims):
                 raise GraphCheckError(f"graph {kind[:-1]} '{name}' has dims {dims}, io.json says {list(spec.dims)}")
-    return {"nodes": len(graph.node), "dsa_nodes": dict(counts), "functions": [f.name for f in model.functions]}
+    return {"nodes": len(graph.node), "dsa_nodes": dict(counts), "functions": [f.name for f in inferred.functions]}

@@ -33,9 +33,6 @@ class GraphIO:
     num_layers: int
     last_logits_only: bool
 
-    def names(self, kind: str, prefix: str) -> list[str]:
-        return [t.name for t in getattr(self, kind) if t.name.startswith(prefix)]
-
     def to_json(self) -> dict:
         return {"num_layers": self.num_layers, "last_logits_only": self.last_logits_only,
                 "inputs": [asdict(t) for t in self.inputs], "outputs": [asdict(t) for t in self.outputs]}

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -195,25 +196,6 @@ def can_compile_here() -> bool:
     return all(isinstance(f, JITFunction) for f in functions)
 
 
-@contextlib.contextmanager
-def _environ(**values: str | None):
-    """Set (or, with None, remove) environment variables for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
     """Compile one specialisation, write .ptx/.cubin/.json, check the limits; return the metadata."""
     import triton
@@ -295,7 +277,8 @@ def compile_targets(out_dirs: dict[str, str | Path], dims: KernelDims | dict, ca
         work = [(name, target, out_dir, spec) for name, (target, out_dir) in jobs.items()
                 for spec in kernel_specs(target, dims)]
         written: dict[str, list[dict]] = {name: [] for name in jobs}
-        with _environ(TRITON_CACHE_DIR=str(cache_dir), TRITON_INTERPRET=None):
+        with mock.patch.dict(os.environ, TRITON_CACHE_DIR=str(cache_dir)):  # restored afterwards, whatever happens
+            os.environ.pop("TRITON_INTERPRET", None)
             bar = tqdm(work, desc=f"kernels {','.join(t.name for t, _ in jobs.values())}", unit="kernel",
                        disable=None if progress else True)  # None: off when not a terminal
             for name, target, out_dir, spec in bar:

@@ -54,10 +54,11 @@ def model_skeleton(config: DSAConfig) -> DSAForCausalLM:
         return DSAForCausalLM(config)
 
 
-def expected_tensors(config: DSAConfig) -> dict[str, TensorSpec]:
-    """Every tensor a checkpoint must hold. FP8 is allowed exactly where the official checkpoint uses it:
-    linear weights, except the LM head and the indexer's weights_proj (the gate is no nn.Linear)."""
-    model = model_skeleton(config)
+def expected_tensors(config: DSAConfig, model: DSAForCausalLM | None = None) -> dict[str, TensorSpec]:
+    """Every tensor a checkpoint must hold (from `model`, the config's skeleton, if the caller has one already).
+    FP8 is allowed exactly where the official checkpoint uses it: linear weights, except the LM head and the
+    indexer's weights_proj (the gate is no nn.Linear)."""
+    model = model if model is not None else model_skeleton(config)
     fp8_ok = {f"{name}.weight" for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith("weights_proj")}
     return {name: TensorSpec(tuple(t.shape), name in fp8_ok) for name, t in model.state_dict().items()}
@@ -102,9 +103,10 @@ def _is_mtp(name: str, config: DSAConfig) -> bool:
     return name.startswith(f"model.layers.{config.num_hidden_layers}.")
 
 
-def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor]) -> None:
+def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
+                  expected: dict[str, TensorSpec] | None = None) -> None:
     """Raise on the first missing, unexpected or wrongly shaped/typed tensor."""
-    expected = expected_tensors(config)
+    expected = expected if expected is not None else expected_tensors(config)
     block = config.fp8_block or (128, 128)
     for name, spec in expected.items():
         if name not in stored:
@@ -153,8 +155,9 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progre
         raise CheckpointError(f"{path}: checkpoint directory not found")
     config = load_config(path)
     stored = read_headers(path)
-    check_tensors(config, stored)
-    model = model_skeleton(config).to(dtype).keep_fp32_params()
+    skeleton = model_skeleton(config)  # built once: it lists the expected tensors and becomes the model
+    check_tensors(config, stored, expected_tensors(config, skeleton))
+    model = skeleton.to(dtype).keep_fp32_params()
     model = model.to_empty(device="cpu").init_buffers()
     params = model.state_dict()
     block = config.fp8_block or (128, 128)
