@@ -14,15 +14,12 @@ def load_model(path_or_preset: str | Path, dtype=None, seed: int = 0):
     import torch
 
     from dsa_export.kernels import use_custom_ops
-    from dsa_export.models import DSAForCausalLM, get_preset, load_checkpoint
-    from dsa_export.models.checkpoint import random_state_dict
+    from dsa_export.models import get_preset, load_checkpoint
+    from dsa_export.models.checkpoint import random_model
 
     dtype = dtype or torch.float32
     if Path(path_or_preset).exists():
         model = load_checkpoint(path_or_preset, dtype=dtype)
-    else:
-        config = get_preset(str(path_or_preset))
-        model = DSAForCausalLM(config)
-        model.load_state_dict(random_state_dict(config, seed))  # the same weights `init --preset` writes
-        model = model.to(dtype).keep_fp32_params().init_buffers().eval()
+    else:  # the weights `init --preset` writes
+        model = random_model(get_preset(str(path_or_preset)), seed, dtype)
     return use_custom_ops(model)

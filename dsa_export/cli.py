@@ -177,10 +177,15 @@ def kernels(gpu, out, checkpoint, preset):
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="float32", show_default=True,
               help="Weights and caches of the exported graph (ONNX Runtime on CPU runs float32 only).")
 @click.option("--last-logits-only", is_flag=True, help="Return logits for the last position only.")
+@click.option("--capacity", type=click.IntRange(min=4), help="Cache rows per sequence [default: min(max positions, "
+              "128K)].")
+@click.option("--dequantize-experts", is_flag=True,
+              help="Store FP8 routed experts in --dtype instead of keeping them FP8 with their block scales.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the preset's random weights.")
-def export(checkpoint, preset, out, dtype, last_logits_only, seed):
-    """Export ONNX: one dsa::LightningIndexer and one dsa::SparseMLA node per layer (with standard-op decompositions
-    as model-local functions), explicit per-layer KV-cache inputs/outputs, dynamic batch/seq/past; then check it.
+def export(checkpoint, preset, out, dtype, last_logits_only, capacity, dequantize_experts, seed):
+    """Export ONNX: per layer one dsa::LightningIndexer and one dsa::SparseMLA node, per MoE layer one
+    dsa::RoutedExperts node (with standard-op decompositions as model-local functions), per-layer caches at a fixed
+    capacity written in place (TensorScatter), dynamic batch and sequence; then check it.
 
     \b
     Example: dsa-export export --preset tiny --out build/onnx
@@ -188,8 +193,9 @@ def export(checkpoint, preset, out, dtype, last_logits_only, seed):
     from dsa_export.exporter.onnx_export import export_onnx
 
     model = _load_eager(checkpoint, preset, seed)
-    path = export_onnx(model, out, dtype=_torch_dtype(dtype), last_logits_only=last_logits_only)
-    click.echo(f"wrote {path} (+ model.onnx.data, io.json)")
+    path = export_onnx(model, out, dtype=_torch_dtype(dtype), last_logits_only=last_logits_only, capacity=capacity,
+                       dequantize_experts=dequantize_experts)
+    click.echo(f"wrote {path} (+ model.onnx.data, io.json, config.json)")
 
 
 @cli.command()
@@ -226,7 +232,8 @@ def parity(checkpoint, preset, onnx_dir, out, new_tokens, seed, **thresholds):
 @click.option("--out", type=click.Path(path_type=Path), default=Path("build/cost"), show_default=True)
 @click.option("--measure-preset", default="tiny", show_default=True,
               help="Model timed on this machine (eager dense, eager DSA); 'none' to skip measuring.")
-@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path), help="Also time ONNX Runtime on this export.")
+@click.option("--onnx", "onnx_dir", type=click.Path(path_type=Path),
+              help="Also read this export's own cost off its graph (beside the closed form) and time it in ONNX Runtime.")
 @_assumption_options
 def cost(checkpoint, preset, gpu, price, out, measure_preset, onnx_dir, **assumptions):
     """Model cost per million tokens by token position, prefill and decode, dense MLA vs DSA; calibrate against
@@ -244,9 +251,15 @@ def cost(checkpoint, preset, gpu, price, out, measure_preset, onnx_dir, **assump
     measured = None
     if measure_preset != "none":
         model = _load_eager(None, measure_preset)
-        model.name = f"preset {measure_preset}"
-        measured = measure_decode(model, onnx_dir)
-    report = write_cost_report(config, target, out, price, Assumptions(**assumptions), measured)
+        measured = measure_decode(model, onnx_dir, label=f"preset {measure_preset}")
+    graph = None
+    if onnx_dir is not None:
+        from dsa_export.parity import graph_cost
+
+        graph = graph_cost.compare(onnx_dir)
+        for line in graph_cost.markdown(graph)[4:]:
+            click.echo(line)
+    report = write_cost_report(config, target, out, price, Assumptions(**assumptions), measured, graph)
     if report["calibration"]:
         for r in report["calibration"]["points"]:
             click.echo(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "

@@ -17,15 +17,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import torch
 
+from benchlib import OUT_DIR, best_times
 from dsa_export.kernels import ops
 from dsa_export.models import get_preset
 
-OUT_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def layer_dims(config) -> dict:
@@ -39,20 +37,6 @@ def flops(d: dict, context: int) -> dict:
     per_key = 2 * d["H"] * (d["DK"] + d["dv"])
     indexer = 2 * d["HI"] * d["DI"] * context + 2 * d["HI"] * context  # q·k per head, then the weighted head sum
     return {"dense": per_key * context, "sparse": per_key * min(d["topk"], context) + indexer}
-
-
-def best_times(fns: dict, repeat: int) -> dict:
-    """Min time of each function, timed round-robin (one call of each per round) so that all see the same machine
-    state: on a shared VM the load drifts by tens of percent within seconds."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def dense_matmul(q, kv, scale, dv):
@@ -104,6 +88,7 @@ def prefill_peak_rss(tokens: int) -> dict:
     """Run a `tokens`-long indexer prefill on the tiny preset's dims in a fresh process; report time and peak RSS."""
     code = f"""
 import resource, time, torch
+from benchlib import OUT_DIR, best_times
 from dsa_export.kernels import ops
 from dsa_export.models import get_preset
 c = get_preset("tiny"); n = {tokens}

@@ -30,11 +30,14 @@ def random_ids(config, batch, length, seed=0):
     return torch.randint(0, config.vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
+TINY_CAPACITY = 256  # cache rows of the session's tiny export: > the longest parity sequence (29 + 32 tokens)
+
+
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_checkpoint):
     """The tiny checkpoint exported to ONNX (fp32), once per session."""
     from dsa_export.exporter.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx")
-    export_onnx(load_checkpoint(tiny_checkpoint, progress=False), out)
+    export_onnx(load_checkpoint(tiny_checkpoint, progress=False), out, capacity=TINY_CAPACITY)
     return out

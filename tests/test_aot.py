@@ -37,15 +37,20 @@ def compiled(tmp_path_factory, triton_cache):
 
 def test_kernel_dims_from_the_tiny_config():
     config = get_preset("tiny")
-    assert TINY == aot.KernelDims(HI=8, DI=16, topk=8, H=4, DK=40, dv=32, scale=config.softmax_scale)
+    assert TINY == aot.KernelDims(HI=8, DI=16, topk=8, H=4, DK=40, dv=32, scale=config.softmax_scale, hidden=64,
+                                  moe_inter=32, block_out=128, block_in=128)  # not quantised: DeepSeek's FP8 blocks
+    fp8 = aot.kernel_dims(config.replace(quantization_config={"quant_method": "fp8", "weight_block_size": [64, 32]}))
+    assert (fp8.block_out, fp8.block_in) == (64, 32)
 
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
     target = TARGETS[name]
     out_dir, metas = compiled[name]
-    expected = ["lightning_indexer_fp32", "lightning_indexer_bf16"] + (["lightning_indexer_fp8e4m3"] if target.fp8
-                                                                      else []) + ["sparse_mla_fp32", "sparse_mla_bf16"]
+    fp8 = ["lightning_indexer_fp8e4m3"] if target.fp8 else []
+    fp8_experts = ["routed_experts_fp8_fp32", "routed_experts_fp8_bf16"] if target.fp8 else []
+    expected = ["lightning_indexer_fp32", "lightning_indexer_bf16", *fp8, "sparse_mla_fp32", "sparse_mla_bf16",
+                "routed_experts_fp32", "routed_experts_bf16", *fp8_experts]
     assert [m["kernel"] for m in metas] == expected
     limits = aot.ARCH_LIMITS[target.compute_capability]
     for meta in metas:
@@ -56,12 +61,20 @@ def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
         assert on_disk == meta and JSON_FIELDS <= meta.keys()
         assert meta["arch"] == target.kernel_arch and meta["target"] == name
         assert meta["symbol"] in ptx and meta["threads_per_block"] == meta["num_warps"] * 32
-        assert 0 < meta["shared_bytes"] <= limits.max_shared_bytes
+        assert 0 < meta["shared_bytes"] <= aot.DEFAULT_SHARED_BYTES <= limits.max_shared_bytes
         assert 0 < meta["registers"] <= limits.max_registers_per_thread
         assert meta["ptx_version"] == re.search(r"^\.version (\S+)$", ptx, re.M).group(1)
-        assert meta["grid"].startswith("B*S, ")
-        assert meta["constexprs"]["SKIP_TILES" if meta["op"] == "lightning_indexer" else "SCALE"] == \
-            (target.compute_capability < (10, 0) if meta["op"] == "lightning_indexer" else TINY.scale)
+        constexprs = meta["constexprs"]
+        if meta["op"] == "lightning_indexer":
+            assert meta["grid"] == "B*S, 1, 1" and constexprs["SKIP_TILES"] == (target.compute_capability < (10, 0))
+        elif meta["op"] == "sparse_mla":
+            assert meta["grid"].startswith("B*S, ") and constexprs["SCALE"] == TINY.scale
+        else:  # routed experts: one I-slice of 32 for tiny; the FP8 ones read e4m3 codes and the block sizes
+            assert meta["grid"] == "E, 1, 1" and (constexprs["H"], constexprs["I"]) == (TINY.hidden, TINY.moe_inter)
+            fp8 = meta["op"] == "routed_experts_fp8"
+            assert (meta["signature"]["down_ptr"] == "*fp8e4nv") == fp8 == ("down_scale_ptr" in meta["signature"])
+            assert list(meta["signature"])[-4:] == ["base_ptr", "N", "K", "out_ptr"]
+            assert not fp8 or (constexprs["BLOCK_OUT"], constexprs["BLOCK_IN"]) == (128, 128)
         # hidden trailing params: what the PTX .entry really has, beyond the kernel's own runtime arguments
         entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
         assert entry.group(1) == meta["symbol"]
@@ -80,6 +93,16 @@ def test_h100_and_h200_share_kernels(compiled):
         assert ptx[0] == ptx[1]
 
 
+def test_real_model_kernels_launch_within_48_kib(tmp_path):
+    """DeepSeek-V3.2's dims (671B) on Hopper and Blackwell: compile_kernels refuses anything above 48 KiB of dynamic
+    shared memory, so compiling at all is the check (the other targets: measured in the kernel modules' docstrings)."""
+    real = aot.kernel_dims(get_preset("v3.2-exp"))
+    metas = aot.compile_targets({name: tmp_path / name for name in ("h100", "b200")}, real, progress=False)
+    for target_metas in metas.values():
+        assert len(target_metas) == 9 and all(m["stack_bytes"] == 0 for m in target_metas)  # no spills
+        assert max(m["shared_bytes"] for m in target_metas) <= aot.DEFAULT_SHARED_BYTES
+
+
 def test_child_process_compilation_gives_the_same_kernels(compiled, triton_cache, tmp_path):
     metas = aot.compile_kernels("a100", tmp_path, TINY, cache_dir=triton_cache, progress=False, subprocess_=True)
     assert metas == compiled["a100"][1]
@@ -92,12 +115,22 @@ def test_unknown_target_is_a_user_error(tmp_path):
 
 
 def test_too_much_shared_memory_is_refused_with_a_clear_message(triton_cache, tmp_path):
-    # a 1024-wide latent value: the fp32 sparse-MLA tiles need ~131 KiB of shared memory, L40S has 99 KiB per block
-    wide = dataclasses.replace(TINY, dv=1024, DK=1024 + 8)
+    # a 2048-wide latent value: the fp32 sparse-MLA tiles need ~162 KiB of shared memory, L40S has 99 KiB per block
+    wide = dataclasses.replace(TINY, dv=2048, DK=2048 + 8)
     with pytest.raises(DSAExportError, match=r"^kernel sparse_mla_fp32 on l40s \(sm_89\) needs \d+ B of shared "
                                              r"memory per block, limit 101376 B$"):
         aot.compile_kernels("l40s", tmp_path, wide, cache_dir=triton_cache, progress=False)
     assert not list(tmp_path.glob("sparse_mla_fp32.*"))  # nothing written for the refused kernel
+
+
+def test_more_than_48_kib_of_dynamic_shared_memory_is_refused(triton_cache, tmp_path):
+    # a 1024-wide latent value: ~82 KiB for the fp32 sparse-MLA tiles; H100 could opt in to that, TensorRT does not
+    wide = dataclasses.replace(TINY, dv=1024, DK=1024 + 8)
+    with pytest.raises(DSAExportError, match=r"^kernel sparse_mla_fp32 on h100 \(sm_90a\) needs \d+ B of dynamic "
+                                             r"shared memory per block, limit 49152 B: TensorRT's ahead-of-time "
+                                             r"plugin launcher does not opt in to more than the default 48 KiB$"):
+        aot.compile_kernels("h100", tmp_path, wide, cache_dir=triton_cache, progress=False)
+    assert not list(tmp_path.glob("sparse_mla_fp32.*"))
 
 
 def test_limit_check_messages():

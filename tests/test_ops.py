@@ -6,7 +6,7 @@ import torch
 import dsa_export.kernels.reference as reference
 from dsa_export.kernels import CUSTOM_OPS, use_custom_ops
 from dsa_export.models import dsa_ops
-from dsa_export.plugins.contracts import LIGHTNING_INDEXER, SPARSE_MLA
+from dsa_export.contracts import LIGHTNING_INDEXER, SPARSE_MLA
 from conftest import random_ids
 
 
@@ -114,3 +114,87 @@ def test_model_through_custom_ops_equals_masked_dense_reference(tiny_model, tiny
         through_ops = tiny_model(ids)
     assert tiny_model.ops is CUSTOM_OPS
     assert (through_ops - masked).abs().max() < 1e-4
+
+
+# ---- routed experts --------------------------------------------------------------------------------------------------
+def experts_inputs(N=7, H=16, I=8, E=6, k=2, dtype=torch.float32, seed=0):
+    """Tokens that pick the same expert several times across the batch (0 and 3), and experts no token picks (2, 4)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=gen).to(dtype)
+    experts = torch.tensor([[0, 3], [3, 5], [0, 3], [1, 0], [5, 3], [3, 0], [1, 5]], dtype=torch.int32)[:N, :k]
+    weights = torch.rand(N, k, generator=gen)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype)
+    base = torch.randn(N, H, generator=gen)
+    return x, experts, weights, gate_up, down, base
+
+
+def quantise_experts(gate_up, down, block):
+    """FP8 codes (uint8) + block scales per projection, as the checkpoint loader keeps them."""
+    from dsa_export.models.fp8 import quantize_weight
+
+    E, two_i, _ = gate_up.shape
+    inter = two_i // 2
+
+    def one(w):
+        q, s = quantize_weight(w.float(), block)
+        return q.view(torch.uint8), s
+
+    gu = [[one(gate_up[e, :inter]), one(gate_up[e, inter:])] for e in range(E)]
+    gate_up8 = torch.stack([torch.cat([g[0], u[0]]) for g, u in gu])
+    gate_up_scale = torch.stack([torch.cat([g[1], u[1]]) for g, u in gu])
+    dn = [one(down[e]) for e in range(E)]
+    return gate_up8, gate_up_scale, torch.stack([d[0] for d in dn]), torch.stack([d[1] for d in dn])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_experts_reference_equals_semantics_and_contract(dtype):
+    from dsa_export.contracts import ROUTED_EXPERTS
+
+    x, experts, weights, gate_up, down, base = experts_inputs(dtype=dtype)
+    got = CUSTOM_OPS.routed_experts(x, experts, weights, gate_up, down, base)
+    torch.testing.assert_close(got, dsa_ops.routed_experts(x, experts, weights, gate_up, down, base),
+                               **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
+    ROUTED_EXPERTS.check(dict(x=x, experts=experts, weights=weights, gate_up=gate_up, down=down, base=base), {},
+                         {"out": got})
+    # by hand, fp32: token 1 uses experts 3 and 5
+    def expert(e, v):
+        gu = gate_up[e].float() @ v.float()
+        return down[e].float() @ (torch.nn.functional.silu(gu[:8]) * gu[8:])
+    if dtype == torch.float32:
+        expected = base[1] + weights[1, 0] * expert(3, x[1]) + weights[1, 1] * expert(5, x[1])
+        torch.testing.assert_close(got[1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_routed_experts_fp8_reference_equals_dequantised_weights():
+    x, experts, weights, gate_up, down, base = experts_inputs()
+    block = (4, 8)  # several row and column blocks per projection
+    gate_up8, gate_up_scale, down8, down_scale = quantise_experts(gate_up, down, block)
+    got = CUSTOM_OPS.routed_experts_fp8(x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, *block)
+    inter = down.shape[-1]
+    plain_gate_up = dsa_ops.dequantize_experts(gate_up8, gate_up_scale, *block, inter, torch.float32)
+    plain_down = dsa_ops.dequantize_experts(down8, down_scale, *block, down.shape[1], torch.float32)
+    torch.testing.assert_close(got, dsa_ops.routed_experts(x, experts, weights, plain_gate_up, plain_down, base))
+    assert (plain_gate_up - gate_up).abs().max() < gate_up.abs().max() / 8  # e4m3: 3 mantissa bits
+
+
+def test_routed_experts_cost_grows_with_chosen_experts_not_all():
+    from dsa_export.contracts import ROUTED_EXPERTS
+
+    shapes = dict(x=(1, 16), experts=(1, 2), weights=(1, 2), gate_up=(64, 16, 16), down=(64, 16, 8), base=(1, 16))
+    itemsize = dict.fromkeys(shapes, 4)
+    one = ROUTED_EXPERTS.cost(shapes, {}, itemsize)
+    assert one.flops == 2 * 2 * (16 * 16 + 16 * 8)  # 2 chosen experts, gate ‖ up then down
+    assert one.weight_bytes == 2 * (16 * 16 + 16 * 8) * 4  # their weights only, not 64 experts'
+    many = ROUTED_EXPERTS.cost({**shapes, "x": (1000, 16), "experts": (1000, 2), "weights": (1000, 2),
+                                "base": (1000, 16)}, {}, itemsize)
+    assert many.weight_bytes == 64 * (16 * 16 + 16 * 8) * 4  # at most every expert once
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_experts_opcheck(dtype):
+    x, experts, weights, gate_up, down, base = experts_inputs(dtype=dtype)
+    torch.library.opcheck(torch.ops.dsa.routed_experts.default, (x, experts, weights, gate_up, down, base))
+    gate_up8, gate_up_scale, down8, down_scale = quantise_experts(gate_up, down, (4, 8))
+    torch.library.opcheck(torch.ops.dsa.routed_experts_fp8.default,
+                          (x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, 4, 8))

@@ -2,7 +2,9 @@
 
 import json
 
+import onnx
 import pytest
+import torch
 
 from dsa_export.errors import CheckFailure
 from dsa_export.exporter.onnx_export import export_onnx
@@ -28,9 +30,17 @@ def test_onnxruntime_passes_the_gate_on_the_tiny_preset(tiny_onnx, tiny_model, t
     assert "**PASSED**" in (tmp_path / "parity" / "parity.md").read_text()
 
 
-def test_fp8_checkpoint_exports_and_passes_the_gate(tmp_path, tiny_config):
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_fp8_checkpoint_exports_and_passes_the_gate(tmp_path, tiny_config, dequantize):
+    """FP8 experts stay FP8 codes + block scales in the graph (one byte per expert parameter), or are dequantised."""
     model = load_checkpoint(init_checkpoint(tiny_config, tmp_path / "fp8", seed=5, fp8=True), progress=False)
-    export_onnx(model, tmp_path / "onnx")
+    assert model.routed_experts()[0].gate_up_proj.dtype == torch.uint8
+    export_onnx(model, tmp_path / "onnx", capacity=128, dequantize_experts=dequantize)
+    graph = onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node if n.domain == "dsa"}
+    assert ("RoutedExperts" if dequantize else "RoutedExpertsFP8") in ops
+    expert_weights = [t for t in graph.graph.initializer if t.name.endswith("experts.gate_up_proj")]
+    assert {t.data_type for t in expert_weights} == {onnx.TensorProto.FLOAT if dequantize else onnx.TensorProto.UINT8}
     report = run_parity(model, tmp_path / "onnx", tmp_path / "parity", Thresholds(), new_tokens=32)
     assert report["passed"], report["failures"]
 

@@ -19,13 +19,15 @@ def test_sampled_generation_is_seeded_and_top_k_limited(tiny_onnx, tiny_config):
     assert session.generate(prompts, 6, temperature=1.0, top_k=1, seed=9) == greedy
 
 
-def test_session_rejects_sequences_longer_than_allowed(tiny_model):
-    session = Session(EagerBackend(tiny_model), max_positions=8)
+def test_session_rejects_sequences_longer_than_the_cache(tiny_model):
+    session = Session(EagerBackend(tiny_model, capacity=8))
     session.prefill([[1, 2, 3, 4, 5, 6]])
     session.decode([1])
     session.decode([1])
-    with pytest.raises(DSAExportError, match="sequence of 9 tokens is longer than the model allows \\(8\\)"):
+    with pytest.raises(DSAExportError, match="9 tokens do not fit a cache of capacity 8"):
         session.decode([1])
+    with pytest.raises(DSAExportError, match="a prompt of 2 tokens \\+ 8 new tokens does not fit the cache capacity 8"):
+        session.generate([[1, 2]], max_new_tokens=8)
     with pytest.raises(DSAExportError, match="at least one token"):
         session.prefill([[1, 2], []])
 
@@ -45,6 +47,12 @@ def test_custom_ops_on_cuda_run_the_triton_kernels_and_match_the_reference():
     mq, kv = torch.randn(2, 3, 4, 40, generator=gen), torch.randn(2, 40, 40, generator=gen)
     out = CUSTOM_OPS.sparse_mla(mq.cuda(), kv.cuda(), expected.cuda(), 0.2, 32).cpu()
     torch.testing.assert_close(out, dsa_ops.sparse_mla(mq, kv, expected, 0.2, 32), atol=1e-4, rtol=1e-4)
+    x, experts = torch.randn(5, 64, generator=gen), torch.randint(0, 8, (5, 2), generator=gen, dtype=torch.int32)
+    weights, base = torch.rand(5, 2, generator=gen), torch.randn(5, 64, generator=gen)
+    gate_up, down = torch.randn(8, 64, 64, generator=gen) / 8, torch.randn(8, 64, 32, generator=gen) / 6
+    got = CUSTOM_OPS.routed_experts(*(t.cuda() for t in (x, experts, weights, gate_up, down, base))).cpu()
+    torch.testing.assert_close(got, dsa_ops.routed_experts(x, experts, weights, gate_up, down, base), atol=1e-4,
+                               rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -18,8 +18,13 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from dsa_export.kernels.triton_indexer import (  # noqa: E402
     NUM_WARPS, indexer_constexprs, lightning_indexer_kernel, lightning_indexer_triton)
+from dsa_export.kernels.reference import routed_experts_reference  # noqa: E402
+from dsa_export.kernels.triton_moe import (  # noqa: E402
+    BLOCK_M, routed_experts_constexprs, routed_experts_kernel, routed_experts_triton)
 from dsa_export.kernels.triton_sparse_mla import sparse_mla_triton  # noqa: E402
-from dsa_export.models.dsa_ops import lightning_indexer, sparse_mla, visible_keys  # noqa: E402
+from dsa_export.models.dsa_ops import (  # noqa: E402
+    lightning_indexer, routed_experts, routed_experts_fp8, sparse_mla, visible_keys)
+from dsa_export.models.fp8 import quantize_weight  # noqa: E402
 from dsa_export.models.presets import get_preset  # noqa: E402
 
 
@@ -86,7 +91,7 @@ def test_indexer_matches_reference_with_past_batches_and_short_rows(dtype):
 
 
 def test_indexer_topk_larger_than_a_tile_and_without_tile_skipping():
-    # topk 70 → a 128-key running top-k fed by 64-key tiles; capability 100 compiles the variant that merges every tile
+    # topk 70 → a 128-key running top-k fed by 16-key tiles; capability 100 compiles the variant that merges every tile
     q, k, w, positions = indexer_inputs(B=1, S=2, T=150, HI=4, DI=16, past=[100], seed=1)
     expected = lightning_indexer(q, k, w, positions, topk=70)
     scores = reference_scores(q, k, w, positions)
@@ -139,7 +144,7 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("H", [4, 20])  # 20 heads: two head blocks of 16, the second one partly masked
+@pytest.mark.parametrize("H", [4, 20])  # 20 heads: several head blocks, the last one partly masked
 def test_sparse_mla_matches_reference(dtype, H):
     # DK = 32 + 8 (the tiny preset's latent row: both parts padded to 16+), K = 24 slots = 1.5 tiles
     q, kv, indices = mla_inputs(B=2, S=3, H=H, T=30, DK=40, K=24, dtype=dtype)
@@ -165,3 +170,93 @@ def test_kernels_chain_on_the_tiny_model_shapes():
     got = sparse_mla_triton(q_mla, kv, indices, config.softmax_scale, config.kv_lora_rank)
     torch.testing.assert_close(got, sparse_mla(q_mla, kv, indices, config.softmax_scale, config.kv_lora_rank),
                                **TOLERANCE[torch.float32])
+
+
+# ---- routed experts --------------------------------------------------------------------------------------------------
+def moe_inputs(N, H, I, E, k, dtype, seed=0):
+    """x, experts, weights, gate_up, down, base. Experts E-2 and E-1 are never chosen; expert 0 gets more than
+    BLOCK_M rows (two blocks); token 3 chooses expert 1 in every slot."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, H, generator=gen).to(dtype)
+    experts = torch.randint(0, E - 2, (N, k), generator=gen, dtype=torch.int32)
+    experts[:BLOCK_M + 4, 0] = 0
+    experts[3] = 1
+    weights = torch.rand(N, k, generator=gen)
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).to(dtype)
+    down = (torch.randn(E, H, I, generator=gen) / I**0.5).to(dtype)
+    return x, experts, weights, gate_up, down, torch.randn(N, H, generator=gen)
+
+
+def quantize_experts(gate_up, down, block):
+    """FP8 codes (uint8) and block scales in the contract's layout: gate and up quantised as separate projections."""
+    inter = down.shape[-1]
+    gate_up_q, gate_up_scale, down_q, down_scale = [], [], [], []
+    for e in range(gate_up.shape[0]):
+        (gate, gate_s), (up, up_s) = (quantize_weight(w, block) for w in gate_up[e].split(inter))
+        gate_up_q.append(torch.cat([gate, up]))
+        gate_up_scale.append(torch.cat([gate_s, up_s]))
+        w, s = quantize_weight(down[e], block)
+        down_q.append(w)
+        down_scale.append(s)
+    return (torch.stack(gate_up_q).view(torch.uint8), torch.stack(gate_up_scale), torch.stack(down_q).view(torch.uint8),
+            torch.stack(down_scale))
+
+
+# The kernel rounds g, u and h to x's dtype where the reference does, so bf16 differs only by fp32 summation order
+# (and a rare rounding flip): tighter than TOLERANCE, which would miss a truncating instead of rounding bf16 cast.
+MOE_TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=5e-3, rtol=5e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_experts_matches_reference(dtype):
+    # H 48: masked K and output tiles; I 80: two I-slices of 64, the second partly masked
+    x, experts, weights, gate_up, down, base = moe_inputs(N=40, H=48, I=80, E=6, k=2, dtype=dtype)
+    got = routed_experts_triton(x, experts, weights, gate_up, down, base)
+    assert got.dtype == torch.float32 and got.shape == (40, 48)
+    torch.testing.assert_close(got, routed_experts_reference(x, experts, weights, gate_up, down, base),
+                               **MOE_TOLERANCE[dtype])
+    torch.testing.assert_close(got, routed_experts(x, experts, weights, gate_up, down, base), **MOE_TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_routed_experts_fp8_matches_reference(dtype):
+    # 16×16 scale blocks: I 40 → 3 row blocks per projection (the last one partial), 3 I-slices of 16
+    x, experts, weights, gate_up, down, base = moe_inputs(N=40, H=48, I=40, E=6, k=2, dtype=torch.float32, seed=1)
+    gate_up_q, gate_up_scale, down_q, down_scale = quantize_experts(gate_up, down, (16, 16))
+    assert gate_up_scale.shape == (6, 6, 3) and down_scale.shape == (6, 3, 3)
+    x = x.to(dtype)
+    got = routed_experts_triton(x, experts, weights, gate_up_q, down_q, base, (gate_up_scale, down_scale, 16, 16))
+    expected = routed_experts_fp8(x, experts, weights, gate_up_q, gate_up_scale, down_q, down_scale, base, 16, 16)
+    torch.testing.assert_close(got, expected, **MOE_TOLERANCE[dtype])
+    torch.testing.assert_close(got, routed_experts_reference(x, experts, weights, gate_up_q, down_q, base,
+                                                             (gate_up_scale, down_scale, 16, 16)),
+                               **MOE_TOLERANCE[dtype])
+
+
+def test_routed_experts_reads_neither_base_nor_unchosen_experts_and_adds_onto_out():
+    """The kernel adds onto out as given (TensorRT: out aliases base) and must not touch base or unused experts."""
+    x, experts, weights, gate_up, down, base = moe_inputs(N=20, H=32, I=32, E=5, k=2, dtype=torch.float32, seed=2)
+    expected = routed_experts_reference(x, experts, weights, gate_up, down, base)
+    gate_up[3:], down[3:] = float("nan"), float("nan")  # experts 3 and 4: nobody's choice
+    out = base.clone()
+    constexprs = routed_experts_constexprs(32, 32, x.dtype)
+    routed_experts_kernel[(5, 1, 1)](x, experts, weights, gate_up, down, torch.full_like(base, float("nan")), 20, 2,
+                                     out, **constexprs)
+    torch.testing.assert_close(out, expected, **MOE_TOLERANCE[torch.float32])
+
+
+def test_routed_experts_comparison_detects_one_wrong_weight():
+    """One perturbed down-projection weight of a chosen expert must fail the comparison."""
+    x, experts, weights, gate_up, down, base = moe_inputs(N=20, H=32, I=32, E=5, k=2, dtype=torch.bfloat16, seed=3)
+    got = routed_experts_triton(x, experts, weights, gate_up, down, base)
+    down[0, 5, 7] += 0.25
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(got, routed_experts_reference(x, experts, weights, gate_up, down, base),
+                                   **MOE_TOLERANCE[torch.bfloat16])
+
+
+def test_routed_experts_fp8_tiles_must_fit_the_scale_blocks():
+    assert routed_experts_constexprs(7168, 2048, torch.bfloat16, (128, 128))["BLOCK_I"] == 64
+    assert routed_experts_constexprs(64, 48, torch.bfloat16, (48, 128))["BLOCK_I"] == 16  # 16 divides 48
+    with pytest.raises(ValueError, match="multiples of 16"):
+        routed_experts_constexprs(64, 64, torch.float32, (8, 128))

@@ -7,15 +7,86 @@ from pathlib import Path
 
 import onnx
 
+from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.exporter.tensorrt_onnx_ops import SOURCE, SUPPORTED
-from dsa_export.plugins.contracts import CONTRACTS
-from dsa_export.plugins.onnx_ops import DSA_DOMAIN, PLUGIN_NAMESPACE, register_schemas
+from dsa_export.plugins.onnx_ops import DSA_DOMAIN, IMPL_DOMAIN, TRT_ATTRIBUTES, register_schemas
 
 
 class GraphCheckError(DSAExportError):
     pass
+
+
+def check_graph(path: Path, io: GraphIO, moe_layers: int | None = None) -> dict:
+    """Every check below, on the file at `path` (external weights included). moe_layers: how many
+    dsa::RoutedExperts[FP8] nodes to expect (default: skip that count). Returns a summary of what was checked."""
+    register_schemas()
+    model = checked_model(path)
+    graph = model.graph
+    counts = check_dsa_nodes(graph, io.num_layers, moe_layers)
+    check_cache_writes(graph, io)
+    check_tensorrt_ops(graph)
+    check_decomposition_ops(model)
+    check_io(graph, io)
+    return {"nodes": len(graph.node), "dsa_nodes": dict(counts)}
+
+
+def checked_model(path: Path) -> onnx.ModelProto:
+    """onnx.checker (full) and strict shape inference; the model with inferred shapes."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: external weights are checked too
+        return onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False), check_type=True,
+                                                 strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise GraphCheckError(f"ONNX check failed: {str(e).splitlines()[0]}") from None
+
+
+def check_dsa_nodes(graph: onnx.GraphProto, num_layers: int, moe_layers: int | None) -> Counter:
+    """One LightningIndexer and one SparseMLA per layer, one RoutedExperts[FP8] per MoE layer; every node carries
+    each attribute its contract (and so its TensorRT plugin) declares, plus the TensorRT import hints."""
+    nodes = [n for n in graph.node if n.domain == DSA_DOMAIN]
+    counts = Counter(n.op_type for n in nodes)
+    expected = {LIGHTNING_INDEXER.onnx_name: num_layers, SPARSE_MLA.onnx_name: num_layers}
+    for name, count in expected.items():
+        if counts[name] != count:
+            raise GraphCheckError(f"expected one dsa::{name} node per layer ({count}), found {counts[name]}")
+    experts = counts[ROUTED_EXPERTS.onnx_name] + counts[ROUTED_EXPERTS_FP8.onnx_name]
+    if moe_layers is not None and experts != moe_layers:
+        raise GraphCheckError(f"expected one dsa::RoutedExperts node per MoE layer ({moe_layers}), found {experts}")
+    contracts = {c.onnx_name: c for c in CONTRACTS}
+    for node in nodes:
+        if node.op_type not in contracts:
+            raise GraphCheckError(f"dsa::{node.op_type} (node '{node.name}') is not a dsa op")
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for attribute in contracts[node.op_type].attributes:
+            if attribute.name not in attrs:
+                raise GraphCheckError(f"dsa::{node.op_type} node '{node.name}' lacks attribute '{attribute.name}'")
+        for name, value in TRT_ATTRIBUTES.items():
+            got = attrs.get(name)
+            if (got.decode() if isinstance(got, bytes) else got) != value:
+                raise GraphCheckError(f"dsa::{node.op_type} node '{node.name}' lacks {name}={value!r}")
+    return counts
+
+
+def check_cache_writes(graph: onnx.GraphProto, io: GraphIO) -> None:
+    """Each cache is written in place: one TensorScatter (TensorRT's KVCacheUpdate) whose cache operand is the graph
+    input itself and whose result is the graph output, nothing else writing either."""
+    writers = {n.output[0]: n for n in graph.node}
+    for cache_in, cache_out in zip(io.cache_inputs, io.cache_outputs):
+        node = writers.get(cache_out.name)
+        if node is None or node.op_type != "TensorScatter" or node.input[0] != cache_in.name:
+            raise GraphCheckError(f"graph output '{cache_out.name}' is not one TensorScatter of input "
+                                  f"'{cache_in.name}' (the in-place cache write TensorRT needs)")
+
+
+def _all_nodes(nodes):
+    """Nodes, and the nodes of their subgraphs (Loop bodies), recursively."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _all_nodes(attr.g.node)
 
 
 def _elem_type_names(graph: onnx.GraphProto) -> dict[str, str]:
@@ -26,28 +97,9 @@ def _elem_type_names(graph: onnx.GraphProto) -> dict[str, str]:
     return types
 
 
-def check_graph(path: Path, io: GraphIO) -> dict:
-    """onnx.checker (full), strict shape inference, dsa nodes once per layer, every other op TensorRT-importable for
-    its tensor type, graph I/O exactly as `io` says. Returns a summary of what was checked."""
-    register_schemas()
-    try:
-        onnx.checker.check_model(str(path), full_check=True)  # by path: external weights are checked too
-        inferred = onnx.shape_inference.infer_shapes(onnx.load(path), check_type=True, strict_mode=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-        raise GraphCheckError(f"ONNX check failed: {str(e).splitlines()[0]}") from None
-    graph = inferred.graph
-
-    dsa_nodes = [n for n in graph.node if n.domain == DSA_DOMAIN]
-    counts = Counter(n.op_type for n in dsa_nodes)
-    for contract in CONTRACTS:
-        if counts[contract.onnx_name] != io.num_layers:
-            raise GraphCheckError(f"expected one dsa::{contract.onnx_name} node per layer ({io.num_layers}), "
-                                  f"found {counts[contract.onnx_name]}")
-    for node in dsa_nodes:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("plugin_namespace", b"").decode() != PLUGIN_NAMESPACE:
-            raise GraphCheckError(f"dsa::{node.op_type} node '{node.name}' lacks plugin_namespace='{PLUGIN_NAMESPACE}'")
-
+def check_tensorrt_ops(graph: onnx.GraphProto) -> None:
+    """Every standard op TensorRT-importable for its tensor type (the dsa ops become plugins); the decompositions'
+    ops, by name, too (the file stays runnable by a consumer without our plugins)."""
     types = _elem_type_names(graph)
     for node in graph.node:
         if node.domain == DSA_DOMAIN:
@@ -61,23 +113,27 @@ def check_graph(path: Path, io: GraphIO) -> dict:
         if dtype is not None and dtype not in SUPPORTED[node.op_type]:
             raise GraphCheckError(f"op {node.op_type} (node '{node.name}') on {dtype} is not supported by TensorRT "
                                   f"(only {'/'.join(SUPPORTED[node.op_type])}; {SOURCE})")
-    for function in inferred.functions:
-        for node in function.node:
-            if node.op_type not in SUPPORTED:
-                raise GraphCheckError(f"op {node.op_type} in the dsa::{function.name} decomposition is not in "
-                                      f"TensorRT's supported ONNX operators ({SOURCE})")
 
-    for kind in ("inputs", "outputs"):
+
+def check_decomposition_ops(model: onnx.ModelProto) -> None:
+    for function in model.functions:
+        for node in _all_nodes(function.node):
+            if node.domain in (DSA_DOMAIN, IMPL_DOMAIN):
+                continue
+            if node.op_type not in SUPPORTED:
+                raise GraphCheckError(f"op {node.op_type} in the {function.domain}::{function.name} decomposition is "
+                                      f"not in TensorRT's supported ONNX operators ({SOURCE})")
+
+
+def check_io(graph: onnx.GraphProto, io: GraphIO) -> None:
+    """Graph inputs and outputs exactly as io.json says: names, order, dtypes, dims."""
+    for kind, values, want in (("input", graph.input, io.inputs), ("output", graph.output, io.outputs)):
         got = [(v.name, onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name,
-                [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim])
-               for v in getattr(graph, kind[:-1] if kind == "inputs" else "output")]
-        want = getattr(io, kind)
+                [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
         if [g[0] for g in got] != [t.name for t in want]:
-            raise GraphCheckError(f"graph {kind} {[g[0] for g in got]} differ from io.json's {[t.name for t in want]}")
+            raise GraphCheckError(f"graph {kind}s {[g[0] for g in got]} differ from io.json's {[t.name for t in want]}")
         for (name, dtype, dims), spec in zip(got, want):
-            np_dtype = "bfloat16" if spec.dtype == "bfloat16" else spec.dtype
-            if dtype != np_dtype and not (spec.dtype == "bfloat16" and "bfloat16" in dtype):
-                raise GraphCheckError(f"graph {kind[:-1]} '{name}' is {dtype}, io.json says {spec.dtype}")
+            if dtype != spec.dtype and not (spec.dtype == "bfloat16" and "bfloat16" in dtype):
+                raise GraphCheckError(f"graph {kind} '{name}' is {dtype}, io.json says {spec.dtype}")
             if dims != list(spec.dims):
-                raise GraphCheckError(f"graph {kind[:-1]} '{name}' has dims {dims}, io.json says {list(spec.dims)}")
-    return {"nodes": len(graph.node), "dsa_nodes": dict(counts), "functions": [f.name for f in inferred.functions]}
+                raise GraphCheckError(f"graph {kind} '{name}' has dims {dims}, io.json says {list(spec.dims)}")

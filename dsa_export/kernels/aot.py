@@ -2,8 +2,9 @@
 
 `compile_kernels("h100", out_dir, kernel_dims(config))` writes, for every kernel specialisation the engine needs
 (op × input dtype, model shapes compiled in; `kernel_specs`), `<name>.ptx`, `<name>.cubin` and `<name>.json` (launch
-metadata) into out_dir, and checks shared memory and registers against the architecture's limits (DSAExportError
-if exceeded). `compile_targets({"a100": dir1, "h100": dir2}, dims)` does several targets in one go.
+metadata) into out_dir, and checks shared memory and registers against the architecture's limits, and dynamic shared
+memory against the 48 KiB a TensorRT plugin launch gets (DSAExportError if exceeded). `compile_targets({"a100": dir1,
+"h100": dir2}, dims)` does several targets in one go.
 
 How: `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32), options)` cross-compiles
 with the ptxas bundled in the triton wheel (toolchain.md §3.2); `cuobjdump --dump-resource-usage` from the same wheel
@@ -66,8 +67,9 @@ ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
     (9, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
     (10, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
 }
-DEFAULT_SHARED_BYTES = 49152  # above this a launcher must opt in (cudaFuncAttributeMaxDynamicSharedMemorySize)
-NUM_STAGES = 2
+# Dynamic shared memory a launch gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize). TensorRT's AOT
+# plugins launch with shared_mem = metadata.shared and never opt in, so compile_spec refuses kernels above it.
+DEFAULT_SHARED_BYTES = 49152
 POSITIONS_TYPE = "*i64"  # positions arrive as torch's default int64
 TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv"}
 DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
@@ -83,13 +85,20 @@ class KernelDims:
     DK: int  # latent row = kv_lora_rank + qk_rope_head_dim
     dv: int  # value width = kv_lora_rank
     scale: float  # softmax scale (with YaRN mscale)
+    hidden: int  # hidden size (the routed experts' H)
+    moe_inter: int  # moe_intermediate_size (the routed experts' I)
+    block_out: int  # FP8 weight scale blocks: rows
+    block_in: int  # and columns
 
 
 def kernel_dims(config) -> KernelDims:
-    """KernelDims of a `dsa_export.models.config.DSAConfig`."""
+    """KernelDims of a `dsa_export.models.config.DSAConfig`. The number of experts and of slots per token are not
+    compiled in: the grid and a runtime scalar carry them."""
+    block_out, block_in = config.fp8_block or (128, 128)  # DeepSeek's FP8 checkpoint format
     return KernelDims(HI=config.index_n_heads, DI=config.index_head_dim, topk=config.index_topk,
                       H=config.num_attention_heads, DK=config.kv_lora_rank + config.qk_rope_head_dim,
-                      dv=config.kv_lora_rank, scale=config.softmax_scale)
+                      dv=config.kv_lora_rank, scale=config.softmax_scale, hidden=config.hidden_size,
+                      moe_inter=config.moe_intermediate_size, block_out=block_out, block_in=block_in)
 
 
 @dataclass(frozen=True)
@@ -103,12 +112,12 @@ class KernelSpec:
     constexprs: dict
     grid: str  # launch grid as a formula of the input shapes
     num_warps: int
-    num_stages: int = NUM_STAGES
+    num_stages: int
 
 
 def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
-    """Every specialisation the engine needs on `target`: fp32 and bf16 for both ops, fp8 indexer inputs where
-    the target has fp8."""
+    """Every specialisation the engine needs on `target`: fp32 and bf16 for every op, fp8 indexer inputs and FP8
+    expert weights where the target has fp8."""
     from dsa_export.kernels import triton_indexer, triton_sparse_mla
 
     capability = target.compute_capability[0] * 10 + target.compute_capability[1]
@@ -125,7 +134,7 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
                    "pos_ptr": "input positions [B,S]", "S": "scalar q.shape[1]", "T": "scalar k.shape[1]",
                    "out_ptr": "output indices [B,S,topk]"},
             constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dtype, capability),
-            grid="B*S, 1, 1", num_warps=triton_indexer.NUM_WARPS))
+            grid="B*S, 1, 1", num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
     for dtype in (torch.float32, torch.bfloat16):
         t = TRITON_TYPES[dtype]
         constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
@@ -138,8 +147,39 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
                    "S": "scalar q.shape[1]", "T": "scalar kv.shape[1]", "K": "scalar indices.shape[2]",
                    "out_ptr": "output out [B,S,H,dv]"},
             constexprs=constexprs, grid=f"B*S, {head_blocks}, 1",
-            num_warps=triton_sparse_mla.NUM_WARPS))
+            num_warps=triton_sparse_mla.NUM_WARPS, num_stages=triton_sparse_mla.NUM_STAGES))
+    for fp8 in (False, True) if target.fp8 else (False,):
+        for dtype in (torch.float32, torch.bfloat16):
+            specs.append(_routed_experts_spec(dims, dtype, fp8))
     return specs
+
+
+def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> KernelSpec:
+    from dsa_export.kernels import triton_moe
+
+    t = TRITON_TYPES[dtype]
+    w = TRITON_TYPES[torch.float8_e4m3fn] if fp8 else t  # FP8 weights: the uint8 codes, read as e4m3
+    codes = " (FP8 e4m3 codes)" if fp8 else ""
+    arguments = [  # name, Triton type, role; in the kernel's order
+        ("x_ptr", f"*{t}", "input x [N,H]"), ("experts_ptr", "*i32", "input experts [N,k]"),
+        ("weights_ptr", "*fp32", "input weights [N,k]"), ("gate_up_ptr", f"*{w}", f"input gate_up [E,2I,H]{codes}"),
+        ("gate_up_scale_ptr", "*fp32", "input gate_up_scale [E,GB,HB]") if fp8 else None,
+        ("down_ptr", f"*{w}", f"input down [E,H,I]{codes}"),
+        ("down_scale_ptr", "*fp32", "input down_scale [E,DB,IB]") if fp8 else None,
+        ("base_ptr", "*fp32", "input base [N,H] (never read: out aliases it)"),
+        ("N", "i32", "scalar x.shape[0]"), ("K", "i32", "scalar experts.shape[1]"),
+        ("out_ptr", "*fp32", "output out [N,H], holding base at launch (aliases base)")]
+    arguments = [a for a in arguments if a is not None]
+    constexprs = triton_moe.routed_experts_constexprs(dims.hidden, dims.moe_inter, dtype,
+                                                      (dims.block_out, dims.block_in) if fp8 else None)
+    slices = triton_moe.routed_experts_grid(1, constexprs)[1]
+    return KernelSpec(
+        name=f"routed_experts{'_fp8' if fp8 else ''}_{DTYPE_TAGS[dtype]}",
+        op="routed_experts_fp8" if fp8 else "routed_experts",
+        kernel=triton_moe.routed_experts_fp8_kernel if fp8 else triton_moe.routed_experts_kernel,
+        signature={name: type_ for name, type_, _ in arguments}, roles={name: role for name, _, role in arguments},
+        constexprs=constexprs, grid=f"E, {slices}, 1",  # E = gate_up.shape[0]
+        num_warps=triton_moe.NUM_WARPS, num_stages=triton_moe.NUM_STAGES)
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------------
@@ -190,9 +230,10 @@ def can_compile_here() -> bool:
     import triton.language as tl
     from triton.runtime import JITFunction
 
-    from dsa_export.kernels import triton_indexer, triton_sparse_mla
+    from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla
 
-    functions = (tl.sum, triton_indexer.lightning_indexer_kernel, triton_sparse_mla.sparse_mla_kernel)
+    functions = (tl.sum, triton_indexer.lightning_indexer_kernel, triton_sparse_mla.sparse_mla_kernel,
+                 triton_moe.routed_experts_kernel, triton_moe.routed_experts_fp8_kernel)
     return all(isinstance(f, JITFunction) for f in functions)
 
 
@@ -217,6 +258,10 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
     threads = meta.num_warps * 32
     shared = meta.shared + usage.get("shared", 0)  # dynamic (launch) + static
     check_limits(spec.name, target, shared, usage.get("reg"), threads)  # before writing anything
+    if meta.shared > DEFAULT_SHARED_BYTES:
+        raise DSAExportError(f"kernel {spec.name} on {target.name} ({target.kernel_arch}) needs {meta.shared} B of "
+                             f"dynamic shared memory per block, limit {DEFAULT_SHARED_BYTES} B: TensorRT's "
+                             f"ahead-of-time plugin launcher does not opt in to more than the default 48 KiB")
 
     params = ptx_entry_params(ptx)
     hidden = params[len(spec.signature):]
@@ -232,7 +277,6 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
         "num_warps": meta.num_warps, "num_stages": spec.num_stages, "threads_per_block": threads,
         "block": f"{threads}, 1, 1", "grid": spec.grid,
         "shared_bytes": meta.shared, "static_shared_bytes": usage.get("shared"),
-        "shared_opt_in": shared > DEFAULT_SHARED_BYTES,
         "registers": usage.get("reg"), "local_bytes": usage.get("local"), "stack_bytes": usage.get("stack"),
         "global_scratch_size": meta.global_scratch_size, "profile_scratch_size": meta.profile_scratch_size,
         "signature": spec.signature, "constexprs": spec.constexprs, "arguments": arguments,
@@ -308,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dims", help="JSON object with HI, DI, topk, H, DK, dv, scale")
+    parser.add_argument("dims", help="JSON object with the KernelDims fields")
     parser.add_argument("--job", nargs=2, action="append", required=True, metavar=("TARGET", "OUT_DIR"))
     parser.add_argument("--cache-dir")
     parser.add_argument("--quiet", action="store_true")

@@ -1,17 +1,21 @@
-"""`torch.ops.dsa.lightning_indexer` and `torch.ops.dsa.sparse_mla`: schemas from the contracts, fake (meta)
-implementations so `torch.export` keeps each as one node, the tiled reference on CPU, the Triton kernels on CUDA.
+"""`torch.ops.dsa.*`: schemas from the contracts, fake (meta) implementations so `torch.export` keeps each op as one
+node, the CPU references, the Triton kernels on CUDA; and `dsa::write_cache`, the functional cache write that the
+export turns into ONNX TensorScatter (eagerly the model writes its caches in place instead: kernels/__init__.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsa_export.kernels.reference import lightning_indexer_reference, sparse_mla_reference
-from dsa_export.plugins.contracts import LIGHTNING_INDEXER, SPARSE_MLA
+from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
+from dsa_export.kernels.reference import (lightning_indexer_reference, routed_experts_reference,
+                                          sparse_mla_reference)
+from dsa_export.models import dsa_ops
 
 _LIB = torch.library.Library("dsa", "DEF")
-for _contract in (LIGHTNING_INDEXER, SPARSE_MLA):
+for _contract in CONTRACTS:
     _LIB.define(_contract.torch_schema())
+_LIB.define("write_cache(Tensor cache, Tensor rows, Tensor positions) -> Tensor")
 
 
 # ---- lightning_indexer --------------------------------------------------------------------------------------------------
@@ -50,5 +54,58 @@ def _sparse_mla_cuda(q, kv, indices, scale, dv):
     return sparse_mla_triton(q, kv, indices, scale, dv)
 
 
+# ---- routed_experts / routed_experts_fp8 ---------------------------------------------------------------------------
+@torch.library.register_fake(ROUTED_EXPERTS.qualified_name)
+def _routed_experts_fake(x, experts, weights, gate_up, down, base):
+    return torch.empty_like(base, dtype=torch.float32)
+
+
+@torch.library.impl(ROUTED_EXPERTS.qualified_name, "cpu")
+def _routed_experts_cpu(x, experts, weights, gate_up, down, base):
+    return routed_experts_reference(x, experts, weights, gate_up, down, base)
+
+
+@torch.library.impl(ROUTED_EXPERTS.qualified_name, "cuda")
+def _routed_experts_cuda(x, experts, weights, gate_up, down, base):
+    from dsa_export.kernels.triton_moe import routed_experts_triton
+
+    return routed_experts_triton(x, experts, weights, gate_up, down, base)
+
+
+@torch.library.register_fake(ROUTED_EXPERTS_FP8.qualified_name)
+def _routed_experts_fp8_fake(x, experts, weights, gate_up, gate_up_scale, down, down_scale, base, block_out,
+                             block_in):
+    return torch.empty_like(base, dtype=torch.float32)
+
+
+@torch.library.impl(ROUTED_EXPERTS_FP8.qualified_name, "cpu")
+def _routed_experts_fp8_cpu(x, experts, weights, gate_up, gate_up_scale, down, down_scale, base, block_out, block_in):
+    return routed_experts_reference(x, experts, weights, gate_up, down, base,
+                                    (gate_up_scale, down_scale, block_out, block_in))
+
+
+@torch.library.impl(ROUTED_EXPERTS_FP8.qualified_name, "cuda")
+def _routed_experts_fp8_cuda(x, experts, weights, gate_up, gate_up_scale, down, down_scale, base, block_out,
+                             block_in):
+    from dsa_export.kernels.triton_moe import routed_experts_triton
+
+    return routed_experts_triton(x, experts, weights, gate_up, down, base,
+                                 (gate_up_scale, down_scale, block_out, block_in))
+
+
+# ---- write_cache (export only) -------------------------------------------------------------------------------------
+@torch.library.register_fake("dsa::write_cache")
+def _write_cache_fake(cache, rows, positions):
+    return torch.empty_like(cache)
+
+
+@torch.library.impl("dsa::write_cache", "CompositeExplicitAutograd")
+def _write_cache_impl(cache, rows, positions):
+    return dsa_ops.write_cache(cache.clone(), rows, positions)
+
+
 lightning_indexer = torch.ops.dsa.lightning_indexer
 sparse_mla = torch.ops.dsa.sparse_mla
+routed_experts = torch.ops.dsa.routed_experts
+routed_experts_fp8 = torch.ops.dsa.routed_experts_fp8
+write_cache = torch.ops.dsa.write_cache

@@ -1,14 +1,19 @@
-"""CPU reference implementations of the two `dsa::` ops in plain torch, tiled over queries.
+"""CPU reference implementations of the `dsa::` ops in plain torch.
 
-Same results as the readable semantics in `dsa_export.models.dsa_ops`, but memory-bounded: the indexer holds one
-query tile's [rows, T] scores plus one key chunk's per-head scores (TILE_BYTES together), never the whole [S, T]
-matrix, so a 64K-token prefill fits in well under a GB. Keys a tile cannot see (beyond its largest position) are not
-scored at all.
+Same results as the readable semantics in `dsa_export.models.dsa_ops`, but with the costs of a real implementation:
+- the indexer and sparse MLA are tiled over queries: the indexer holds one query tile's [rows, T] scores plus one key
+  chunk's per-head scores (TILE_BYTES together), never the whole [S, T] matrix, so a 64K-token prefill fits in well
+  under a GB; keys a tile cannot see (beyond its largest position) are not scored at all;
+- the routed experts group the (token, slot) pairs by expert and run each chosen expert once on its tokens: the
+  work follows the tokens routed, not the number of experts.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+from dsa_export.models.dsa_ops import dequantize_experts
 
 TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
 KEY_CHUNK = 4096  # keys scored per GEMM: small, reused buffers instead of one [T, rows·HI] block
@@ -82,4 +87,30 @@ def sparse_mla_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tenso
             scores.masked_fill_(~valid[:, None, :], float("-inf"))
             probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no valid slot → zeros
             out[b, tile] = torch.bmm(probs, selected[..., :dv]).to(q.dtype)
+    return out
+
+
+def routed_experts_reference(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
+                             down: torch.Tensor, base: torch.Tensor, scales: tuple | None = None) -> torch.Tensor:
+    """contracts.ROUTED_EXPERTS (scales=None) or ROUTED_EXPERTS_FP8 (scales = (gate_up_scale, down_scale,
+    block_out, block_in)): tokens grouped by expert; only the experts some token chose are touched."""
+    num_slots = experts.shape[1]
+    inter = down.shape[-1]
+    out = base.float().clone()
+    flat = experts.flatten().long()
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=gate_up.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    for e in counts.nonzero().flatten().tolist():
+        pairs = order[starts[e]:starts[e] + counts[e]]
+        tokens = pairs // num_slots
+        w_gate_up, w_down = gate_up[e:e + 1], down[e:e + 1]
+        if scales is not None:
+            gate_up_scale, down_scale, block_out, block_in = scales
+            w_gate_up = dequantize_experts(w_gate_up, gate_up_scale[e:e + 1], block_out, block_in, inter, x.dtype)
+            w_down = dequantize_experts(w_down, down_scale[e:e + 1], block_out, block_in, down.shape[1], x.dtype)
+        gu = x[tokens] @ w_gate_up[0].T  # [m, 2I], rounded to x's dtype like nn.Linear
+        h = (F.silu(gu[:, :inter].float()) * gu[:, inter:].float()).to(x.dtype)
+        y = h.float() @ w_down[0].float().T  # fp32 accumulation
+        out.index_add_(0, tokens, y * weights.flatten()[pairs, None].float())
     return out

@@ -7,8 +7,9 @@ dtype = softmax(scale · q·kv[idx]ᵀ) · kv[idx, :dv] over the valid slots onl
 Design
 ------
 One program per query row (b, s) and block of BLOCK_H heads; BLOCK_H covers all heads of small models (the tiny
-preset: one program per row), and is capped at MAX_BLOCK_H so the [BLOCK_H, dv] fp32 accumulator stays in
-registers for the real model (128 heads × 512). It is MQA over the latent: every head reads the same gathered rows.
+preset: one program per row), and is capped at MAX_BLOCK_H (half of it for fp32 inputs) so the [BLOCK_H, dv] fp32
+accumulator stays in registers and the tiles in 48 KiB of shared memory for the real model (128 heads × 512).
+It is MQA over the latent: every head reads the same gathered rows.
 The program walks the row's K slots in tiles of BLOCK_K: it gathers the selected latent rows (−1 slots are masked,
 so they are never read), splits each row into its value part kv[:dv] (DV_P wide) and its RoPE part kv[dv:] (DR_P
 wide) so that both have power-of-2 tile widths (512 + 64 for the real model, 32 + 8 → 32 + 16 padded for tiny),
@@ -19,8 +20,9 @@ scale·log2(e) folded in). A row whose slots are all empty keeps l = 0 and is wr
 (toolchain.md §2.1). Loads are converted to fp32 at once (the Triton interpreter computes bf16 arithmetic wrongly);
 the dots use "ieee" for fp32 inputs and "tf32" otherwise, as in triton_indexer.py (for bf16 that rounds only the
 probabilities in p·v, to 10 mantissa bits: well inside the bf16 output's precision).
-For the real model (H 128 → 8 head blocks of 16, dv 512, rope 64) the bf16 kernel compiles to 56 KiB of shared
-memory and 210–242 registers per thread without spills on sm_80…sm_100a (dsa_export.kernels.aot checks this).
+For the real model (H 128 → 16 head blocks of 8, dv 512, rope 64) the bf16 kernel compiles to 38 KiB of shared
+memory and 200–233 registers per thread without spills on sm_80…sm_100a; the fp32 one, with blocks of 4 heads, to
+45 KiB (dsa_export.kernels.aot checks them against TensorRT's 48 KiB of dynamic shared memory; 16 heads need 56 KiB).
 
 Kernel argument order follows TensorRT's ahead-of-time plugin convention: input pointers, int32 scalars, output
 pointers, then the compile-time constants.
@@ -35,8 +37,9 @@ import triton
 import triton.language as tl
 
 NUM_WARPS = 4
+NUM_STAGES = 2  # software pipelining depth (the launcher and the AOT build use the same)
 BLOCK_K = 16  # slots per tile
-MAX_BLOCK_H = 16  # heads per program
+MAX_BLOCK_H = 8  # heads per program (MAX_BLOCK_H // 2 for fp32 inputs)
 
 
 @triton.jit
@@ -99,7 +102,8 @@ def sparse_mla_constexprs(H: int, DK: int, dv: int, scale: float, dtype: torch.d
     """The compile-time constants for one model shape and input dtype (shared by the launcher and the AOT build)."""
     if not 0 < dv < DK:
         raise ValueError(f"sparse_mla: dv={dv} must be in 1..DK-1 (DK={DK}): the row is value ‖ RoPE part")
-    return {"H": H, "DK": DK, "DV": dv, "SCALE": float(scale), "BLOCK_H": min(MAX_BLOCK_H, _pow2(H)),
+    max_heads = MAX_BLOCK_H // 2 if dtype == torch.float32 else MAX_BLOCK_H  # fp32 tiles take twice the bytes
+    return {"H": H, "DK": DK, "DV": dv, "SCALE": float(scale), "BLOCK_H": min(max_heads, _pow2(H)),
             "BLOCK_K": BLOCK_K, "DV_P": _pow2(dv), "DR_P": _pow2(DK - dv),
             "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
@@ -120,5 +124,5 @@ def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, 
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.to(torch.int32).contiguous()
     constexprs = sparse_mla_constexprs(H, DK, dv, scale, q.dtype)
     sparse_mla_kernel[sparse_mla_grid(B, S, constexprs)](
-        q, kv, indices, S, T, K, out, **constexprs, num_warps=NUM_WARPS)
+        q, kv, indices, S, T, K, out, **constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out

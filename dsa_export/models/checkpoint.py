@@ -1,7 +1,10 @@
 """HF-layout checkpoints: `config.json` + one or many `*.safetensors` (+ `model.safetensors.index.json`).
 
 Reading is tensor by tensor (`safe_open`), so peak memory stays near the model's own size; FP8 e4m3 weights with
-`weight_scale_inv` block scales are dequantised on load; the MTP layer (`model.layers.{num_hidden_layers}`) is skipped.
+`weight_scale_inv` block scales are dequantised on load, except the routed experts, which stay FP8 by default (one
+byte per parameter; `dsa::RoutedExpertsFP8` reads them); the MTP layer (`model.layers.{num_hidden_layers}`) is
+skipped. HF stores each expert's projections separately (`mlp.experts.{e}.gate_proj.weight`, ...); the model stacks
+them (`mlp.experts.gate_up_proj` [E,2I,H], `mlp.experts.down_proj` [E,H,I]): `tensor_sources` is that mapping.
 Nothing is ever unpickled. Writing goes to a temporary directory that is renamed into place when complete.
 """
 
@@ -10,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -54,14 +59,47 @@ def model_skeleton(config: DSAConfig) -> DSAForCausalLM:
         return DSAForCausalLM(config)
 
 
+# Stacked expert parameter -> the per-expert HF projections it holds, in order along its rows.
+EXPERT_PROJECTIONS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+EXPERT_SCALES = {"gate_up_scale": "gate_up_proj", "down_scale": "down_proj"}
+_STACKED = re.compile(r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj|gate_up_scale|down_scale)")
+
+
+def tensor_sources(name: str, num_experts: int) -> list[tuple[str, tuple[int, int] | None]]:
+    """The checkpoint tensors a model tensor is made of: [(checkpoint name, (expert, projection) or None)].
+    A plain tensor is itself; a stacked expert tensor is row block `projection` of expert `expert`."""
+    match = _STACKED.fullmatch(name)
+    if match is None:
+        return [(name, None)]
+    prefix, kind = match.groups()
+    suffix = SCALE_SUFFIX if kind in EXPERT_SCALES else ".weight"
+    projections = EXPERT_PROJECTIONS[EXPERT_SCALES.get(kind, kind)]
+    return [(f"{prefix}.{e}.{proj}{suffix}", (e, p)) for e in range(num_experts) for p, proj in enumerate(projections)]
+
+
+def source_view(tensor: torch.Tensor, where: tuple[int, int] | None, parts: int) -> torch.Tensor:
+    """The part of a (stacked) model tensor that one checkpoint tensor fills (see `tensor_sources`)."""
+    if where is None:
+        return tensor
+    expert, projection = where
+    rows = tensor.shape[1] // parts
+    return tensor[expert, projection * rows:(projection + 1) * rows]
+
+
 def expected_tensors(config: DSAConfig, model: DSAForCausalLM | None = None) -> dict[str, TensorSpec]:
-    """Every tensor a checkpoint must hold (from `model`, the config's skeleton, if the caller has one already).
-    FP8 is allowed exactly where the official checkpoint uses it: linear weights, except the LM head and the
-    indexer's weights_proj (the gate is no nn.Linear)."""
+    """Every tensor a checkpoint must hold, by HF name (from `model`, the config's skeleton, if the caller has one
+    already). FP8 is allowed exactly where the official checkpoint uses it: linear weights (experts included),
+    except the LM head and the indexer's weights_proj (the gate is no nn.Linear)."""
     model = model if model is not None else model_skeleton(config)
     fp8_ok = {f"{name}.weight" for name, module in model.named_modules()
               if isinstance(module, torch.nn.Linear) and name != "lm_head" and not name.endswith("weights_proj")}
-    return {name: TensorSpec(tuple(t.shape), name in fp8_ok) for name, t in model.state_dict().items()}
+    specs = {}
+    for name, t in model.state_dict().items():
+        sources = tensor_sources(name, config.n_routed_experts)
+        for source, where in sources:
+            shape = tuple(source_view(t, where, len(sources) // config.n_routed_experts).shape)
+            specs[source] = TensorSpec(shape, name in fp8_ok or where is not None)
+    return specs
 
 
 # ---- reading ----------------------------------------------------------------------------------------------------------
@@ -148,41 +186,66 @@ def checkpoint_fingerprint(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True) -> DSAForCausalLM:
-    """Build the model from an HF-layout directory, one tensor at a time."""
+def experts_stored_fp8(expected: dict[str, TensorSpec], stored: dict[str, StoredTensor]) -> bool:
+    """True if every routed expert projection is stored FP8 (as in DeepSeek's checkpoint)."""
+    names = [n for n in expected if ".mlp.experts." in n and n.endswith(".weight")]
+    return bool(names) and all(stored[n].dtype == "F8_E4M3" for n in names)
+
+
+def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progress: bool = True) -> DSAForCausalLM:
+    """Copy every model tensor from its checkpoint tensors (`read(hf_name)`), one at a time: stacked experts from
+    their per-expert projections; FP8 weights dequantised, unless the model keeps them FP8 (then copied as stored)."""
+    config = model.config
+    block = config.fp8_block or (128, 128)
+    params = model.state_dict()
+    # disable=None: tqdm draws only on a terminal
+    for name in tqdm(params, desc="loading weights", unit="tensor", disable=None if progress else True, leave=False):
+        target = params[name]
+        sources = tensor_sources(name, config.n_routed_experts)
+        for source, where in sources:
+            tensor = read(source)
+            if tensor.dtype == FP8:
+                tensor = (tensor.view(torch.uint8) if target.dtype == torch.uint8  # kept as FP8 codes
+                          else dequantize_weight(tensor, read(source.removesuffix(".weight") + SCALE_SUFFIX), block))
+            source_view(target, where, len(sources) // config.n_routed_experts).copy_(tensor.to(target.dtype))
+    return model
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+                    fp8_experts: bool | None = None) -> DSAForCausalLM:
+    """Build the model from an HF-layout directory, one tensor at a time. fp8_experts: keep the routed experts FP8
+    with their block scales (default: when the checkpoint stores them so); False dequantises them to `dtype`."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     config = load_config(path)
     stored = read_headers(path)
     skeleton = model_skeleton(config)  # built once: it lists the expected tensors and becomes the model
-    check_tensors(config, stored, expected_tensors(config, skeleton))
-    model = skeleton.to(dtype).keep_fp32_params()
+    expected = expected_tensors(config, skeleton)
+    check_tensors(config, stored, expected)
+    stored_fp8 = experts_stored_fp8(expected, stored)
+    if fp8_experts and not stored_fp8:
+        raise CheckpointError(f"{path}: the routed experts are not stored in FP8, so they cannot be kept in FP8")
+    model = skeleton.cast(dtype)
+    if stored_fp8 if fp8_experts is None else fp8_experts:
+        for experts in model.routed_experts():
+            experts.keep_fp8(config.fp8_block or (128, 128))
     model = model.to_empty(device="cpu").init_buffers()
-    params = model.state_dict()
-    block = config.fp8_block or (128, 128)
     handles: dict[Path, object] = {}
+
+    def read(name: str) -> torch.Tensor:
+        file = stored[name].file
+        if file not in handles:
+            handles[file] = safe_open(file, framework="pt")
+        return handles[file].get_tensor(name)
+
     try:
-        # disable=None: tqdm draws only on a terminal
-        for name in tqdm(params, desc="loading weights", unit="tensor", disable=None if progress else True, leave=False):
-            info = stored[name]
-            tensor = _open(handles, info.file).get_tensor(name)
-            if tensor.dtype == FP8:
-                scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
-                scale = _open(handles, stored[scale_name].file).get_tensor(scale_name)
-                tensor = dequantize_weight(tensor, scale, block)
-            params[name].copy_(tensor.to(params[name].dtype))
+        fill_model(model, read, progress)
     except SafetensorError as e:
         raise CheckpointError(f"{path}: failed reading a tensor ({e})") from None
     finally:
         handles.clear()
     return model.eval()
-
-
-def _open(handles: dict, file: Path):
-    if file not in handles:
-        handles[file] = safe_open(file, framework="pt")
-    return handles[file]
 
 
 # ---- writing ----------------------------------------------------------------------------------------------------------
@@ -202,6 +265,13 @@ def random_state_dict(config: DSAConfig, seed: int = 0, dtype: torch.dtype = tor
         keep_fp32 = name.endswith(DSAForCausalLM.FP32_PARAMS)
         state[name] = t.to(torch.float32 if keep_fp32 else dtype)
     return state
+
+
+def random_model(config: DSAConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> DSAForCausalLM:
+    """The model with `random_state_dict`'s weights: what `init` writes for `config`, without the round trip."""
+    model = DSAForCausalLM(config).cast(dtype)
+    fill_model(model, random_state_dict(config, seed).__getitem__, progress=False)
+    return model.init_buffers().eval()
 
 
 def quantize_state_dict(state: dict[str, torch.Tensor], config: DSAConfig,

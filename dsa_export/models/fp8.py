@@ -54,6 +54,8 @@ def fp8_act_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def simulate_indexer_fp8(x: torch.Tensor, hadamard: torch.Tensor) -> torch.Tensor:
     """Hadamard rotation + FP8 round trip of indexer q or k. Rotation keeps q·k (H is orthonormal); FP8 perturbs it
-    the way the deployed FP8 kernels do."""
+    the way the deployed FP8 kernels do. DeepSeek's `rotate_activation` returns the input's dtype, so the rotation is
+    rounded to x's dtype (bf16 in the real model) before `act_quant` picks the e4m3 codes."""
     block = min(128, x.shape[-1])
-    return fp8_act_roundtrip(x.float() @ hadamard, block).to(x.dtype)
+    rotated = (x.float() @ hadamard.float()).to(x.dtype)
+    return fp8_act_roundtrip(rotated, block)

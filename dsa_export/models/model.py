@@ -3,10 +3,15 @@
 Module names follow the HF checkpoint (`model.layers.N.self_attn.q_a_proj`, ...), so `state_dict()` keys *are*
 the checkpoint's tensor names and loading needs no renaming table.
 
-Caches are explicit tensors, one pair per layer: the MLA latent cache [B,T,kv_lora_rank+rope] (normalised latent ‖
-roped k_pe) and the indexer key cache [B,T,index_head_dim]. A step writes its new rows at `positions` (a scatter),
-so a batch of prompts of different lengths shares one cache tensor: row b's junk beyond its own length is never
-visible, because a query at position p only sees keys t <= p.
+Caches are explicit tensors at a fixed capacity, one pair per layer (layout and names: models/cache.py): the MLA
+latent cache [B,1,C,kv_lora_rank+rope] (normalised latent ‖ roped k_pe) and the indexer key cache
+[B,1,C,index_head_dim]; the ops read them as [B,C,D] views.
+A step writes its new rows at `positions`, in place, so a batch of prompts of different lengths shares one cache:
+row b's junk beyond its own length is never visible, because a query at position p only sees keys t <= p.
+
+The routed experts of each MoE layer are stacked ([E,2I,H] gate ‖ up, [E,H,I] down; checkpoint.py maps HF's
+per-expert tensors onto them) and run through `ops.routed_experts`, which touches only the chosen experts. FP8
+checkpoints may keep them in FP8 with their block scales (`RoutedExperts.keep_fp8`).
 
 Attention modes (`DSAForCausalLM.attention`):
   "sparse": absorbed MQA over the latent cache, attending only the indexer's top-k rows (the exported form);
@@ -17,28 +22,37 @@ Attention modes (`DSAForCausalLM.attention`):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsa_export.contracts import fp8_scale_shape
+from dsa_export.models import dsa_ops
+from dsa_export.models.cache import KVCache, check_room
 from dsa_export.models.config import DSAConfig, yarn_mscale
-from dsa_export.models.dsa_ops import lightning_indexer, sparse_mla, visible_keys
+from dsa_export.models.dsa_ops import visible_keys
 from dsa_export.models.fp8 import hadamard_matrix, simulate_indexer_fp8
+
+FP8_CODES = torch.uint8  # FP8 e4m3 expert weights are held as their codes (contracts.FP8_BYTES)
 
 ATTENTION_MODES = ("sparse", "masked", "dense")
 
 
 class DSAOps(NamedTuple):
-    """The two functions that tracing swaps for `dsa::` custom ops (see `dsa_export.kernels.use_custom_ops`)."""
+    """The functions that tracing swaps for `dsa::` custom ops (see `dsa_export.kernels`); `write_cache` writes a
+    step's rows into a cache (in place when run eagerly, a TensorScatter in the exported graph)."""
 
     lightning_indexer: Callable
     sparse_mla: Callable
+    routed_experts: Callable
+    routed_experts_fp8: Callable
+    write_cache: Callable
 
 
-TORCH_SEMANTICS = DSAOps(lightning_indexer, sparse_mla)
+TORCH_SEMANTICS = DSAOps(dsa_ops.lightning_indexer, dsa_ops.sparse_mla, dsa_ops.routed_experts,
+                         dsa_ops.routed_experts_fp8, dsa_ops.write_cache)
 
 
 # ---- RoPE with YaRN (§3) ----------------------------------------------------------------------------------------------
@@ -100,13 +114,6 @@ class MLP(nn.Module):
         return self.down_proj(hidden.to(x.dtype))
 
 
-def write_cache(past: torch.Tensor | None, new: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Grow the cache by S rows and put new[b,s] at row positions[b,s] (== concatenation for aligned batches)."""
-    B, S, D = new.shape
-    grown = new.new_zeros(B, S, D) if past is None else torch.cat([past, new.new_zeros(B, S, D)], dim=1)
-    return grown.scatter(1, positions[..., None].expand(B, S, D).long(), new)
-
-
 # ---- lightning indexer (§5) -------------------------------------------------------------------------------------------
 class Indexer(nn.Module):
     def __init__(self, config: DSAConfig):
@@ -165,16 +172,18 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.indexer = Indexer(config)
 
-    def forward(self, x, positions, cos, sin, past_kv, past_index_k, mode: str, ops: DSAOps):
+    def forward(self, x, positions, cos, sin, kv_cache, index_key_cache, mode: str, ops: DSAOps):
+        """Attention output, and the two caches with this step's rows written at `positions`."""
         B, S, _ = x.shape
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(B, S, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = rope_interleaved(q_pe, cos[:, :, None], sin[:, :, None])
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv = write_cache(past_kv, torch.cat([self.kv_a_layernorm(latent), rope_interleaved(k_pe, cos, sin)], -1),
-                         positions)
-        index_k = write_cache(past_index_k, self.indexer.keys(x, cos, sin), positions)
+        kv_cache = ops.write_cache(kv_cache, torch.cat([self.kv_a_layernorm(latent), rope_interleaved(k_pe, cos, sin)],
+                                                       -1), positions)
+        index_key_cache = ops.write_cache(index_key_cache, self.indexer.keys(x, cos, sin), positions)
+        kv, index_k = kv_cache.squeeze(1), index_key_cache.squeeze(1)  # [B, C, D] views for the ops
 
         indices = None
         if mode != "dense":
@@ -191,10 +200,11 @@ class MLA(nn.Module):
             out = (o_latent.transpose(1, 2) @ w_uv.transpose(1, 2)).transpose(1, 2)  # [B,S,H,v_dim]
         else:
             out = self._mha(q_nope, q_pe, kv, positions, indices, w_uk, w_uv)
-        return self.o_proj(out.flatten(2)), kv, index_k
+        return self.o_proj(out.flatten(2)), kv_cache, index_key_cache
 
     def _mha(self, q_nope, q_pe, kv, positions, indices, w_uk, w_uv):
         """MHA mode over expanded keys; the top-k selection (if any) is an additive mask on dense scores."""
+        kv = kv[:, :int(positions.max()) + 1]  # rows beyond the last position are invisible to every query
         latent, k_pe = kv.split([self.kv_rank, self.rope], dim=-1)
         k_nope = torch.einsum("btc,hdc->bthd", latent, w_uk)
         value = torch.einsum("btc,hvc->bthv", latent, w_uv)
@@ -237,22 +247,65 @@ class Gate(nn.Module):
         return weights * c.routed_scaling_factor, experts
 
 
+class RoutedExperts(nn.Module):
+    """The routed experts of one MoE layer, stacked: gate ‖ up [E,2I,H] and down [E,H,I] (bf16/fp32), or after
+    `keep_fp8` FP8 e4m3 codes (held as uint8, see contracts.FP8_BYTES) with per-projection block scales
+    (contracts.ROUTED_EXPERTS[_FP8])."""
+
+    SCALES = ("gate_up_scale", "down_scale")
+
+    def __init__(self, config: DSAConfig):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.fp8_block: tuple[int, int] | None = None
+
+    def keep_fp8(self, block: tuple[int, int]) -> "RoutedExperts":
+        """Hold the weights as FP8 e4m3 codes plus fp32 block scales (filled by the checkpoint loader)."""
+        E, two_i, H = self.gate_up_proj.shape
+        device = self.gate_up_proj.device
+        self.fp8_block = block
+        self.gate_up_proj = nn.Parameter(torch.empty(E, two_i, H, dtype=FP8_CODES, device=device), requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(E, H, two_i // 2, dtype=FP8_CODES, device=device),
+                                      requires_grad=False)
+        self.gate_up_scale = nn.Parameter(torch.empty(E, *fp8_scale_shape(two_i // 2, H, *block, stacked=2),
+                                                      device=device))
+        self.down_scale = nn.Parameter(torch.empty(E, *fp8_scale_shape(H, two_i // 2, *block), device=device))
+        return self
+
+    def dequantize(self, dtype: torch.dtype) -> "RoutedExperts":
+        """Back from FP8 codes to `dtype` weights (bitwise what loading dequantised would give)."""
+        if self.fp8_block is not None:
+            inter = self.down_proj.shape[-1]
+            self.gate_up_proj = nn.Parameter(dsa_ops.dequantize_experts(
+                self.gate_up_proj, self.gate_up_scale, *self.fp8_block, inter, dtype), requires_grad=False)
+            self.down_proj = nn.Parameter(dsa_ops.dequantize_experts(
+                self.down_proj, self.down_scale, *self.fp8_block, self.down_proj.shape[1], dtype), requires_grad=False)
+            del self.gate_up_scale, self.down_scale
+            self.fp8_block = None
+        return self
+
+    def forward(self, x, experts, weights, base, ops: DSAOps) -> torch.Tensor:
+        if self.fp8_block is None:
+            return ops.routed_experts(x, experts, weights, self.gate_up_proj, self.down_proj, base)
+        return ops.routed_experts_fp8(x, experts, weights, self.gate_up_proj, self.gate_up_scale, self.down_proj,
+                                      self.down_scale, base, *self.fp8_block)
+
+
 class MoE(nn.Module):
     def __init__(self, config: DSAConfig):
         super().__init__()
         self.gate = Gate(config)
-        self.experts = nn.ModuleList(MLP(config.hidden_size, config.moe_intermediate_size)
-                                     for _ in range(config.n_routed_experts))
+        self.experts = RoutedExperts(config)
         self.shared_experts = MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: DSAOps) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         weights, experts = self.gate(flat)
-        combine = torch.zeros(flat.shape[0], len(self.experts), device=x.device).scatter(1, experts, weights)
-        # Every expert runs on every token, weighted by its (mostly zero) routing weight: exact, branch-free and
-        # traceable with static shapes. Fine for the sizes that run on CPU; GPU engines would use grouped GEMMs.
-        y = sum(expert(flat).float() * combine[:, e, None] for e, expert in enumerate(self.experts))
-        return (y + self.shared_experts(flat).float()).to(x.dtype).view_as(x)
+        # only the chosen experts run (tokens grouped by expert in the kernels), added to the shared expert in fp32
+        out = self.experts(flat, experts.to(torch.int32), weights, self.shared_experts(flat).float(), ops)
+        return out.to(x.dtype).view_as(x)
 
 
 # ---- blocks and model (§2) --------------------------------------------------------------------------------------------
@@ -264,11 +317,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h, positions, cos, sin, past_kv, past_index_k, mode, ops):
-        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, past_kv, past_index_k, mode,
-                                           ops)
+    def forward(self, h, positions, cos, sin, kv_cache, index_key_cache, mode, ops):
+        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, kv_cache, index_key_cache,
+                                           mode, ops)
         h = h + attn
-        h = h + self.mlp(self.post_attention_layernorm(h))
+        x = self.post_attention_layernorm(h)
+        h = h + (self.mlp(x, ops) if isinstance(self.mlp, MoE) else self.mlp(x))
         return h, kv, index_k
 
 
@@ -278,22 +332,6 @@ class DSAModel(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-
-
-@dataclass
-class KVCache:
-    """Per-layer cache tensors; `None` entries before the first step."""
-
-    latent: list[torch.Tensor | None]
-    index_keys: list[torch.Tensor | None]
-
-    @classmethod
-    def empty(cls, num_layers: int) -> "KVCache":
-        return cls([None] * num_layers, [None] * num_layers)
-
-    @property
-    def length(self) -> int:
-        return 0 if self.latent[0] is None else self.latent[0].shape[1]
 
 
 class DSAForCausalLM(nn.Module):
@@ -334,16 +372,42 @@ class DSAForCausalLM(nn.Module):
                 param.data = param.data.float()
         return self
 
+    def cast(self, dtype: torch.dtype) -> "DSAForCausalLM":
+        """`dtype` for every float weight, except the fp32 ones (FP32_PARAMS) and FP8 experts with their scales.
+        Use this, not `.to(dtype)`, which would also convert those."""
+        for name, param in self.named_parameters():
+            if name.endswith(self.FP32_PARAMS):
+                param.data = param.data.float()
+            elif param.is_floating_point() and not name.endswith(RoutedExperts.SCALES):
+                param.data = param.data.to(dtype)
+        return self
+
+    def routed_experts(self) -> list[RoutedExperts]:
+        return [layer.mlp.experts for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def dequantize_experts(self) -> "DSAForCausalLM":
+        """FP8 routed experts (if any) to the model's dtype."""
+        for experts in self.routed_experts():
+            experts.dequantize(self.lm_head.weight.dtype)
+        return self
+
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> KVCache:
+        """Zeroed caches in the model's dtype (capacity: models/cache.py `default_capacity` if not given)."""
+        return KVCache.empty(self.config, batch, capacity, self.lm_head.weight.dtype, self.lm_head.weight.device)
+
     def forward_with_cache(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                           past_latent: list[torch.Tensor | None], past_index_keys: list[torch.Tensor | None]):
-        """The functional core: (logits [B,S,V] fp32, new latent caches, new index-key caches)."""
-        if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+                           latent_caches: list[torch.Tensor], index_key_caches: list[torch.Tensor],
+                           ops: DSAOps | None = None, attention: str | None = None):
+        """The functional core: (logits [B,S,V] fp32, latent caches, index-key caches) with this step's rows written
+        at `positions` (into the given tensors when run eagerly). ops/attention default to the model's."""
+        ops, attention = ops or self.ops, attention or self.attention
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
         latents, index_keys = [], []
-        for layer, past_kv, past_ik in zip(self.model.layers, past_latent, past_index_keys):
-            h, kv, ik = layer(h, positions, cos, sin, past_kv, past_ik, self.attention, self.ops)
+        for layer, kv_cache, ik_cache in zip(self.model.layers, latent_caches, index_key_caches):
+            h, kv, ik = layer(h, positions, cos, sin, kv_cache, ik_cache, attention, ops)
             latents.append(kv)
             index_keys.append(ik)
         logits = self.lm_head(self.model.norm(h)).float()
@@ -351,22 +415,27 @@ class DSAForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B,S,V] for every position. With `cache`, continue from it (and update it in place)."""
+        """Logits [B,S,V] for every position. With `cache`, continue from it: the step's rows are written into it and
+        `cache.length` advances. Without, a cache just large enough is used and dropped."""
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
-        self._check_positions(positions, past + S)
         if cache is None:
-            cache = KVCache.empty(self.config.num_hidden_layers)
-        logits, cache.latent, cache.index_keys = self.forward_with_cache(input_ids, positions, cache.latent,
-                                                                         cache.index_keys)
+            cache = self.new_cache(B, max(S, int(positions.max()) + 1 if positions.numel() else S))
+        self._check_positions(positions, cache)
+        logits, _, _ = self.forward_with_cache(input_ids, positions, cache.latent, cache.index_keys)
+        cache.length = max(cache.length, int(positions.max()) + 1)
         return logits
 
-    def _check_positions(self, positions: torch.Tensor, num_rows: int) -> None:
+    def _check_positions(self, positions: torch.Tensor, cache: KVCache) -> None:
         if torch.compiler.is_compiling():
             return
-        limit = min(num_rows, self.config.max_position_embeddings)
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= limit):
-            raise ValueError(f"positions must lie in [0, {limit}) for a cache of {num_rows} rows "
-                             f"(max_position_embeddings {self.config.max_position_embeddings})")
+        if positions.numel() and int(positions.min()) < 0:
+            raise ValueError(f"positions must not be negative, got {int(positions.min())}")
+        if positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
+            raise ValueError(f"position {int(positions.max())} is beyond max_position_embeddings "
+                             f"({self.config.max_position_embeddings})")
+        if positions.shape[1] > 1 and not bool((positions.diff(dim=1) == 1).all()):
+            raise ValueError("the positions of each row must be consecutive (a step writes one run of cache rows)")
+        check_room(cache.capacity, positions)

@@ -1,4 +1,5 @@
-"""Built-in configs: `tiny` (demo and tests, every mechanism active) and `v3.2-exp` (the 671B shapes)."""
+"""Built-in configs: `tiny` (demo and tests, every mechanism active), `tiny-64e` (tiny with 64 routed experts, 8 active
+per token: how cost grows with the number of experts) and `v3.2-exp` (the 671B shapes)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ PRESETS: dict[str, DSAConfig] = {
                              "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
     ),
 }
+
+PRESETS["tiny-64e"] = PRESETS["tiny"].replace(n_routed_experts=64, num_experts_per_tok=8, n_group=8, topk_group=4)
 
 
 def get_preset(name: str) -> DSAConfig:

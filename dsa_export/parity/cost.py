@@ -162,3 +162,52 @@ def calibration(config: DSAConfig, gpu: GPUTarget, eff: Assumptions = Assumption
                  for phase, paper in PAPER_CROSSOVERS.items()]
     return {"gpu": gpu.name, "price_per_gpu_hour": price, "efficiency": asdict(eff), "points": rows,
             "crossovers": crossings}
+
+
+# ---- one forward step of the exported graph, in closed form (what parity/graph_cost.py checks the graph against) ----
+@dataclass(frozen=True)
+class StepCost:
+    flops: float  # tensor-core work, as token_components counts it
+    weight_bytes: float  # weights read: all but the routed experts no token chose; embedding rows gathered
+    cache_bytes: float  # KV-cache rows read by the indexer and sparse MLA, and rows written
+
+    def per_token(self, tokens: int) -> "StepCost":
+        return StepCost(self.flops / tokens, self.weight_bytes / tokens, self.cache_bytes / tokens)
+
+
+def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsize: int, cache_itemsize: int,
+              expert_itemsize: int | None = None) -> StepCost:
+    """FLOPs and memory traffic of one forward over `seq` tokens per row at positions past..past+seq-1 (batch rows
+    aligned), with the weights, caches and routed experts stored with the given bytes per element (FP8 experts: 1,
+    plus their fp32 block scales)."""
+    from dsa_export.models.checkpoint import expected_tensors, model_skeleton
+    from dsa_export.models.model import DSAForCausalLM
+
+    c = config
+    tokens = batch * seq
+    phase = "decode" if seq == 1 else "prefill"
+    flops = batch * sum(sum(p.flops for p in token_components(c, past + s + 1, phase, "dsa")) for s in range(seq))
+
+    expert_itemsize = weight_itemsize if expert_itemsize is None else expert_itemsize
+    routed = min(c.n_routed_experts, tokens * c.num_experts_per_tok)  # experts whose weights a MoE layer reads
+    weight_bytes = 0.0
+    for name, spec in expected_tensors(c, model_skeleton(c)).items():
+        numel = math.prod(spec.shape)
+        if name.endswith("embed_tokens.weight"):
+            weight_bytes += tokens * c.hidden_size * weight_itemsize
+        elif ".mlp.experts." in name:
+            expert = int(name.split(".mlp.experts.")[1].split(".")[0])
+            if expert < routed:
+                weight_bytes += numel * expert_itemsize
+                if expert_itemsize == 1:  # FP8 codes + fp32 block scales
+                    block = c.fp8_block or (128, 128)
+                    weight_bytes += 4 * math.prod(-(-d // b) for d, b in zip(spec.shape, block))
+        else:
+            weight_bytes += numel * (4 if name.endswith(DSAForCausalLM.FP32_PARAMS) else weight_itemsize)
+
+    latent, index = c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim
+    index_reads = batch * (past + seq) * index
+    latent_reads = batch * sum(min(c.index_topk, past + s + 1) for s in range(seq)) * latent
+    writes = tokens * (latent + index)
+    cache_bytes = c.num_hidden_layers * (index_reads + latent_reads + writes) * cache_itemsize
+    return StepCost(flops, weight_bytes, cache_bytes)

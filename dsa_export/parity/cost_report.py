@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
+from dsa_export.models.cache import cache_layout, cache_shape
 from dsa_export.models.config import DSAConfig
 from dsa_export.parity.cost import (PAPER_POINTS, Assumptions, calibration, cost_curves, crossover, positions_grid)
 from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
@@ -18,29 +19,39 @@ from dsa_export.targets import GPUTarget
 MEASURE_CONTEXTS = (512, 2048, 8192)
 
 
-def measure_decode(model, onnx_dir: Path | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5) -> dict:
+def random_cache_contents(config, capacity: int, context: int, seed: int = 0) -> list[torch.Tensor]:
+    """Cache contents (layout order, batch 1) with `context` random rows, as if that many tokens had been seen."""
+    gen = torch.Generator().manual_seed(seed)
+    contents = []
+    for t in cache_layout(config):
+        tensor = torch.zeros(cache_shape(t, 1, capacity))
+        tensor[:, :, :context] = torch.randn(1, 1, context, t.width, generator=gen)
+        contents.append(tensor)
+    return contents
+
+
+def measure_decode(model, onnx_dir: Path | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
+                   label: str = "model") -> dict:
     """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, ONNX Runtime."""
     backends = {"eager dense": EagerBackend(model, attention="dense"), "eager DSA": EagerBackend(model)}
     if onnx_dir is not None:
         backends["onnxruntime DSA"] = OnnxRuntimeBackend(onnx_dir)
-    c = model.config
-    gen = torch.Generator().manual_seed(0)
+    capacity = min(b.capacity for b in backends.values())
+    contexts = [c for c in contexts if c < capacity]
     rows = {name: [] for name in backends}
     for context in contexts:
-        caches = ([torch.randn(1, context, c.latent_dim, generator=gen) for _ in range(c.num_hidden_layers)] +
-                  [torch.randn(1, context, c.index_head_dim, generator=gen) for _ in range(c.num_hidden_layers)])
+        contents = random_cache_contents(model.config, capacity, context)
+        caches = {name: b.new_caches(1, [c.to(b.cache_dtype) for c in contents]) for name, b in backends.items()}
         ids, positions = torch.tensor([[3]]), torch.tensor([[context]])
         best = dict.fromkeys(backends, float("inf"))
-        typed = {name: [c.to(b.cache_dtype) for c in caches] for name, b in backends.items()}
         for _ in range(repeat + 1):  # round-robin; the first round warms up (and counts only if it is the best)
             for name, backend in backends.items():
                 start = time.perf_counter()
-                backend.step(ids, positions, typed[name])
+                backend.step(ids, positions, caches[name])
                 best[name] = min(best[name], time.perf_counter() - start)
         for name in backends:
             rows[name].append({"context": context, "seconds": best[name]})
-    return {"preset": getattr(model, "name", "model"), "threads": torch.get_num_threads(), "batch": 1,
-            "backends": rows}
+    return {"preset": label, "threads": torch.get_num_threads(), "batch": 1, "backends": rows}
 
 
 def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dict | None, out_dir: Path) -> list[str]:
@@ -88,7 +99,9 @@ def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dic
 
 
 def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, price: float = 2.0,
-                      assumptions: Assumptions = Assumptions(), measured: dict | None = None) -> dict:
+                      assumptions: Assumptions = Assumptions(), measured: dict | None = None,
+                      graph: dict | None = None) -> dict:
+    """cost.json + cost.md + plots. measured: `measure_decode`; graph: parity/graph_cost.py `compare`."""
     out_dir = ensure_output_dir(out_dir)
     curves = cost_curves(config, gpu, assumptions, price, positions_grid())
     paper = gpu.name == "h800"  # DeepSeek's figure is for H800; prices scale with the GPU-hour price
@@ -96,7 +109,7 @@ def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, pr
               "config": config.to_hf_dict(), "curves": curves,
               "crossovers": {phase: crossover(curves, phase) for phase in ("prefill", "decode")},
               "calibration": calibration(config, gpu, assumptions, price) if paper else None,
-              "measured": measured}
+              "measured": measured, "graph": graph}
     report["plots"] = _plot(curves, gpu, price, paper, measured, out_dir)
     write_json_atomic(out_dir / "cost.json", report)
     write_atomic(out_dir / "cost.md", _markdown(report, config))
@@ -140,5 +153,9 @@ def _markdown(report: dict, config: DSAConfig) -> str:
         for i, context in enumerate(contexts):
             lines.append(f"| {context:,} | " + " | ".join(f"{1e3 * rows[i]['seconds']:.2f} ms"
                                                          for rows in m["backends"].values()) + " |")
+    if report["graph"]:
+        from dsa_export.parity.graph_cost import markdown
+
+        lines += [""] + markdown(report["graph"])
     lines += ["", "Plots: " + ", ".join(report["plots"]) + "."]
     return "\n".join(lines) + "\n"

@@ -16,8 +16,8 @@ def run_parity(model: DSAForCausalLM, onnx_dir: str | Path, out_dir: str | Path,
     """Compare the eager model with ONNX Runtime on the exported graph (TensorRT joins where it exists); write
     parity.json and parity.md into out_dir. Raises CheckFailure naming the missed metrics."""
     prompts = default_prompts(model.config.vocab_size, seed)
-    backends = [OnnxRuntimeBackend(onnx_dir)]
-    reports = [compare(EagerBackend(model), backend, prompts, new_tokens) for backend in backends]
+    backends = [OnnxRuntimeBackend(onnx_dir, record_indexer=True)]
+    reports = [compare(EagerBackend(model, record_indexer=True), backend, prompts, new_tokens) for backend in backends]
     missed = write_report(reports, thresholds, out_dir)
     if missed and raise_on_failure:
         raise CheckFailure("; ".join(missed))

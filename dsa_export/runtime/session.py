@@ -1,4 +1,5 @@
-"""`Session`: prefill, decode steps and generation over any backend; owns the caches and each row's length.
+"""`Session`: prefill, decode steps and generation over any backend (runtime.Backend); owns the caches and each
+row's length.
 
 A batch of prompts of different lengths is right-padded for prefill; decode then feeds each row at its own position.
 Row b's padding leaves junk in the caches only at positions >= its length, which its queries never see (key t is
@@ -12,22 +13,18 @@ from typing import Sequence
 import torch
 
 from dsa_export.errors import DSAExportError
+from dsa_export.models.cache import CacheFullError
 
 
 class Session:
-    def __init__(self, backend, max_positions: int | None = None):
+    def __init__(self, backend):
         self.backend = backend
-        self.max_positions = max_positions
-        self.caches: list[torch.Tensor] = []
+        self.caches = None
         self.lengths = torch.zeros(0, dtype=torch.long)
         self.last = None  # the last StepResult, for parity checks
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        if self.max_positions is not None and int(positions.max()) >= self.max_positions:
-            raise DSAExportError(f"sequence of {int(positions.max()) + 1} tokens is longer than the model allows "
-                                 f"({self.max_positions})")
         self.last = self.backend.step(input_ids, positions, self.caches)
-        self.caches = self.last.caches
         return self.last
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -38,10 +35,21 @@ class Session:
         ids = torch.zeros(len(prompts), int(self.lengths.max()), dtype=torch.long)
         for b, prompt in enumerate(prompts):
             ids[b, :len(prompt)] = torch.as_tensor(prompt)
-        self.caches = self.backend.empty_caches(len(prompts))
+        if ids.shape[1] > self.backend.capacity:
+            raise CacheFullError(f"a prompt of {ids.shape[1]} tokens does not fit the cache capacity "
+                                 f"{self.backend.capacity}")
+        self.caches = self.backend.new_caches(len(prompts))
         positions = torch.arange(ids.shape[1]).expand_as(ids).contiguous()
         logits = self._run(ids, positions).logits
+        if logits.shape[1] == 1:  # an export that returns the last position's logits only: right-padding moves it
+            return self._last_logits_one_by_one(prompts, logits)
         return logits[torch.arange(len(prompts)), self.lengths - 1]
+
+    def _last_logits_one_by_one(self, prompts, logits):
+        if len(set(self.lengths.tolist())) == 1:
+            return logits[:, -1]
+        raise DSAExportError("prompts of different lengths need an export with logits for every position "
+                             "(export without --last-logits-only)")
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append one token per row; returns the next-token logits [B,V]."""
@@ -53,6 +61,10 @@ class Session:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, seed: int = 0) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuation of every prompt; returns the new tokens per prompt."""
+        longest = max((len(p) for p in prompts), default=0)
+        if longest + max_new_tokens - 1 > self.backend.capacity:
+            raise CacheFullError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens does not fit the cache "
+                                 f"capacity {self.backend.capacity}")
         gen = torch.Generator().manual_seed(seed)
         logits = self.prefill(prompts)
         out: list[list[int]] = [[] for _ in prompts]
@@ -70,6 +82,6 @@ def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, gen: torch
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if top_k:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)

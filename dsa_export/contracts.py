@@ -1,0 +1,255 @@
+"""The `dsa::` op contracts (design.md, "The custom ops"), written once as plain data.
+
+Every implementation is checked against these: the torch reference and the Triton kernels (tests), the torch.library
+schemas, the ONNX schemas and the TensorRT plugins (all generated from here). Each contract also says what its op
+costs for given shapes, so the exported graph's cost can be audited without running it. This module imports nothing
+from the package: it is the bottom layer, and every other layer may read it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+FLOAT_TYPES = ("float32", "bfloat16")
+INDEX_TYPES = ("int32", "int64")
+FP8 = "float8_e4m3fn"
+# FP8 expert weights travel as their bytes: ONNX has no Gather/Slice for float8 tensors, so an ONNX consumer could
+# not pick one expert's weights out of a float8 tensor; a kernel reads the same bytes as e4m3.
+FP8_BYTES = "uint8"
+
+
+@dataclass(frozen=True)
+class TensorArg:
+    name: str
+    dims: tuple[str, ...]  # named dims; an output dim may name an int attribute ("topk", "dv")
+    dtypes: tuple[str, ...]  # allowed torch dtype names; "like:q" = same dtype as input q
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Attribute:
+    name: str
+    type: str  # "int" or "float"
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What an op's cost depends on besides its shapes: the named dims, the bytes per element of each tensor, and
+    where the queries sit (an aligned batch: query s of every row is at position `past + s`)."""
+    dims: dict[str, int]
+    itemsize: dict[str, int]  # tensor name -> bytes per element
+    past: int = 0
+
+    def visible_keys(self) -> int:
+        """Σ over the queries of a row of the keys each may see (t <= its position): S·past + S(S+1)/2."""
+        S = self.dims["S"]
+        return S * self.past + S * (S + 1) // 2
+
+    def nbytes(self, name: str, *dims: str) -> int:
+        return self.itemsize[name] * math.prod(self.dims[d] for d in dims)
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Work and device-memory traffic of one call, each tensor read or written once."""
+    flops: float  # tensor-core work (multiply-adds count 2); elementwise work is left out, as in parity/cost.py
+    weight_bytes: float = 0.0  # model weights read
+    cache_bytes: float = 0.0  # KV-cache rows read
+    activation_bytes: float = 0.0  # the op's other inputs and its outputs
+
+    @property
+    def bytes(self) -> float:
+        return self.weight_bytes + self.cache_bytes + self.activation_bytes
+
+
+@dataclass(frozen=True)
+class OpContract:
+    domain: str
+    onnx_name: str  # ONNX op_type and TensorRT plugin name
+    torch_name: str  # torch.ops.<domain>.<torch_name>
+    version: int
+    inputs: tuple[TensorArg, ...]
+    attributes: tuple[Attribute, ...]
+    outputs: tuple[TensorArg, ...]
+    doc: str
+    cost_model: Callable[[Workload], OpCost] = field(compare=False, repr=False)
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.domain}::{self.torch_name}"
+
+    def torch_schema(self) -> str:
+        """The torch.library schema string, e.g. `lightning_indexer(Tensor q, ..., int topk) -> Tensor`."""
+        args = [f"Tensor {t.name}" for t in self.inputs] + [f"{a.type} {a.name}" for a in self.attributes]
+        return f"{self.torch_name}({', '.join(args)}) -> Tensor"
+
+    def input_dims(self, shapes: dict[str, tuple[int, ...]], attributes: dict) -> dict[str, int]:
+        """Named dims from the inputs' shapes and the int attributes (no checks: see `check`)."""
+        dims = {a.name: int(attributes[a.name]) for a in self.attributes if a.type == "int" and a.name in attributes}
+        for spec in self.inputs:
+            dims.update((d, int(n)) for d, n in zip(spec.dims, shapes[spec.name]))
+        return dims
+
+    def output_shape(self, dims: dict[str, int], output: int = 0) -> tuple[int, ...]:
+        return tuple(dims[d] for d in self.outputs[output].dims)
+
+    def output_dtype(self, input_dtypes: dict[str, str], output: int = 0) -> str:
+        dtype = self.outputs[output].dtypes[0]
+        return input_dtypes[dtype[5:]] if dtype.startswith("like:") else dtype
+
+    def cost(self, shapes: dict[str, tuple[int, ...]], attributes: dict, itemsize: dict[str, int],
+             past: int = 0) -> OpCost:
+        dims = self.input_dims(shapes, attributes)
+        sizes = dict(itemsize)
+        for spec in self.outputs:
+            sizes.setdefault(spec.name, 4)
+        return self.cost_model(Workload(dims, sizes, past))
+
+    def check(self, inputs: dict, attributes: dict, outputs: dict | None = None) -> dict[str, int]:
+        """Raise ValueError naming the first tensor whose rank, dims or dtype break the contract; return the dims.
+
+        `inputs`/`outputs` map names to tensors (anything with `.shape` and `.dtype`)."""
+        dims: dict[str, int] = {a.name: int(attributes[a.name]) for a in self.attributes if a.type == "int"}
+        for arg, tensors in ((self.inputs, inputs), (self.outputs, outputs or {})):
+            for spec in arg:
+                if spec.name not in tensors:
+                    if tensors is inputs:
+                        raise ValueError(f"{self.qualified_name}: input '{spec.name}' is missing")
+                    continue
+                tensor = tensors[spec.name]
+                shape = tuple(tensor.shape)
+                if len(shape) != len(spec.dims):
+                    raise ValueError(f"{self.qualified_name}: '{spec.name}' must have rank {len(spec.dims)} "
+                                     f"[{','.join(spec.dims)}], got shape {list(shape)}")
+                for dim, size in zip(spec.dims, shape):
+                    if dims.setdefault(dim, size) != size:
+                        raise ValueError(f"{self.qualified_name}: '{spec.name}' dim {dim}={size} disagrees with "
+                                         f"{dim}={dims[dim]} elsewhere")
+                dtype = str(tensor.dtype).removeprefix("torch.")
+                allowed = tuple(str(inputs[d[5:]].dtype).removeprefix("torch.") if d.startswith("like:") else d
+                                for d in spec.dtypes)
+                if dtype not in allowed:
+                    raise ValueError(f"{self.qualified_name}: '{spec.name}' must be {'/'.join(allowed)}, got {dtype}")
+        return dims
+
+
+# ---- dsa::LightningIndexer ---------------------------------------------------------------------------------------------
+def _indexer_cost(w: Workload) -> OpCost:
+    d = w.dims
+    scored = d["B"] * w.visible_keys()  # (query, key) pairs
+    keys_read = d["B"] * min(w.past + d["S"], d["T"])  # each row's visible keys, once
+    return OpCost(flops=scored * (2 * d["HI"] * d["DI"] + 2 * d["HI"]),
+                  cache_bytes=keys_read * d["DI"] * w.itemsize["k"],
+                  activation_bytes=w.nbytes("q", "B", "S", "HI", "DI") + w.nbytes("w", "B", "S", "HI")
+                  + w.nbytes("positions", "B", "S") + w.nbytes("indices", "B", "S", "topk"))
+
+
+LIGHTNING_INDEXER = OpContract(
+    domain="dsa", onnx_name="LightningIndexer", torch_name="lightning_indexer", version=1,
+    inputs=(
+        TensorArg("q", ("B", "S", "HI", "DI"), FLOAT_TYPES + (FP8,), "indexer queries after RoPE"),
+        TensorArg("k", ("B", "T", "DI"), FLOAT_TYPES + (FP8,), "indexer key cache (capacity T) incl. current tokens"),
+        TensorArg("w", ("B", "S", "HI"), ("float32",), "per-head weights, already scaled"),
+        TensorArg("positions", ("B", "S"), INDEX_TYPES, "absolute position of each query"),
+    ),
+    attributes=(Attribute("topk", "int", "keys kept per query"),),
+    outputs=(TensorArg("indices", ("B", "S", "topk"), ("int32",), "selected keys; -1 beyond the visible count"),),
+    doc="indices of the visible keys t <= positions[b,s] with the largest Σ_h w[b,s,h]·ReLU(q[b,s,h]·k[b,t]); "
+        "ties go to the lower t; order within a row is not part of the contract; rows of k beyond a query's "
+        "position are never read",
+    cost_model=_indexer_cost,
+)
+
+
+# ---- dsa::SparseMLA ----------------------------------------------------------------------------------------------------
+def _sparse_mla_cost(w: Workload) -> OpCost:
+    d = w.dims
+    slots = d["B"] * sum(min(d["K"], w.past + s + 1) for s in range(d["S"]))  # valid (non −1) slots read
+    return OpCost(flops=d["B"] * d["S"] * d["K"] * d["H"] * 2 * (d["DK"] + d["dv"]),
+                  cache_bytes=slots * d["DK"] * w.itemsize["kv"],
+                  activation_bytes=w.nbytes("q", "B", "S", "H", "DK") + w.nbytes("indices", "B", "S", "K")
+                  + w.nbytes("out", "B", "S", "H", "dv"))
+
+
+SPARSE_MLA = OpContract(
+    domain="dsa", onnx_name="SparseMLA", torch_name="sparse_mla", version=1,
+    inputs=(
+        TensorArg("q", ("B", "S", "H", "DK"), FLOAT_TYPES, "absorbed queries q_nope·W_UK ‖ q_pe"),
+        TensorArg("kv", ("B", "T", "DK"), FLOAT_TYPES, "latent cache: normalised latent ‖ roped k_pe"),
+        TensorArg("indices", ("B", "S", "K"), ("int32",), "selected rows, -1 = empty slot"),
+    ),
+    attributes=(Attribute("scale", "float", "softmax scale (with YaRN mscale)"),
+                Attribute("dv", "int", "value width = kv_lora_rank; the value is kv[..., :dv]")),
+    outputs=(TensorArg("out", ("B", "S", "H", "dv"), ("like:q",), "attention output in the latent space"),),
+    doc="softmax over the selected keys only; a row with no valid index gives zeros",
+    cost_model=_sparse_mla_cost,
+)
+
+
+# ---- dsa::RoutedExperts / dsa::RoutedExpertsFP8 -----------------------------------------------------------------------
+def _routed_experts_cost(w: Workload) -> OpCost:
+    d = w.dims
+    routed = d["N"] * d["k"]  # (token, expert) pairs
+    touched = min(d["E"], routed)  # experts whose weights are read: routed-only, never all E
+    weight_bytes = touched * (w.nbytes("gate_up", "2I", "H") + w.nbytes("down", "H", "I"))
+    if "gate_up_scale" in w.itemsize:
+        weight_bytes += touched * (w.nbytes("gate_up_scale", "GB", "HB") + w.nbytes("down_scale", "DB", "IB"))
+    return OpCost(flops=routed * 2 * (d["2I"] * d["H"] + d["H"] * d["I"]), weight_bytes=weight_bytes,
+                  activation_bytes=w.nbytes("x", "N", "H") + w.nbytes("experts", "N", "k")
+                  + w.nbytes("weights", "N", "k") + w.nbytes("base", "N", "H") + w.nbytes("out", "N", "H"))
+
+
+_ROUTED_DOC = ("out[n] = base[n] + Σ_j weights[n,j]·y_e(x[n]) with e = experts[n,j] and the SwiGLU expert "
+               "y_e(x) = down[e]·h, h = silu(g)·u rounded to x's dtype, [g ‖ u] = gate_up[e]·x rounded to x's dtype, "
+               "y accumulated in fp32; tokens are grouped by expert, so only the chosen experts' weights are read. "
+               "`base` (the shared expert's output) initialises the sum: a TensorRT plugin launches one kernel, whose "
+               "split-I partial sums are combined with atomic adds into that buffer (the plugin output aliases it)")
+_ROUTED_INPUTS = (
+    TensorArg("x", ("N", "H"), FLOAT_TYPES, "hidden states, one row per token"),
+    TensorArg("experts", ("N", "k"), ("int32",), "chosen experts per token (noaux_tc gate)"),
+    TensorArg("weights", ("N", "k"), ("float32",), "routing weight of each chosen expert"),
+)
+_ROUTED_BASE = TensorArg("base", ("N", "H"), ("float32",), "what the routed sum is added to (shared expert output)")
+_ROUTED_OUT = (TensorArg("out", ("N", "H"), ("float32",), "base + weighted sum of the chosen experts"),)
+
+ROUTED_EXPERTS = OpContract(
+    domain="dsa", onnx_name="RoutedExperts", torch_name="routed_experts", version=1,
+    inputs=_ROUTED_INPUTS + (
+        TensorArg("gate_up", ("E", "2I", "H"), ("like:x",), "stacked gate ‖ up projections of every expert"),
+        TensorArg("down", ("E", "H", "I"), ("like:x",), "stacked down projections"),
+        _ROUTED_BASE),
+    attributes=(),
+    outputs=_ROUTED_OUT,
+    doc=_ROUTED_DOC,
+    cost_model=_routed_experts_cost,
+)
+
+ROUTED_EXPERTS_FP8 = OpContract(
+    domain="dsa", onnx_name="RoutedExpertsFP8", torch_name="routed_experts_fp8", version=1,
+    inputs=_ROUTED_INPUTS + (
+        TensorArg("gate_up", ("E", "2I", "H"), (FP8_BYTES,), "gate ‖ up: FP8 e4m3 codes, as DeepSeek's checkpoint "
+                  "stores them"),
+        TensorArg("gate_up_scale", ("E", "GB", "HB"), ("float32",),
+                  "block scales: GB = 2·ceil(I/block_out) (gate's row blocks, then up's), HB = ceil(H/block_in)"),
+        TensorArg("down", ("E", "H", "I"), (FP8_BYTES,), "down projections: FP8 e4m3 codes"),
+        TensorArg("down_scale", ("E", "DB", "IB"), ("float32",),
+                  "block scales: DB = ceil(H/block_out), IB = ceil(I/block_in)"),
+        _ROUTED_BASE),
+    attributes=(Attribute("block_out", "int", "rows per scale block (128 in DeepSeek's checkpoint)"),
+                Attribute("block_in", "int", "columns per scale block (128)")),
+    outputs=_ROUTED_OUT,
+    doc=_ROUTED_DOC + "; weights are dequantised per block (W8·scale, in fp32, then rounded to x's dtype) as they "
+                      "are read, so an engine holds one byte per expert parameter",
+    cost_model=_routed_experts_cost,
+)
+
+CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)
+
+
+def fp8_scale_shape(rows: int, cols: int, block_out: int, block_in: int, stacked: int = 1) -> tuple[int, int]:
+    """Block-scale shape of a [stacked·rows, cols] weight made of `stacked` projections of `rows` rows each (gate ‖ up
+    is 2): every projection keeps its own row blocks, so the gate's last partial block never mixes with up's rows."""
+    return stacked * -(-rows // block_out), -(-cols // block_in)

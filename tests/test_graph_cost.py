@@ -1,0 +1,75 @@
+"""The exported graph's own cost, read off model.onnx, against the closed form (parity/graph_cost.py)."""
+
+import onnx
+import pytest
+
+import dsa_export
+from dsa_export.exporter.graph_io import GraphIO
+from dsa_export.exporter.onnx_export import export_onnx
+from dsa_export.models import get_preset
+from dsa_export.parity import graph_cost
+from dsa_export.parity.cost import step_cost, token_components
+
+
+@pytest.fixture(scope="module")
+def moe64_onnx(tmp_path_factory):
+    """tiny-64e: 64 routed experts, 8 active per token."""
+    out = tmp_path_factory.mktemp("moe64")
+    export_onnx(dsa_export.load_model("tiny-64e"), out, capacity=8192)
+    return out
+
+
+def test_graph_cost_matches_the_closed_form_for_tiny(tiny_onnx):
+    report = graph_cost.compare(tiny_onnx)
+    assert {p["phase"] for p in report["points"]} == {"decode", "prefill"}
+    assert report["within_goal"], report["worst_deviation"]
+    assert "Largest deviation" in "\n".join(graph_cost.markdown(report))
+
+
+def test_graph_cost_matches_the_closed_form_with_64_experts(moe64_onnx):
+    points = [graph_cost.Point("decode", 1, 1, past) for past in (1024, 4096, 8191)]
+    points += [graph_cost.Point("decode", 4, 1, 2048), graph_cost.Point("prefill", 1, 1024, 0)]
+    report = graph_cost.compare(moe64_onnx, points)
+    assert report["within_goal"], [(p["phase"], p["past"], p["ratio"]) for p in report["points"]]
+
+
+def test_decode_flops_of_the_graph_equal_routed_only_moe(moe64_onnx):
+    config = get_preset("tiny-64e")
+    model = onnx.load(moe64_onnx / "model.onnx", load_external_data=False)
+    io = GraphIO.load(moe64_onnx / "io.json")
+    past = 1000
+    graph = graph_cost.graph_step_cost(model, io, graph_cost.Point("decode", 1, 1, past))
+    # closed form: every GEMM of the model, the MoE as the 8 chosen experts + the shared one + the gate
+    assert graph["flops"] == sum(p.flops for p in token_components(config, past + 1, "decode", "dsa"))
+    c = config
+    moe = next(p.flops for p in token_components(config, past + 1, "decode", "dsa") if p.name == "moe")
+    routed_only = (c.num_hidden_layers - c.first_k_dense_replace) * (
+        2 * 3 * c.hidden_size * c.moe_intermediate_size * (c.num_experts_per_tok + c.n_shared_experts)
+        + 2 * c.hidden_size * c.n_routed_experts)
+    assert moe == routed_only
+    every_expert = routed_only / (c.num_experts_per_tok + 1) * (c.n_routed_experts + 1)  # the old graph's MoE
+    assert graph["flops"] < every_expert
+
+
+def test_a_node_that_copies_a_cache_shows_as_cache_traffic(tiny_onnx):
+    model = onnx.load(tiny_onnx / "model.onnx", load_external_data=False)
+    io = GraphIO.load(tiny_onnx / "io.json")
+    point = graph_cost.Point("decode", 1, 1, 100)
+    before = graph_cost.graph_step_cost(model, io, point)
+    cache = io.cache_inputs[0]
+    model.graph.node.append(onnx.helper.make_node("Neg", [cache.name], ["copied"]))  # reads the whole cache
+    model.graph.output.append(onnx.helper.make_tensor_value_info("copied", onnx.TensorProto.FLOAT, None))
+    after = graph_cost.graph_step_cost(model, io, point)
+    whole = 1 * io.capacity * cache.dims[-1] * 4
+    assert after["cache_bytes"] - before["cache_bytes"] == whole
+    assert after["flops"] == before["flops"]
+
+
+def test_step_cost_counts_only_the_chosen_experts_weights():
+    config = get_preset("tiny-64e")
+    one_token = step_cost(config, 1, 1, 100, 4, 4)
+    many = step_cost(config, 1, 64, 0, 4, 4)  # 64 tokens × 8 experts: all 64 experts read, once
+    expert = 3 * config.hidden_size * config.moe_intermediate_size * 4
+    moe_layers = config.num_hidden_layers - config.first_k_dense_replace
+    assert many.weight_bytes - one_token.weight_bytes == pytest.approx(
+        moe_layers * (64 - 8) * expert + 63 * config.hidden_size * 4)  # + 63 more embedding rows
