@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pathlib import Path  # noqa: F401  (annotations)
 
 __version__ = "0.1.0"
 
 
-def load_model(path_or_preset: str | Path, dtype=None, seed: int = 0):
+def load_model(path_or_preset: str | Path, dtype="float32", seed: int = 0):
     """The eager model (an `nn.Module`) from an HF-layout checkpoint directory, or a preset name (`tiny`, ...) with
-    seeded random weights. `model(input_ids)` returns logits [B,S,V] for every position. The indexer and the sparse
-    attention run through the `dsa::` custom ops (tiled reference on CPU, Triton kernels on CUDA)."""
-    import torch
-
+    seeded random weights. dtype: float32 or bfloat16 (a torch dtype or its name). `model(input_ids)` returns logits
+    [B,S,V] for every position. The indexer, the sparse attention and the routed experts run through the `dsa::`
+    custom ops (CPU references, Triton kernels on CUDA). Bad arguments raise a ValueError naming the problem."""
+    from dsa_export.errors import DSAExportError
     from dsa_export.kernels import use_custom_ops
-    from dsa_export.models import get_preset, load_checkpoint
+    from dsa_export.models import load_checkpoint
     from dsa_export.models.checkpoint import random_model
+    from dsa_export.models.config import model_dtype
+    from dsa_export.models.presets import check_fits_in_memory, resolve_source
 
-    dtype = dtype or torch.float32
-    if Path(path_or_preset).exists():
-        model = load_checkpoint(path_or_preset, dtype=dtype)
+    dtype = model_dtype(dtype)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise DSAExportError(f"seed must be an integer >= 0, got {seed!r}")
+    config, checkpoint = resolve_source(path_or_preset)
+    if checkpoint is not None:
+        model = load_checkpoint(checkpoint, dtype=dtype)
     else:  # the weights `init --preset` writes
-        model = random_model(get_preset(str(path_or_preset)), seed, dtype)
+        check_fits_in_memory(config, dtype.itemsize, f"preset '{path_or_preset}'")
+        model = random_model(config, seed, dtype)
     return use_custom_ops(model)

@@ -1,10 +1,12 @@
-"""The one exception type for bad user input (config, checkpoint, options).
+"""The exception types for bad input and failed checks.
 
-The CLI turns it into a one-line message and exit code 2; anything else is a bug and keeps its traceback.
+DSAExportError is what the user gave us being wrong (config, checkpoint, options, arguments), stated in one line. It
+is a ValueError, so the Python API raises ValueErrors; the CLI turns it into one line on stderr and exit code 2.
+Anything else escaping is a bug and keeps its traceback.
 """
 
 
-class DSAExportError(Exception):
+class DSAExportError(ValueError):
     """A problem with what the user gave us, stated in one line."""
 
 

@@ -140,9 +140,11 @@ def test_save_never_clobbers_a_foreign_directory(tmp_path, tiny_config):
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
-def test_reinit_replaces_a_checkpoint_completely(tmp_path, tiny_config):
+def test_reinit_replaces_a_checkpoint_only_when_asked_and_completely(tmp_path, tiny_config):
     ckpt = init_checkpoint(tiny_config, tmp_path / "c", max_shard_bytes=100_000)
-    init_checkpoint(tiny_config, tmp_path / "c")
+    with pytest.raises(CheckpointError, match="already holds a checkpoint"):
+        init_checkpoint(tiny_config, tmp_path / "c")
+    init_checkpoint(tiny_config, tmp_path / "c", overwrite=True)
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     with safe_open(ckpt / "model.safetensors", "pt") as f:

@@ -71,14 +71,14 @@ def test_price_and_gpu_scale_the_cost():
 
 
 def test_cost_command_writes_every_point_and_the_plots(capsys, tmp_path):
-    code = main(["cost", "--preset", "v3.2-exp", "--gpu", "h800", "--price", "2", "--out", str(tmp_path),
-                 "--measure-preset", "none"])
+    code = main(["cost", "--preset", "v3.2-exp", "--gpu", "h800", "--price", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0 and "decode   dense  at 128K" in out
+    tmp_path = tmp_path / "cost"
     report = json.loads((tmp_path / "cost.json").read_text())
     points = report["curves"]["decode"]["dsa"]
     assert points[0]["position"] == 0 and points[-1]["position"] == 131072 and len(points) > 60
     assert set(points[-1]["seconds_by_component"]) >= {"attention_sparse", "indexer_scoring", "moe"}
     assert "Calibration against DeepSeek's figure" in (tmp_path / "cost.md").read_text()
     assert (tmp_path / "cost_by_position.png").read_bytes()[:4] == b"\x89PNG"
-    assert main(["cost", "--gpu", "v100", "--out", str(tmp_path), "--measure-preset", "none"]) == 2
+    assert main(["cost", "--gpu", "v100", "--out", str(tmp_path)]) == 2

@@ -137,3 +137,38 @@ def check_io(graph: onnx.GraphProto, io: GraphIO) -> None:
                 raise GraphCheckError(f"graph {kind} '{name}' is {dtype}, io.json says {spec.dtype}")
             if dims != list(spec.dims):
                 raise GraphCheckError(f"graph {kind} '{name}' has dims {dims}, io.json says {list(spec.dims)}")
+
+
+def check_export_dir(onnx_dir: Path, config=None) -> GraphIO:
+    """A directory holding a readable export of dsa-export, checked without loading its weights: io.json and
+    config.json parse (and match `config` if given), model.onnx parses, every external tensor lies inside its data
+    file (a truncated model.onnx.data is caught here). One line naming the problem otherwise."""
+    from dsa_export.models.config import load_config
+
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "io.json").is_file():
+        raise DSAExportError(f"{onnx_dir}: no exported model (model.onnx + io.json); run `dsa-export export` first")
+    io = GraphIO.load(onnx_dir / "io.json")
+    exported = load_config(onnx_dir / "config.json")
+    if config is not None:
+        ours, theirs = config.to_hf_dict(), exported.to_hf_dict()
+        differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        if differ:
+            raise DSAExportError(f"{onnx_dir} was exported from a different model: "
+                                 + ", ".join(f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in differ[:3]))
+    try:
+        model = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise DSAExportError(f"{onnx_dir / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") from None
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        where = {e.key: e.value for e in tensor.external_data}
+        data = onnx_dir / where.get("location", "")
+        end = int(where.get("offset", 0)) + int(where.get("length", 0))
+        if not data.is_file() or data.stat().st_size < end:
+            raise DSAExportError(f"{data}: missing or truncated (tensor '{tensor.name}' ends at byte {end:,}); "
+                                 f"re-run the export")
+    if [v.name for v in model.graph.input] != [t.name for t in io.inputs]:
+        raise DSAExportError(f"{onnx_dir}: model.onnx and io.json disagree on the graph inputs; re-run the export")
+    return io

@@ -24,7 +24,7 @@ from torch import nn
 
 import dsa_export
 from dsa_export.errors import DSAExportError
-from dsa_export.files import ensure_output_dir
+from dsa_export.files import ensure_output_dir, make_readable
 from dsa_export.exporter.checks import check_graph
 from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO, graph_io, name_graph_dims
 from dsa_export.kernels import EXPORT_OPS
@@ -68,11 +68,10 @@ def export_onnx(model: DSAForCausalLM, out_dir: str | Path, dtype: torch.dtype =
 
     capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (a model loaded from an FP8
     checkpoint) stay FP8 with their block scales unless `dequantize_experts`, which stores them in `dtype`."""
-    out_dir = ensure_output_dir(out_dir)
-
     io = graph_io(model.config, str(dtype).removeprefix("torch."), last_logits_only, capacity)
     if io.capacity < 4:
         raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
+    out_dir = ensure_output_dir(out_dir)  # after the checks: bad input leaves nothing behind
     export_model = copy.deepcopy(model).cast(dtype).init_buffers().eval()
     if dequantize_experts:
         export_model.dequantize_experts()
@@ -98,6 +97,7 @@ def export_onnx(model: DSAForCausalLM, out_dir: str | Path, dtype: torch.dtype =
         check_graph(tmp / MODEL_FILE, io, moe_layers=len(export_model.routed_experts()))
         (tmp / IO_FILE).write_text(json.dumps(io.to_json(), indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")  # the model exported
+        make_readable(tmp)
         (out_dir / MODEL_FILE).unlink(missing_ok=True)  # never a new model.onnx beside old data, or the reverse
         for name in (DATA_FILE, IO_FILE, CONFIG_FILE, MODEL_FILE):  # model.onnx last: it appears only when complete
             os.replace(tmp / name, out_dir / name)

@@ -81,7 +81,7 @@ class KVCache:
               dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "KVCache":
         capacity = default_capacity(config) if capacity is None else capacity
         if batch < 1 or capacity < 1:
-            raise ValueError(f"a cache needs batch >= 1 and capacity >= 1, got batch {batch}, capacity {capacity}")
+            raise DSAExportError(f"a cache needs batch >= 1 and capacity >= 1, got batch {batch}, capacity {capacity}")
         tensors = {kind: [] for kind in KINDS}
         for t in cache_layout(config):
             tensors[t.kind].append(torch.zeros(cache_shape(t, batch, capacity), dtype=dtype, device=device))
@@ -106,5 +106,5 @@ def check_room(capacity: int, positions: torch.Tensor) -> None:
         raise CacheFullError(f"{int(positions.max()) + 1} tokens do not fit a cache of capacity {capacity}")
 
 
-class CacheFullError(DSAExportError, ValueError):
+class CacheFullError(DSAExportError):
     """The step's last position is at or beyond the cache capacity."""

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +23,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
+from dsa_export.files import atomic_dir
 from dsa_export.models.config import DSAConfig, load_config
 from dsa_export.models.fp8 import FP8, dequantize_weight, quantize_weight
 from dsa_export.models.model import DSAForCausalLM
@@ -174,15 +172,19 @@ def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over config.json and every shard's header and size: identifies a checkpoint without reading
-    hundreds of GB of weights."""
+    """sha256 over config.json and every shard's header, size and modification time: identifies a checkpoint (and
+    notices it being rewritten in place, as make would) without reading hundreds of GB of weights."""
     path = Path(path)
-    digest = hashlib.sha256((path / "config.json").read_bytes())
-    for file in _shard_files(path):
-        with open(file, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            digest.update(f.read(min(header_len, 100_000_000)))
-        digest.update(str(file.stat().st_size).encode())
+    try:
+        digest = hashlib.sha256((path / "config.json").read_bytes())
+        for file in _shard_files(path):
+            with open(file, "rb") as f:
+                header_len = int.from_bytes(f.read(8), "little")
+                digest.update(f.read(min(header_len, 100_000_000)))
+            stat = file.stat()
+            digest.update(f"{stat.st_size} {stat.st_mtime_ns}".encode())
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror}: {e.filename})") from None
     return digest.hexdigest()
 
 
@@ -190,6 +192,16 @@ def experts_stored_fp8(expected: dict[str, TensorSpec], stored: dict[str, Stored
     """True if every routed expert projection is stored FP8 (as in DeepSeek's checkpoint)."""
     names = [n for n in expected if ".mlp.experts." in n and n.endswith(".weight")]
     return bool(names) and all(stored[n].dtype == "F8_E4M3" for n in names)
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """A NaN or inf weight poisons every logit downstream: refuse it at load, naming the tensor."""
+    if tensor.dtype == FP8:
+        bad = bool(((tensor.view(torch.uint8) & 0x7F) == 0x7F).any())  # e4m3fn's NaN codes (it has no inf)
+    else:
+        bad = tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    if bad:
+        raise CheckpointError(f"tensor '{name}' holds non-finite values (NaN or inf)")
 
 
 def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progress: bool = True) -> DSAForCausalLM:
@@ -204,6 +216,7 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
         sources = tensor_sources(name, config.n_routed_experts)
         for source, where in sources:
             tensor = read(source)
+            check_finite(source, tensor)
             if tensor.dtype == FP8:
                 tensor = (tensor.view(torch.uint8) if target.dtype == torch.uint8  # kept as FP8 codes
                           else dequantize_weight(tensor, read(source.removesuffix(".weight") + SCALE_SUFFIX), block))
@@ -288,13 +301,20 @@ def quantize_state_dict(state: dict[str, torch.Tensor], config: DSAConfig,
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: str | Path,
-                    max_shard_bytes: int = 2 << 30) -> Path:
-    """Write config.json + safetensors shards (+ index when more than one) atomically: temp dir, then rename."""
+                    max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
+    """Write config.json + safetensors shards (+ index when more than one) atomically: temp dir, then rename.
+    An existing checkpoint is replaced only with overwrite=True; any other non-empty directory never."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "config.json").exists():
-        raise CheckpointError(f"{out_dir}: not empty and not a checkpoint; refusing to replace it")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not (out_dir / "config.json").exists():
+            raise CheckpointError(f"{out_dir}: not empty and not a checkpoint; refusing to replace it")
+        if not overwrite:
+            raise CheckpointError(f"{out_dir}: already holds a checkpoint; choose another directory (or overwrite "
+                                  f"it: init --force)")
+    if max_shard_bytes < 1:
+        raise CheckpointError(f"the shard size must be > 0 bytes, got {max_shard_bytes}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -305,8 +325,7 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: 
             size = 0
         shards[-1][name] = tensor.contiguous()
         size += nbytes
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
@@ -319,21 +338,11 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: 
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                      indent=2) + "\n")
-        if out_dir.exists():  # swap in the complete new directory, then drop the old one
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-            os.replace(out_dir, old / "ckpt")
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
 def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: bool = False,
-                    max_shard_bytes: int = 2 << 30) -> Path:
+                    max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
     """A seeded random checkpoint in HF layout (bf16, or FP8 with 128×128 block scales)."""
     state = random_state_dict(config, seed)
     if fp8:
@@ -343,4 +352,4 @@ def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: 
         state = quantize_state_dict(state, config)
     else:
         config = config.replace(quantization_config=None)
-    return save_checkpoint(state, config, out_dir, max_shard_bytes)
+    return save_checkpoint(state, config, out_dir, max_shard_bytes, overwrite)

@@ -253,3 +253,16 @@ def load_config(path: str | Path) -> DSAConfig:
         return DSAConfig.from_hf_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
+
+
+MODEL_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def model_dtype(value):
+    """torch.float32 or torch.bfloat16 from a torch dtype or a name (float32/fp32/bfloat16/bf16)."""
+    import torch
+
+    name = str(value).removeprefix("torch.").lower()
+    if name not in MODEL_DTYPES:
+        raise ConfigError(f"dtype must be float32 or bfloat16, got {value!r}")
+    return getattr(torch, MODEL_DTYPES[name])

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsa_export.contracts import fp8_scale_shape
-from dsa_export.models import dsa_ops
+from dsa_export.errors import DSAExportError
+from dsa_export.models import dsa_ops, inputs
 from dsa_export.models.cache import KVCache, check_room
 from dsa_export.models.config import DSAConfig, yarn_mscale
 from dsa_export.models.dsa_ops import visible_keys
@@ -362,7 +363,7 @@ class DSAForCausalLM(nn.Module):
     def set_indexer_fp8_sim(self, enabled: bool) -> None:
         """Hadamard + FP8 round trip in every indexer (off by default; needs a power-of-two index_head_dim)."""
         if enabled and self.config.index_head_dim & (self.config.index_head_dim - 1):
-            raise ValueError("indexer FP8 simulation needs a power-of-two index_head_dim")
+            raise DSAExportError("indexer FP8 simulation needs a power-of-two index_head_dim")
         for layer in self.model.layers:
             layer.self_attn.indexer.fp8_sim = enabled
 
@@ -402,7 +403,7 @@ class DSAForCausalLM(nn.Module):
         at `positions` (into the given tensors when run eagerly). ops/attention default to the model's."""
         ops, attention = ops or self.ops, attention or self.attention
         if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
+            raise DSAExportError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         h = self.model.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
         latents, index_keys = [], []
@@ -413,29 +414,26 @@ class DSAForCausalLM(nn.Module):
         logits = self.lm_head(self.model.norm(h)).float()
         return logits, latents, index_keys
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B,S,V] for every position. With `cache`, continue from it: the step's rows are written into it and
-        `cache.length` advances. Without, a cache just large enough is used and dropped."""
+    def forward(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B,S,V] for every position. input_ids and positions: [B,S] integer tensors (or nested lists).
+        With `cache`, continue from it: the step's rows are written into it and `cache.length` advances. Without, a
+        cache just large enough is used and dropped. Bad input raises a ValueError naming the problem."""
+        input_ids = inputs.token_ids(input_ids, self.config.vocab_size).to(self.lm_head.weight.device)
         B, S = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(past, past + S, device=input_ids.device).expand(B, S)
+        positions = inputs.step_positions(positions, input_ids).to(input_ids.device)
+        if int(positions.max()) >= self.config.max_position_embeddings:
+            raise inputs.InputError(f"position {int(positions.max())} is beyond max_position_embeddings "
+                                    f"({self.config.max_position_embeddings})")
         if cache is None:
-            cache = self.new_cache(B, max(S, int(positions.max()) + 1 if positions.numel() else S))
-        self._check_positions(positions, cache)
+            cache = self.new_cache(B, int(positions.max()) + 1)
+        elif not isinstance(cache, KVCache) or len(cache.latent) != self.config.num_hidden_layers:
+            raise inputs.InputError(f"cache must be a KVCache of this model's {self.config.num_hidden_layers} layers "
+                                    f"(model.new_cache)")
+        inputs.check_cache_batch(cache.batch, input_ids)
+        check_room(cache.capacity, positions)
         logits, _, _ = self.forward_with_cache(input_ids, positions, cache.latent, cache.index_keys)
         cache.length = max(cache.length, int(positions.max()) + 1)
         return logits
-
-    def _check_positions(self, positions: torch.Tensor, cache: KVCache) -> None:
-        if torch.compiler.is_compiling():
-            return
-        if positions.numel() and int(positions.min()) < 0:
-            raise ValueError(f"positions must not be negative, got {int(positions.min())}")
-        if positions.numel() and int(positions.max()) >= self.config.max_position_embeddings:
-            raise ValueError(f"position {int(positions.max())} is beyond max_position_embeddings "
-                             f"({self.config.max_position_embeddings})")
-        if positions.shape[1] > 1 and not bool((positions.diff(dim=1) == 1).all()):
-            raise ValueError("the positions of each row must be consecutive (a step writes one run of cache rows)")
-        check_room(cache.capacity, positions)

@@ -3,8 +3,11 @@ per token: how cost grows with the number of experts) and `v3.2-exp` (the 671B s
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from dsa_export.errors import DSAExportError
-from dsa_export.models.config import DSAConfig, YarnScaling
+from dsa_export.models.config import DSAConfig, YarnScaling, load_config
 
 _REAL_YARN = YarnScaling(factor=40.0, original_max_position_embeddings=4096, beta_fast=32.0, beta_slow=1.0,
                          mscale=1.0, mscale_all_dim=1.0)
@@ -42,3 +45,27 @@ def get_preset(name: str) -> DSAConfig:
     if name not in PRESETS:
         raise DSAExportError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
     return PRESETS[name]
+
+
+def resolve_source(source: str | Path) -> tuple[DSAConfig, Path | None]:
+    """(config, checkpoint directory or None) for a checkpoint directory or a preset name: the one rule every command
+    and `load_model` use. An existing path is a checkpoint (and must be a directory); otherwise a preset name."""
+    path = Path(source)
+    if path.exists():
+        if not path.is_dir():
+            raise DSAExportError(f"{path}: not a checkpoint directory")
+        return load_config(path), path
+    if str(source) in PRESETS:
+        return PRESETS[str(source)], None
+    raise DSAExportError(f"'{source}' is neither a checkpoint directory nor a preset (presets: {', '.join(PRESETS)})")
+
+
+def check_fits_in_memory(config: DSAConfig, bytes_per_param: int, what: str) -> None:
+    """Refuse to materialise a model whose weights would not fit in this machine's memory (with room to spare)."""
+    from dsa_export.models.summary import summarize
+
+    need = summarize(config).total_params * bytes_per_param
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.7 * have:
+        raise DSAExportError(f"{what} needs {need / 1e9:,.1f} GB of weights in memory, this machine has "
+                             f"{have / 1e9:.0f} GB")

@@ -6,11 +6,12 @@ top-1 agreement. Per layer: recall of the eager indexer's top-k set. Then greedy
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
+from dsa_export.errors import DSAExportError
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
 from dsa_export.runtime import Session
 
@@ -24,9 +25,18 @@ class Thresholds:
     min_greedy_match: float = 1.0
     min_indexer_recall: float = 0.99
 
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise DSAExportError(f"parity threshold {f.name} must be a number >= 0, got {value!r}")
+            if f.name.startswith("min_") and value > 1:
+                raise DSAExportError(f"parity threshold {f.name} is a fraction in [0, 1], got {value!r}")
+
 
 @dataclass
 class _Totals:
+    non_finite: int = 0  # logits that are NaN or inf, in either backend
     max_abs: float = 0.0
     abs_sum: float = 0.0
     count: int = 0
@@ -54,6 +64,9 @@ def _compare_step(ref, cand, lengths: torch.Tensor, totals: _Totals) -> None:
     S = ref.logits.shape[1]
     valid = torch.arange(S) < lengths[:, None]  # [B,S]
     a, b = ref.logits[valid].double(), cand.logits[valid].double()
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    totals.non_finite += int((~finite).sum())
+    a, b = torch.where(finite, a, 0.0), torch.where(finite, b, 0.0)  # the other metrics over the finite values
     diff = (a - b).abs()
     totals.max_abs = max(totals.max_abs, diff.max().item())
     totals.abs_sum += diff.sum().item()
@@ -107,6 +120,7 @@ def compare(reference, candidate, prompt_batches: list[list[list[int]]], new_tok
         "batches": [len(batch) for batch in prompt_batches],
         "new_tokens": new_tokens,
         "metrics": {
+            "non_finite_logits": totals.non_finite,
             "max_abs_logits": totals.max_abs,
             "mean_abs_logits": totals.abs_sum / max(totals.count, 1),
             "min_cosine": totals.min_cosine,
@@ -124,12 +138,14 @@ def compare(reference, candidate, prompt_batches: list[list[list[int]]], new_tok
 
 def failures(report: dict, thresholds: Thresholds) -> list[str]:
     m, t = report["metrics"], thresholds
-    checks = [("max_abs_logits", m["max_abs_logits"] <= t.max_abs_logits, "<=", t.max_abs_logits),
+    checks = [("non_finite_logits", m["non_finite_logits"] == 0, "==", 0),
+              ("max_abs_logits", m["max_abs_logits"] <= t.max_abs_logits, "<=", t.max_abs_logits),
               ("min_cosine", m["min_cosine"] >= t.min_cosine, ">=", t.min_cosine),
               ("max_kl", m["max_kl"] <= t.max_kl, "<=", t.max_kl),
               ("top1", m["top1"] >= t.min_top1, ">=", t.min_top1),
               ("greedy_match", m["greedy_match"] >= t.min_greedy_match, ">=", t.min_greedy_match),
               ("min_indexer_recall", m["min_indexer_recall"] >= t.min_indexer_recall, ">=", t.min_indexer_recall)]
+    # `not ok` also catches a NaN metric: every comparison with NaN is False
     return [f"{report['backend']}: {name} = {m[name]:.6g}, needs {op} {limit:g}" for name, ok, op, limit in checks
             if not ok]
 

@@ -17,8 +17,9 @@ efficiencies are the stated assumptions (`Assumptions`) that calibrate the model
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
+from dsa_export.errors import DSAExportError
 from dsa_export.models.config import DSAConfig
 from dsa_export.targets import GPUTarget
 
@@ -40,6 +41,16 @@ class Assumptions:
     # Tokens decoded per step and sequence: DeepSeek serves with MTP (1 speculative token, FlashMLA's s_q=2), so one
     # read of a sequence's caches serves 2 tokens. Moves DSA decode at long context (memory-bound indexer reads).
     decode_tokens_per_step: float = 2.0
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            number = not isinstance(value, bool) and isinstance(value, (int, float))
+            if f.name == "decode_tokens_per_step":
+                if not number or not value >= 1:
+                    raise DSAExportError(f"cost assumption {f.name} must be >= 1, got {value!r}")
+            elif not number or not 0 < value <= 1:
+                raise DSAExportError(f"cost assumption {f.name} is a fraction of peak in (0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -79,8 +79,7 @@ def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dic
         ax.title.set_fontsize(9)
     fig.tight_layout()
     files = ["cost_by_position.png"]
-    fig.savefig(out_dir / files[0], dpi=110)
-    plt.close(fig)
+    _save(fig, out_dir / files[0])
     if measured:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rows in measured["backends"].items():
@@ -93,9 +92,27 @@ def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dic
         ax.legend(fontsize=8)
         fig.tight_layout()
         files.append("measured_decode.png")
-        fig.savefig(out_dir / files[1], dpi=110)
-        plt.close(fig)
+        _save(fig, out_dir / files[1])
     return files
+
+
+def _save(fig, path: Path) -> None:
+    """A PNG written atomically (a plot half-written by an interrupted run never looks complete)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    write_atomic(path, buffer.getvalue())
+
+
+def is_paper_model(config: DSAConfig) -> bool:
+    """The shapes of DeepSeek-V3.2-Exp (the preset v3.2-exp), whatever the storage format."""
+    from dsa_export.models.presets import get_preset
+
+    return config.replace(quantization_config=None) == get_preset("v3.2-exp").replace(quantization_config=None)
 
 
 def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, price: float = 2.0,
@@ -104,7 +121,8 @@ def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, pr
     """cost.json + cost.md + plots. measured: `measure_decode`; graph: parity/graph_cost.py `compare`."""
     out_dir = ensure_output_dir(out_dir)
     curves = cost_curves(config, gpu, assumptions, price, positions_grid())
-    paper = gpu.name == "h800"  # DeepSeek's figure is for H800; prices scale with the GPU-hour price
+    # DeepSeek's figure is for the 671B model on H800 (prices scale with the GPU-hour price): nothing to compare else
+    paper = gpu.name == "h800" and is_paper_model(config)
     report = {"gpu": asdict(gpu), "price_per_gpu_hour": price, "assumptions": asdict(assumptions),
               "config": config.to_hf_dict(), "curves": curves,
               "crossovers": {phase: crossover(curves, phase) for phase in ("prefill", "decode")},

@@ -142,7 +142,12 @@ def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSA
     weight, cache, expert = _itemsizes(model, io)
     rows = []
     for point in points or default_points(io.capacity):
-        graph = graph_step_cost(model, io, point)
+        try:
+            graph = graph_step_cost(model, io, point)
+        except (KeyError, IndexError, onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+            raise DSAExportError(f"{onnx_dir}: its graph cannot be read at concrete shapes ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else e!r}); is it an export of dsa-export?") \
+                from None
         closed = step_cost(config, point.batch, point.seq, point.past, weight, cache, expert).per_token(point.tokens)
         graph_per_token = {k: v / point.tokens for k, v in graph.items()}
         ratios = {k: graph_per_token[k] / getattr(closed, k) if getattr(closed, k) else float("nan")

@@ -19,6 +19,7 @@ from dsa_export.contracts import LIGHTNING_INDEXER
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.kernels import CUSTOM_OPS
+from dsa_export.models import inputs
 from dsa_export.models.cache import KVCache, check_room, default_capacity
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
@@ -43,6 +44,20 @@ class Backend(Protocol):
         """One forward over S tokens per row at consecutive `positions`; writes their cache rows in place."""
 
 
+def check_step(backend: Backend, input_ids, positions, cache_batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same checks, and the same one-line errors, for every backend (models/inputs.py); before any work."""
+    ids = inputs.token_ids(input_ids, backend.vocab_size)
+    positions = inputs.step_positions(positions, ids)
+    inputs.check_cache_batch(cache_batch, ids)
+    check_room(backend.capacity, positions)
+    return ids, positions
+
+
+def check_contents(contents: list[torch.Tensor] | None, shapes: list[tuple[int, ...]]) -> None:
+    if contents is not None and [tuple(c.shape) for c in contents] != shapes:
+        raise DSAExportError(f"cache contents must be {len(shapes)} tensors of shapes {shapes[:1]}..., in layout order")
+
+
 class EagerBackend:
     name = "eager"
 
@@ -58,12 +73,13 @@ class EagerBackend:
 
     def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> KVCache:
         cache = self.model.new_cache(batch, self.capacity)
+        check_contents(contents, [tuple(t.shape) for t in cache.tensors()])
         for tensor, value in zip(cache.tensors(), contents or []):
             tensor.copy_(value)
         return cache
 
     def step(self, input_ids, positions, caches: KVCache) -> StepResult:
-        check_room(caches.capacity, positions)
+        input_ids, positions = check_step(self, input_ids, positions, caches.batch)
         selections: list[torch.Tensor] = []
         ops = CUSTOM_OPS
         if self.record_indexer:
@@ -142,7 +158,9 @@ class OnnxRuntimeBackend:
     def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> OrtCaches:
         import onnxruntime as ort
 
-        arrays = [np.zeros(self.io.cache_shape(t, batch), dtype=np.float32) for t in self.io.cache_inputs]
+        shapes = [self.io.cache_shape(t, batch) for t in self.io.cache_inputs]
+        check_contents(contents, shapes)
+        arrays = [np.zeros(shape, dtype=np.float32) for shape in shapes]
         for array, value in zip(arrays, contents or []):
             array[...] = value.numpy()
         if self.device == "cpu":
@@ -152,7 +170,7 @@ class OnnxRuntimeBackend:
         return OrtCaches(arrays, values)
 
     def step(self, input_ids, positions, caches: OrtCaches) -> StepResult:
-        check_room(self.capacity, positions)
+        input_ids, positions = check_step(self, input_ids, positions, caches.arrays[0].shape[0])
         binding = self.session.io_binding()
         binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
         binding.bind_cpu_input("positions", np.ascontiguousarray(positions.numpy(), dtype=np.int64))

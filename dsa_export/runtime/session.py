@@ -29,7 +29,11 @@ class Session:
 
     def prefill(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Start new sequences; returns the logits [B,V] at each prompt's last token."""
-        if not prompts or any(len(p) == 0 for p in prompts):
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        if not prompts or not all(isinstance(p, (list, tuple)) for p in prompts):
+            raise DSAExportError("prompts must be a list of token-id lists, e.g. [[1, 2, 3]]")
+        if any(len(p) == 0 for p in prompts):
             raise DSAExportError("every prompt needs at least one token")
         self.lengths = torch.tensor([len(p) for p in prompts])
         ids = torch.zeros(len(prompts), int(self.lengths.max()), dtype=torch.long)
@@ -61,6 +65,13 @@ class Session:
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, seed: int = 0) -> list[list[int]]:
         """Greedy (temperature 0) or sampled continuation of every prompt; returns the new tokens per prompt."""
+        for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DSAExportError(f"{name} must be an integer >= 0, got {value!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise DSAExportError(f"temperature must be a number >= 0, got {temperature!r}")
+        if max_new_tokens == 0:
+            return [[] for _ in prompts]
         longest = max((len(p) for p in prompts), default=0)
         if longest + max_new_tokens - 1 > self.backend.capacity:
             raise CacheFullError(f"a prompt of {longest} tokens + {max_new_tokens} new tokens does not fit the cache "

@@ -1,0 +1,96 @@
+"""What the stages of one build share: the options, the target GPU, where everything goes (Layout), and the config
+and eager models, loaded lazily and once."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsa_export.models.config import DSAConfig, model_dtype
+from dsa_export.pipeline.options import Options
+from dsa_export.targets import GPUTarget, get_target
+
+ONNX_FILES = ("model.onnx", "model.onnx.data", "io.json", "config.json")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """build/<target>/ (design.md): every path a stage writes, relative to the build directory."""
+    root: Path
+
+    checkpoint = Path("checkpoint")
+    onnx = ONNX_FILES
+    parity = Path("parity")
+    cost = Path("cost")
+    engine = Path("engine")
+    model_repository = Path("model_repository")
+
+    @staticmethod
+    def kernels(arch: str) -> Path:
+        return Path("kernels") / arch
+
+    def __truediv__(self, relative) -> Path:
+        return self.root / relative
+
+
+@dataclass
+class BuildContext:
+    options: Options
+    log: Callable[[str], None] = print
+    _models: dict = field(default_factory=dict)
+
+    @cached_property
+    def target(self) -> GPUTarget:
+        return get_target(self.options.gpu)
+
+    @cached_property
+    def layout(self) -> Layout:
+        return Layout(Path(self.options.out) if self.options.out else Path("build") / self.target.name)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The checkpoint the build reads: the given one, or the one the checkpoint stage writes from the preset."""
+        return self.options.checkpoint if self.options.checkpoint is not None else self.layout / Layout.checkpoint
+
+    @cached_property
+    def config(self) -> DSAConfig:
+        from dsa_export.models.presets import resolve_source
+
+        config, _ = resolve_source(self.options.checkpoint if self.options.checkpoint is not None
+                                   else self.options.preset)
+        return config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return model_dtype(self.options.dtype)
+
+    def model(self, dtype: torch.dtype | None = None):
+        """The eager model from the build's checkpoint, through the dsa:: ops; one per dtype."""
+        dtype = dtype or self.dtype
+        if dtype not in self._models:
+            from dsa_export.kernels import use_custom_ops
+            from dsa_export.models import load_checkpoint
+
+            self._models[dtype] = use_custom_ops(load_checkpoint(self.checkpoint_dir, dtype=dtype))
+        return self._models[dtype]
+
+    def tool_versions(self) -> dict:
+        import onnx
+        import onnxruntime
+        import triton
+
+        return {"torch": torch.__version__, "triton": triton.__version__, "onnx": onnx.__version__,
+                "onnxruntime": onnxruntime.__version__}
+
+    def target_json(self) -> dict:
+        return dataclasses.asdict(self.target)
+
+    def inputs_json(self) -> dict:
+        return {"checkpoint": str(self.checkpoint_dir),
+                "source": f"preset '{self.options.preset}', seed {self.options.seed}"
+                if self.options.checkpoint is None else "given"}

@@ -1,0 +1,126 @@
+"""Every option of every stage, declared once: a frozen dataclass whose fields carry their command-line metadata
+(flag type and help, and the stages that read them). The CLI builds each command's flags from here, the runner
+fingerprints each stage over the options it reads, the manifest records them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from dsa_export.models.config import MODEL_DTYPES
+from dsa_export.models.presets import PRESETS
+from dsa_export.parity.accuracy import Thresholds
+from dsa_export.parity.cost import Assumptions
+from dsa_export.targets import TARGETS
+
+MODEL_STAGES = ("checkpoint", "smoke", "kernels", "export", "parity", "cost")  # those that read the model source
+
+
+def option(default: Any, help: str, type: Any = None, stages: tuple[str, ...] = (), flag: bool = False,
+           fingerprint: bool = True) -> Any:
+    """A field with its click metadata. stages: the stages whose result depends on it (all if empty); fingerprint:
+    False for options that change where results go, not what they are."""
+    return field(default=default, metadata={"help": help, "type": type, "stages": stages, "flag": flag,
+                                            "fingerprint": fingerprint})
+
+
+@dataclass(frozen=True)
+class Options:
+    gpu: str = option("h100", "Target GPU (one engine and one set of kernels per compute capability).",
+                      click.Choice(list(TARGETS), case_sensitive=False))
+    out: Path | None = option(None, "Build directory [default: build/<gpu>].", click.Path(path_type=Path),
+                              fingerprint=False)
+    # the model
+    checkpoint: Path | None = option(None, "HF-layout checkpoint directory [default: a seeded random checkpoint of "
+                                     "--preset, written to <out>/checkpoint].",
+                                     click.Path(path_type=Path, exists=True, file_okay=False), stages=MODEL_STAGES)
+    preset: str = option("tiny", "Built-in config when no --checkpoint is given.", click.Choice(list(PRESETS)),
+                         stages=MODEL_STAGES)
+    seed: int = option(0, "Seed of the preset's random weights and of the parity prompts.", click.IntRange(min=0),
+                       stages=MODEL_STAGES)
+    dtype: str = option("float32", "Weights and caches of the eager model and of the export (ONNX Runtime on CPU "
+                        "runs float32; parity of a bfloat16 build compares a float32 twin).",
+                        click.Choice(sorted(MODEL_DTYPES)), stages=("smoke", "export", "parity", "cost"))
+    # export
+    capacity: int | None = option(None, "Cache rows per sequence [default: min(max positions, 128K)].",
+                                  click.IntRange(min=4), stages=("export",))
+    last_logits_only: bool = option(False, "Return logits for the last position only.", stages=("export",),
+                                    flag=True)
+    dequantize_experts: bool = option(False, "Store FP8 routed experts in --dtype instead of keeping them FP8 with "
+                                      "their block scales.", stages=("export",), flag=True)
+    # parity
+    new_tokens: int = option(32, "Greedy tokens generated per parity prompt.", click.IntRange(min=1),
+                             stages=("parity",))
+    thresholds: Thresholds = option(Thresholds(), "Parity threshold.", stages=("parity",))
+    # cost
+    price: float = option(2.0, "USD per GPU-hour.", click.FloatRange(min=0, min_open=True), stages=("cost",))
+    assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", stages=("cost",))
+
+    @property
+    def source(self) -> str:
+        return str(self.checkpoint) if self.checkpoint is not None else self.preset
+
+    def used_by(self, stage: str) -> dict[str, Any]:
+        """The options `stage`'s result depends on (its fingerprint)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["fingerprint"]
+                and (not f.metadata["stages"] or stage in f.metadata["stages"])}
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return str(value) if isinstance(value, Path) else value
+
+
+def _nested(f: dataclasses.Field) -> type | None:
+    """The dataclass a field groups (thresholds, assumptions), whose own fields become flags."""
+    return type(f.default) if dataclasses.is_dataclass(f.default) else None
+
+
+def click_options(stages: tuple[str, ...] | None, defaults: dict[str, Any] | None = None) -> Callable:
+    """A decorator adding the flags of every option read by `stages` (None: every option); `defaults` overrides some
+    defaults for one command (e.g. cost's default preset is the 671B model)."""
+    defaults = defaults or {}
+
+    def wanted(f: dataclasses.Field) -> bool:
+        return stages is None or not f.metadata["stages"] or any(s in f.metadata["stages"] for s in stages)
+
+    def decorate(command):
+        for f in reversed(dataclasses.fields(Options)):
+            if not wanted(f):
+                continue
+            group = _nested(f)
+            if group is not None:
+                for g in reversed(dataclasses.fields(group)):
+                    command = click.option(f"--{g.name.replace('_', '-')}", g.name, type=float, default=g.default,
+                                           show_default=True, help=f.metadata["help"])(command)
+                continue
+            default = defaults.get(f.name, f.default)
+            command = click.option(f"--{f.name.replace('_', '-')}", f.name, type=f.metadata["type"],
+                                   is_flag=f.metadata["flag"], default=default,
+                                   show_default=default is not None and not f.metadata["flag"],
+                                   help=f.metadata["help"])(command)
+        return command
+
+    return decorate
+
+
+def options_from(values: dict[str, Any]) -> Options:
+    """Options from a command's flag values (flags a command does not have keep their defaults)."""
+    kwargs = {}
+    for f in dataclasses.fields(Options):
+        group = _nested(f)
+        if group is not None:
+            kwargs[f.name] = group(**{g.name: values[g.name] for g in dataclasses.fields(group) if g.name in values})
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    if isinstance(kwargs.get("gpu"), str):
+        kwargs["gpu"] = kwargs["gpu"].lower()
+    return Options(**kwargs)

@@ -1,0 +1,181 @@
+"""The stages of `dsa-export build`, in order. Each is one short function of the build context; `PIPELINE` is the
+data the runner executes (`dsa-export build` runs all, each other command one)."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+
+import torch
+
+from dsa_export.pipeline.context import BuildContext, Layout
+from dsa_export.pipeline.runner import Stage
+
+# ---- checkpoint: the one the build reads --------------------------------------------------------------------------
+
+
+def checkpoint_inputs(ctx: BuildContext):
+    """A given checkpoint's own fingerprint (a preset's weights follow from --preset and --seed). Its config and
+    tensor list are checked here, before the build writes anything: bad input leaves no trace."""
+    from dsa_export.models.checkpoint import check_tensors, checkpoint_fingerprint, read_headers
+
+    if ctx.options.checkpoint is None:
+        return None
+    check_tensors(ctx.config, read_headers(ctx.options.checkpoint))
+    return checkpoint_fingerprint(ctx.options.checkpoint)
+
+
+def run_checkpoint(ctx: BuildContext) -> dict:
+    from dsa_export.models import get_preset, init_checkpoint
+    from dsa_export.models.checkpoint import check_tensors, checkpoint_fingerprint, read_headers
+
+    if ctx.options.checkpoint is None:
+        init_checkpoint(get_preset(ctx.options.preset), ctx.layout / Layout.checkpoint, seed=ctx.options.seed,
+                        overwrite=True)  # the build's own directory
+    stored = read_headers(ctx.checkpoint_dir)
+    check_tensors(ctx.config, stored)  # every tensor present, with its shape, before anything loads it
+    return {"path": str(ctx.checkpoint_dir), "checkpoint_fingerprint": checkpoint_fingerprint(ctx.checkpoint_dir),
+            "tensors": len(stored), "note": ctx.inputs_json()["source"]}
+
+
+CHECKPOINT = Stage("checkpoint", run_checkpoint,
+                   lambda ctx: [Layout.checkpoint] if ctx.options.checkpoint is None else [],
+                   inputs=checkpoint_inputs, doc="the checkpoint the build reads (a preset's is written first)")
+
+
+# ---- smoke: the eager model is self-consistent ---------------------------------------------------------------------
+def run_smoke(ctx: BuildContext) -> dict:
+    from dsa_export.parity.smoke import smoke_check
+
+    result = smoke_check(ctx.model())
+    result["note"] = f"prefill+decode vs full forward: {result['max_abs_diff']:.2g}"
+    return result
+
+
+SMOKE = Stage("smoke", run_smoke, lambda ctx: [], after=("checkpoint",),
+              doc="load the eager model; prefill + decode equals one full forward")
+
+
+# ---- kernels: AOT Triton for the target ---------------------------------------------------------------------------
+def kernel_inputs(ctx: BuildContext) -> dict:
+    from dsa_export.kernels.aot import kernel_dims
+
+    return dataclasses.asdict(kernel_dims(ctx.config))
+
+
+def run_kernels(ctx: BuildContext) -> dict:
+    from dsa_export.kernels.aot import compile_kernels, kernel_dims
+
+    path = ctx.layout / Layout.kernels(ctx.target.kernel_arch)
+    written = compile_kernels(ctx.target.name, path, kernel_dims(ctx.config))
+    return {"path": str(path), "note": f"{len(written)} kernels for {ctx.target.kernel_arch}",
+            "kernels": {m["kernel"]: {k: m[k] for k in ("symbol", "shared_bytes", "registers", "num_warps", "grid")}
+                        for m in written}}
+
+
+KERNELS = Stage("kernels", run_kernels, lambda ctx: [Layout.kernels(ctx.target.kernel_arch)], after=("checkpoint",),
+                inputs=kernel_inputs, doc="compile the Triton kernels ahead of time for the target")
+
+
+# ---- export: ONNX ---------------------------------------------------------------------------------------------------
+def run_export(ctx: BuildContext) -> dict:
+    from dsa_export.exporter.graph_io import GraphIO
+    from dsa_export.exporter.onnx_export import export_onnx
+
+    o = ctx.options
+    export_onnx(ctx.model(), ctx.layout.root, dtype=ctx.dtype, last_logits_only=o.last_logits_only,
+                capacity=o.capacity, dequantize_experts=o.dequantize_experts)
+    io = GraphIO.load(ctx.layout / "io.json")
+    return {"path": str(ctx.layout / "model.onnx"), "capacity": io.capacity,
+            "note": f"{o.dtype}, cache capacity {io.capacity:,}"}
+
+
+EXPORT = Stage("export", run_export, lambda ctx: [Path(f) for f in Layout.onnx], after=("checkpoint",),
+               doc="trace and export ONNX, check the graph")
+
+
+# ---- parity: eager vs ONNX Runtime -----------------------------------------------------------------------------------
+def run_parity_stage(ctx: BuildContext) -> dict:
+    from dsa_export.exporter.onnx_export import export_onnx
+    from dsa_export.parity.run import run_parity
+
+    o = ctx.options
+    reference = ctx.model(torch.float32)  # ONNX Runtime on CPU runs float32: compare the float32 graph and model
+
+    def compare(onnx_dir: Path) -> dict:
+        return run_parity(reference, onnx_dir, ctx.layout / Layout.parity, o.thresholds, o.new_tokens, o.seed,
+                          raise_on_failure=False)
+
+    if ctx.dtype == torch.float32:
+        report = compare(ctx.layout.root)
+    else:  # a bfloat16 build: its float32 twin, in a temporary directory
+        with tempfile.TemporaryDirectory(prefix="dsa-parity-") as tmp:
+            export_onnx(reference, tmp, capacity=o.capacity, last_logits_only=o.last_logits_only,
+                        dequantize_experts=o.dequantize_experts)
+            report = compare(Path(tmp))
+    metrics = report["backends"][0]["metrics"]
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    return {"path": str(ctx.layout / Layout.parity), "passed": report["passed"], "failures": report["failures"],
+            "metrics": {b["backend"]: b["metrics"] for b in report["backends"]},
+            "note": f"{verdict}: max abs logits {metrics['max_abs_logits']:.2g}, greedy match "
+                    f"{metrics['greedy_match']:.0%}, indexer recall {metrics['min_indexer_recall']:.2f}"}
+
+
+def check_export(ctx: BuildContext, produced: set[str]) -> None:
+    """An export this run reads but does not produce is readable and of the build's model."""
+    from dsa_export.exporter.checks import check_export_dir
+
+    if "export" not in produced:
+        check_export_dir(ctx.layout.root, ctx.config)
+
+
+def check_export_if_present(ctx: BuildContext, produced: set[str]) -> None:
+    from dsa_export.exporter.checks import check_export_dir
+
+    if "export" not in produced and (ctx.layout / "model.onnx").exists():
+        check_export_dir(ctx.layout.root)
+
+
+PARITY = Stage("parity", run_parity_stage, lambda ctx: [Layout.parity], after=("export",), check=check_export,
+               doc="eager vs ONNX Runtime: logits, greedy tokens, indexer selections")
+
+
+# ---- cost: modelled, measured, and the export's own ---------------------------------------------------------------
+def run_cost(ctx: BuildContext) -> dict:
+    from dsa_export.exporter.graph_io import GraphIO
+    from dsa_export.models import get_preset
+    from dsa_export.parity import graph_cost
+    from dsa_export.parity.cost_report import is_paper_model, measure_decode, write_cost_report
+
+    o = ctx.options
+    # $ per token means something for the real model's shapes: a small build models DeepSeek-V3.2-Exp on its target
+    modelled = ctx.config if is_paper_model(ctx.config) else get_preset("v3.2-exp")
+    measured = graph = None
+    if (ctx.layout / "model.onnx").exists():  # the build's export: read its own cost off the graph, and time it
+        graph = graph_cost.compare(ctx.layout.root)
+        if ctx.checkpoint_dir.is_dir():
+            runnable = GraphIO.load(ctx.layout / "io.json").cache_dtype == "float32"  # ONNX Runtime on CPU
+            measured = measure_decode(ctx.model(), ctx.layout.root if runnable else None, label=str(ctx.checkpoint_dir))
+    report = write_cost_report(modelled, ctx.target, ctx.layout / Layout.cost, o.price, o.assumptions, measured, graph)
+    for r in (report["calibration"] or {}).get("points", []):
+        ctx.log(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "
+                f"paper ${r['paper_usd']:.2f}  ({r['relative_error']:+.1%})")
+    if graph:
+        for line in graph_cost.markdown(graph)[4:]:
+            ctx.log(line)
+    crossovers = report["crossovers"]
+    note = "DSA cheaper from " + ", ".join(f"{crossovers[p]:,} ({p})" if crossovers[p] else f"never ({p})"
+                                           for p in ("prefill", "decode")) + " tokens"
+    if graph:
+        note += f"; graph vs closed form {graph['worst_deviation']:.1%}"
+    return {"path": str(ctx.layout / Layout.cost), "crossovers": crossovers, "plots": report["plots"],
+            "calibration": report["calibration"], "graph_vs_closed_form": graph and graph["worst_deviation"],
+            "note": note}
+
+
+COST = Stage("cost", run_cost, lambda ctx: [Layout.cost], uses=("checkpoint", "export"),
+             check=check_export_if_present,
+             doc="cost model (and, with an export, measured decode steps and the export's own cost)")
+
+PIPELINE = (CHECKPOINT, SMOKE, KERNELS, EXPORT, PARITY, COST)

@@ -1,0 +1,309 @@
+"""Every kind of bad input, on every command and the Python API: exit code 2 and exactly one line on stderr naming the
+problem (or the documented ValueError), no traceback, and nothing already on disk changed (hash before and after).
+
+The sandbox holds a good tiny checkpoint, broken copies of it, a build directory with a good export, broken copies of
+that, a plain file and a foreign directory. A command may create its fresh --out directory only to record the
+failure in manifest.json (a checkpoint whose weights are NaN is found when the build loads it)."""
+
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import dsa_export
+from dsa_export.cli import main
+from dsa_export.exporter.onnx_export import export_onnx
+from dsa_export.models import KVCache, get_preset, init_checkpoint, load_checkpoint
+from dsa_export.parity.accuracy import Thresholds
+from dsa_export.parity.cost import Assumptions
+from dsa_export.parity.run import run_parity
+from dsa_export.pipeline import Options, run_build
+from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend, Session
+
+NEW = "new_out"  # a fresh output path inside the sandbox
+LAYER = "model.layers.1.self_attn.indexer.wk.weight"
+
+
+def _edit_weights(path: Path, edit) -> None:
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def _edit_config(path: Path, edit) -> None:
+    raw = json.loads((path / "config.json").read_text())
+    edit(raw)
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+BROKEN_CHECKPOINTS = {
+    "bad_json": lambda p: (p / "config.json").write_text('{"model_type": "deepseek_v32", '),
+    "no_field": lambda p: _edit_config(p, lambda c: c.pop("index_topk")),
+    "wrong_type": lambda p: _edit_config(p, lambda c: c.update(model_type="llama")),
+    "neg_layers": lambda p: _edit_config(p, lambda c: c.update(num_hidden_layers=-1)),
+    "truncated": lambda p: (p / "model.safetensors").write_bytes((p / "model.safetensors").read_bytes()[:5000]),
+    "no_tensor": lambda p: _edit_weights(p, lambda s: s.pop(LAYER)),
+    "bad_shape": lambda p: _edit_weights(p, lambda s: s.update({LAYER: s[LAYER][:8]})),
+    "extra_tensor": lambda p: _edit_weights(p, lambda s: s.update({"model.layers.0.extra.weight": torch.ones(2)})),
+    "int_tensor": lambda p: _edit_weights(p, lambda s: s.update({"model.norm.weight": s["model.norm.weight"].int()})),
+    "nan": lambda p: _edit_weights(p, lambda s: s[LAYER].__setitem__((0, 0), float("nan"))),
+}
+
+
+def _break_export(path: Path, kind: str) -> None:
+    if kind == "trunc_data":
+        data = path / "model.onnx.data"
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif kind == "random_onnx":
+        (path / "model.onnx").write_bytes(bytes(range(256)) * 64)
+    elif kind == "bad_io":
+        (path / "io.json").write_text("{ not json")
+    elif kind == "other_model":
+        _edit_config(path, lambda c: c.update(vocab_size=321))
+    elif kind == "no_config":
+        (path / "config.json").unlink()
+
+
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory, tiny_checkpoint):
+    root = tmp_path_factory.mktemp("sandbox")
+    shutil.copytree(tiny_checkpoint, root / "ckpt")
+    for name, breaks in BROKEN_CHECKPOINTS.items():
+        shutil.copytree(tiny_checkpoint, root / name)
+        breaks(root / name)
+    fp8 = init_checkpoint(get_preset("tiny"), root / "no_scale", seed=2, fp8=True)
+    _edit_weights(fp8, lambda s: s.pop("model.layers.0.self_attn.q_a_proj.weight_scale_inv"))
+    sharded = init_checkpoint(get_preset("tiny"), root / "no_shard", max_shard_bytes=100_000)
+    next(sharded.glob("model-00002-*.safetensors")).unlink()
+    run_build(Options(checkpoint=root / "ckpt", out=root / "export", capacity=64), only=["checkpoint", "export"],
+              log=lambda line: None)
+    for kind in ("trunc_data", "random_onnx", "bad_io", "other_model", "no_config"):
+        shutil.copytree(root / "export", root / kind)
+        _break_export(root / kind, kind)
+    (root / "afile").write_text("precious")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "notes.txt").write_text("keep me")
+    return root
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Relative path -> sha256 and mode of every file and directory under root, except the fresh output path."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if rel.parts[0] == NEW:
+            continue
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "dir"
+        out[str(rel)] = f"{digest} {path.stat().st_mode:o}"
+    return out
+
+
+# (id, argv with {s} = the sandbox, expected exit code, what the one line must say)
+CLI_CASES = [
+    ("build-unknown-gpu", ["build", "--gpu", "v100"], r"Invalid value for '--gpu': 'v100' is not one of"),
+    ("build-negative-seed", ["build", "--seed", "-1"], r"Invalid value for '--seed': -1 is not in the range x>=0"),
+    ("build-zero-price", ["build", "--price", "0"], r"'--price': 0.0 is not in the range x>0"),
+    ("build-negative-price", ["build", "--price", "-2"], r"'--price': -2.0 is not in the range x>0"),
+    ("build-zero-new-tokens", ["build", "--new-tokens", "0"], r"'--new-tokens': 0 is not in the range x>=1"),
+    ("build-tiny-capacity", ["build", "--capacity", "2"], r"'--capacity': 2 is not in the range x>=4"),
+    ("build-negative-threshold", ["build", "--max-abs-logits", "-1"],
+     r"parity threshold max_abs_logits must be a number >= 0, got -1"),
+    ("build-cosine-above-one", ["build", "--min-cosine", "1.5"], r"min_cosine is a fraction in \[0, 1\], got 1.5"),
+    ("build-zero-efficiency", ["build", "--memory", "0"], r"cost assumption memory is a fraction of peak"),
+    ("build-fractional-tokens-per-step", ["build", "--decode-tokens-per-step", "0.5"],
+     r"decode_tokens_per_step must be >= 1"),
+    ("build-float16", ["build", "--dtype", "float16"], r"Invalid value for '--dtype': 'float16' is not one of"),
+    ("build-unknown-preset", ["build", "--preset", "huge"], r"Invalid value for '--preset': 'huge'"),
+    ("build-no-such-checkpoint", ["build", "--checkpoint", "/no/such/dir"], r"Directory '/no/such/dir' does not exist"),
+    ("build-checkpoint-is-a-file", ["build", "--checkpoint", "{s}/afile"], r"afile' is a file"),
+    ("build-out-is-a-file", ["build", "--out", "{s}/afile"], r"afile: output path exists and is not a directory"),
+    ("build-out-not-creatable", ["build", "--out", "/proc/dsa-export-test"], r"cannot create output directory"),
+    ("build-unknown-option", ["build", "--bogus"], r"No such option '--bogus'"),
+    ("build-extra-argument", ["build", "extra"], r"Got unexpected extra argument \(extra\)"),
+    ("build-not-a-number", ["build", "--price", "two"], r"'two' is not a valid float"),
+    ("build-malformed-config", ["build", "--checkpoint", "{s}/bad_json", "--out", "{s}/" + NEW], r"not valid JSON"),
+    ("build-missing-field", ["build", "--checkpoint", "{s}/no_field", "--out", "{s}/" + NEW],
+     r"config field 'index_topk' is missing"),
+    ("build-wrong-model-type", ["build", "--checkpoint", "{s}/wrong_type", "--out", "{s}/" + NEW],
+     r"'model_type' must be 'deepseek_v32', got 'llama'"),
+    ("build-negative-layers", ["build", "--checkpoint", "{s}/neg_layers", "--out", "{s}/" + NEW],
+     r"config field 'num_hidden_layers' must not be negative"),
+    ("build-truncated-safetensors", ["build", "--checkpoint", "{s}/truncated", "--out", "{s}/" + NEW],
+     r"model.safetensors: unreadable safetensors file"),
+    ("build-missing-tensor", ["build", "--checkpoint", "{s}/no_tensor", "--out", "{s}/" + NEW],
+     rf"tensor '{LAYER}' is missing"),
+    ("build-wrong-shape", ["build", "--checkpoint", "{s}/bad_shape", "--out", "{s}/" + NEW],
+     rf"tensor '{LAYER}' has shape \[8, 64\]"),
+    ("build-unexpected-tensor", ["build", "--checkpoint", "{s}/extra_tensor", "--out", "{s}/" + NEW],
+     r"tensor 'model.layers.0.extra.weight' is unexpected"),
+    ("build-integer-weights", ["build", "--checkpoint", "{s}/int_tensor", "--out", "{s}/" + NEW],
+     r"'model.norm.weight' has dtype I32"),
+    ("build-missing-fp8-scale", ["build", "--checkpoint", "{s}/no_scale", "--out", "{s}/" + NEW],
+     r"'model.layers.0.self_attn.q_a_proj.weight_scale_inv' is missing"),
+    ("build-missing-shard", ["build", "--checkpoint", "{s}/no_shard", "--out", "{s}/" + NEW],
+     r"listed in model.safetensors.index.json but missing"),
+    ("build-nan-weights", ["build", "--checkpoint", "{s}/nan", "--out", "{s}/" + NEW],
+     rf"tensor '{LAYER}' holds non-finite values"),
+    ("inspect-unknown-preset", ["inspect", "huge"], r"'huge' is neither a checkpoint directory nor a preset"),
+    ("inspect-a-file", ["inspect", "{s}/afile"], r"afile: not a checkpoint directory"),
+    ("inspect-no-argument", ["inspect"], r"Missing argument 'SOURCE'"),
+    ("inspect-truncated", ["inspect", "{s}/truncated"], r"unreadable safetensors file"),
+    ("inspect-missing-tensor", ["inspect", "{s}/no_tensor"], rf"tensor '{LAYER}' is missing"),
+    ("init-unknown-preset", ["init", "--preset", "huge", "{s}/" + NEW], r"preset 'huge'|'huge'"),
+    ("init-too-large", ["init", "--preset", "v3.2-exp", "{s}/" + NEW], r"needs [\d,.]+ GB of weights in memory"),
+    ("init-negative-seed", ["init", "--seed", "-3", "{s}/" + NEW], r"'--seed': -3 is not in the range"),
+    ("init-zero-shard", ["init", "--max-shard-mb", "0", "{s}/" + NEW], r"'--max-shard-mb': 0 is not in the range"),
+    ("init-over-a-checkpoint", ["init", "{s}/ckpt"], r"already holds a checkpoint"),
+    ("init-into-a-foreign-directory", ["init", "{s}/foreign"], r"not empty and not a checkpoint"),
+    ("init-into-a-file", ["init", "{s}/afile"], r"exists and is not a directory"),
+    ("kernels-unknown-gpu", ["kernels", "--gpu", "v100"], r"Invalid value for '--gpu'"),
+    ("kernels-out-is-a-file", ["kernels", "--out", "{s}/afile"], r"output path exists and is not a directory"),
+    ("kernels-bad-checkpoint", ["kernels", "--checkpoint", "{s}/bad_shape", "--out", "{s}/" + NEW], r"has shape"),
+    ("export-zero-capacity", ["export", "--capacity", "0", "--out", "{s}/" + NEW], r"'--capacity': 0 is not in"),
+    ("export-integer-dtype", ["export", "--dtype", "int8", "--out", "{s}/" + NEW], r"'--dtype': 'int8' is not one"),
+    ("export-missing-field", ["export", "--checkpoint", "{s}/no_field", "--out", "{s}/" + NEW], r"is missing"),
+    ("export-unknown-option", ["export", "--price", "2"], r"No such option '--price'"),
+    ("parity-without-an-export", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/" + NEW],
+     r"stage 'parity' needs 'export', which has not run"),
+    ("parity-truncated-data", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/trunc_data"],
+     r"model.onnx.data: missing or truncated"),
+    ("parity-random-onnx", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/random_onnx"],
+     r"model.onnx: not a readable ONNX file"),
+    ("parity-corrupt-io-json", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/bad_io"],
+     r"io.json: not a readable io.json"),
+    ("parity-other-model", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/other_model"],
+     r"was exported from a different model: vocab_size 321 vs 320"),
+    ("parity-no-config", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/no_config"], r"config.json not found"),
+    ("parity-zero-new-tokens", ["parity", "--new-tokens", "0", "--out", "{s}/export"], r"'--new-tokens': 0"),
+    ("cost-zero-price", ["cost", "--price", "0"], r"'--price': 0.0 is not in the range x>0"),
+    ("cost-unknown-gpu", ["cost", "--gpu", "v100"], r"Invalid value for '--gpu'"),
+    ("cost-efficiency-above-one", ["cost", "--memory", "2"], r"cost assumption memory is a fraction of peak"),
+    ("cost-corrupt-io-json", ["cost", "--out", "{s}/bad_io"], r"not a readable io.json"),
+    ("cost-random-onnx", ["cost", "--out", "{s}/random_onnx"], r"not a readable ONNX file"),
+    ("cost-truncated-data", ["cost", "--out", "{s}/trunc_data"], r"missing or truncated"),
+    ("unknown-command", ["frobnicate"], r"No such command 'frobnicate'"),
+    ("unknown-global-option", ["--bogus"], r"No such option '--bogus'"),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_bad_command_line_input(sandbox, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(sandbox)  # a command that wrongly wrote its default build/<gpu> would show in the hash
+    before = tree(sandbox)
+    code = main([a.format(s=sandbox) for a in argv])
+    out, err = capsys.readouterr()
+    assert code == 2, (err, out)
+    assert err.startswith("dsa-export: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert tree(sandbox) == before  # nothing that was there changed, nothing new appeared
+    fresh = sandbox / NEW
+    if fresh.exists():  # only the record of the failure
+        assert [p.name for p in fresh.iterdir()] == ["manifest.json"]
+        failed = [r for r in json.loads((fresh / "manifest.json").read_text())["stages"].values()
+                  if r["status"] == "failed"]
+        assert len(failed) == 1 and re.search(message, failed[0]["error"])
+        shutil.rmtree(fresh)
+
+
+def _model():
+    return dsa_export.load_model("tiny")
+
+
+def _ort(sandbox):
+    return OnnxRuntimeBackend(sandbox / "export")
+
+
+# (id, call(sandbox), what the ValueError says)
+API_CASES = [
+    ("load-no-such-path", lambda s: dsa_export.load_model("/no/such/dir"),
+     r"'/no/such/dir' is neither a checkpoint directory nor a preset"),
+    ("load-float16", lambda s: dsa_export.load_model("tiny", dtype="float16"),
+     r"dtype must be float32 or bfloat16, got 'float16'"),
+    ("load-negative-seed", lambda s: dsa_export.load_model("tiny", seed=-1), r"seed must be an integer >= 0"),
+    ("load-too-large", lambda s: dsa_export.load_model("v3.2-exp"), r"needs [\d,.]+ GB of weights in memory"),
+    ("load-nan-weights", lambda s: dsa_export.load_model(s / "nan"), rf"tensor '{LAYER}' holds non-finite values"),
+    ("load-truncated", lambda s: load_checkpoint(s / "truncated"), r"unreadable safetensors file"),
+    ("forward-id-beyond-vocab", lambda s: _model()(torch.tensor([[320]])),
+     r"token id 320 is outside the vocabulary \[0, 320\)"),
+    ("forward-negative-id", lambda s: _model()(torch.tensor([[-1]])), r"token id -1 is outside the vocabulary"),
+    ("forward-float-ids", lambda s: _model()(torch.tensor([[1.0, 2.0]])), r"token ids must be integers, got float32"),
+    ("forward-1d-ids", lambda s: _model()(torch.tensor([1, 2, 3])), r"must be 2-D \[batch, seq\].*got shape \[3\]"),
+    ("forward-empty-ids", lambda s: _model()(torch.zeros(1, 0, dtype=torch.long)), r"at least one token"),
+    ("forward-positions-shape", lambda s: _model()(torch.tensor([[1, 2, 3]]), positions=torch.tensor([[0, 1]])),
+     r"positions have shape \[1, 2\], the token ids \[1, 3\]"),
+    ("forward-positions-gap", lambda s: _model()(torch.tensor([[1, 2]]), positions=[[0, 5]]), r"must be consecutive"),
+    ("forward-negative-position", lambda s: _model()(torch.tensor([[1]]), positions=[[-2]]),
+     r"positions must not be negative"),
+    ("forward-cache-batch", lambda s: (lambda m: m(torch.tensor([[1]]), cache=m.new_cache(batch=2)))(_model()),
+     r"the caches hold 2 sequences, the step has 1"),
+    ("forward-cache-layers", lambda s: _model()(torch.tensor([[1]]), cache=KVCache.empty(
+        get_preset("tiny").replace(num_hidden_layers=2), capacity=8)), r"KVCache of this model's 3 layers"),
+    ("forward-cache-full", lambda s: (lambda m: m(torch.tensor([[1, 2, 3]]), cache=m.new_cache(capacity=2)))(
+        _model()), r"3 tokens do not fit a cache of capacity 2"),
+    ("cache-zero-batch", lambda s: KVCache.empty(get_preset("tiny"), batch=0), r"a cache needs batch >= 1"),
+    ("generate-negative-tokens", lambda s: Session(EagerBackend(_model(), capacity=16)).generate([[1]], -1),
+     r"max_new_tokens must be an integer >= 0"),
+    ("generate-negative-temperature", lambda s: Session(EagerBackend(_model(), capacity=16)).generate(
+        [[1]], 2, temperature=-1), r"temperature must be a number >= 0"),
+    ("generate-negative-top-k", lambda s: Session(EagerBackend(_model(), capacity=16)).generate(
+        [[1]], 2, temperature=1, top_k=-5), r"top_k must be an integer >= 0"),
+    ("generate-empty-prompt", lambda s: Session(EagerBackend(_model(), capacity=16)).generate([[1], []], 2),
+     r"every prompt needs at least one token"),
+    ("generate-prompts-not-lists", lambda s: Session(EagerBackend(_model(), capacity=16)).generate("abc", 2),
+     r"prompts must be a list of token-id lists"),
+    ("generate-beyond-capacity", lambda s: Session(_ort(s)).generate([[1] * 60], 8),
+     r"a prompt of 60 tokens \+ 8 new tokens does not fit the cache capacity 64"),
+    ("onnxruntime-negative-id", lambda s: (lambda b: b.step(torch.tensor([[-1]]), torch.tensor([[0]]),
+                                                            b.new_caches(1)))(_ort(s)),
+     r"token id -1 is outside the vocabulary"),
+    ("onnxruntime-no-export", lambda s: OnnxRuntimeBackend("/no/such/dir"), r"no exported model"),
+    ("onnxruntime-random-onnx", lambda s: OnnxRuntimeBackend(s / "random_onnx"), r"ONNX Runtime cannot load"),
+    ("export-capacity-too-small", lambda s: export_onnx(_model(), s / NEW / "x", capacity=2),
+     r"capacity 2 is too small"),
+    ("thresholds-negative", lambda s: Thresholds(max_kl=-1), r"max_kl must be a number >= 0"),
+    ("assumptions-zero", lambda s: Assumptions(memory=0), r"memory is a fraction of peak in \(0, 1\]"),
+    ("api-parity-other-model", lambda s: run_parity(_model(), s / "other_model", s / NEW, Thresholds()),
+     r"exported from a different model"),
+    ("api-init-over-a-checkpoint", lambda s: init_checkpoint(get_preset("tiny"), s / "ckpt"),
+     r"already holds a checkpoint"),
+    ("options-unknown-preset", lambda s: run_build(Options(preset="huge", out=s / NEW)), r"'huge' is neither"),
+]
+
+
+@pytest.mark.parametrize("call, message", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_bad_python_api_input(sandbox, call, message):
+    before = tree(sandbox)
+    with pytest.raises(ValueError, match=message) as raised:
+        call(sandbox)
+    assert "\n" not in str(raised.value)
+    assert tree(sandbox) == before
+    assert not (sandbox / NEW).exists()
+
+
+def test_there_are_at_least_60_distinct_bad_inputs():
+    ids = [c[0] for c in CLI_CASES + API_CASES]
+    assert len(set(ids)) == len(ids) and len(ids) >= 60
+
+
+@pytest.mark.parametrize("ids, positions, message", [
+    ([[-1]], [[0]], r"token id -1 is outside the vocabulary"),
+    ([[320]], [[0]], r"token id 320 is outside the vocabulary"),
+    ([[1.5]], [[0]], r"token ids must be integers"),
+    ([[1, 2]], [[0, 2]], r"must be consecutive"),
+    ([[1]], [[64]], r"65 tokens do not fit a cache of capacity 64"),
+    ([[1], [2]], [[0], [0]], r"the caches hold 1 sequences, the step has 2"),
+])
+def test_every_backend_refuses_the_same_input_with_the_same_message(sandbox, tiny_model, ids, positions, message):
+    backends = [EagerBackend(tiny_model, capacity=64), _ort(sandbox)]
+    errors = []
+    for backend in backends:
+        caches = backend.new_caches(1)
+        with pytest.raises(ValueError, match=message) as raised:
+            backend.step(torch.tensor(ids), torch.tensor(positions), caches)
+        errors.append(str(raised.value))
+    assert errors[0] == errors[1]

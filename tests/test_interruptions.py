@@ -1,0 +1,115 @@
+"""A build killed at several points (SIGTERM, SIGKILL, SIGINT) never leaves an artifact that looks complete but is not,
+records what happened, and a rerun finishes it, reusing what was done; a rerun with other inputs interrupted over a
+complete build leaves no output of the old inputs. Outputs are readable by others, as `cp` would leave them."""
+
+import json
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+BUILD = ["build", "--gpu", "h100", "--capacity", "96", "--new-tokens", "4"]
+
+
+def start(out: Path, *extra: str) -> subprocess.Popen:
+    code = "import os, sys; os.umask(0o022); from dsa_export.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *BUILD, "--out", str(out), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stages(out: Path) -> dict:
+    try:
+        return json.loads((out / "manifest.json").read_text())["stages"]
+    except (OSError, json.JSONDecodeError, KeyError):
+        return {}
+
+
+def kill_when_running(proc: subprocess.Popen, out: Path, stage: str, sig: int, delay: float) -> tuple[int, str]:
+    """Send `sig` `delay` seconds after the manifest shows `stage` running; (exit code, stderr)."""
+    deadline = time.time() + 120
+    while stages(out).get(stage, {}).get("status") != "running":
+        assert proc.poll() is None, f"the build ended before {stage} ran: {proc.communicate()}"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(delay)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    return proc.returncode, err
+
+
+def assert_nothing_half_written(out: Path) -> None:
+    """What exists is complete: model.onnx only with its data, io.json and config.json; a kernel's .json only with
+    its .ptx and .cubin; a report only whole; no temporary files left that a reader could mistake."""
+    if (out / "model.onnx").exists():
+        assert all((out / f).stat().st_size > 0 for f in ("model.onnx.data", "io.json", "config.json"))
+    for meta in out.glob("kernels/*/*.json"):
+        assert meta.with_suffix(".ptx").exists() and meta.with_suffix(".cubin").exists()
+    for report in ("parity/parity.json", "cost/cost.json"):
+        if (out / report).exists():
+            json.loads((out / report).read_text())
+    recorded = stages(out)
+    for name, record in recorded.items():
+        if record["status"] in ("ok", "reused"):
+            assert all((out / p).exists() for p in record["outputs"]), name
+
+
+def test_interrupted_builds_leave_nothing_half_written_and_reruns_finish(tmp_path):
+    out = tmp_path / "b"
+    # SIGTERM while the kernels compile: recorded, like SIGINT; exit 143
+    code, err = kill_when_running(start(out), out, "kernels", signal.SIGTERM, 0.3)
+    assert code == 143 and err.strip() == "dsa-export: interrupted (SIGTERM)"
+    assert stages(out)["kernels"] == {**stages(out)["kernels"], "status": "interrupted", "signal": "SIGTERM"}
+    assert stages(out)["export"]["status"] == "pending"
+    assert_nothing_half_written(out)
+
+    # SIGKILL in the middle of the export: no model.onnx; the manifest still says where it stopped
+    code, _ = kill_when_running(start(out), out, "export", signal.SIGKILL, 2.0)
+    assert code == -signal.SIGKILL
+    assert stages(out)["export"]["status"] == "running" and stages(out)["checkpoint"]["status"] == "reused"
+    assert not (out / "model.onnx").exists()
+    assert_nothing_half_written(out)
+
+    # SIGINT during parity
+    code, err = kill_when_running(start(out), out, "parity", signal.SIGINT, 0.2)
+    assert code == 130 and "interrupted (SIGINT)" in err and "Traceback" not in err
+    assert stages(out)["parity"]["status"] == "interrupted" and stages(out)["export"]["status"] == "ok"
+    assert_nothing_half_written(out)
+
+    # a rerun finishes it, reusing what was done
+    proc = start(out)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    done = stages(out)
+    assert {done[s]["status"] for s in ("checkpoint", "smoke", "kernels", "export")} == {"reused"}
+    assert done["parity"]["status"] == "ok" and done["cost"]["status"] == "ok"
+    assert_nothing_half_written(out)
+    assert_readable_by_others(out)
+
+    # other inputs (a larger capacity) over the complete build, interrupted: the old export and everything made from
+    # it are gone before any work, so nothing of the old inputs looks current
+    code, _ = kill_when_running(start(out, "--capacity", "128"), out, "export", signal.SIGTERM, 0.5)
+    assert code == 143
+    now = stages(out)
+    assert now["export"]["status"] == "interrupted" and now["parity"]["status"] == "pending"
+    assert now["kernels"]["status"] == "reused"
+    assert not (out / "model.onnx").exists() and not (out / "parity").exists() and not (out / "cost").exists()
+    assert_nothing_half_written(out)
+
+
+def assert_readable_by_others(out: Path) -> None:
+    """0644 files and 0755 directories under umask 022, the checkpoint, kernels and reports included."""
+    for path in [out, *out.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        assert mode == (0o755 if path.is_dir() else 0o644), f"{path.relative_to(out)}: {oct(mode)}"
+
+
+def test_a_manifest_from_another_tool_or_garbage_is_not_trusted(tmp_path, capsys):
+    from dsa_export.cli import main
+
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "manifest.json").write_text("{ garbage")
+    assert main(["export", "--out", str(out), "--capacity", "16"]) == 0
+    assert stages(out)["export"]["status"] == "ok"  # nothing reused from an unreadable manifest
