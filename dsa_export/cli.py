@@ -128,6 +128,10 @@ def _register_commands() -> None:
                    "per MoE layer one dsa::RoutedExperts node (with standard-op decompositions as model-local "
                    "functions), per-layer caches at a fixed capacity written in place (TensorScatter), dynamic batch "
                    "and sequence; then check the graph.", "dsa-export export --preset tiny --out build/onnx")
+    _stage_command("engine", "Build the TensorRT engine <out>/engine/model.plan from <out>'s export and AOT kernels, the "
+                   "dsa:: ops as ahead-of-time Triton plugins (needs TensorRT >= 10.15 and a GPU of the target's "
+                   "architecture; elsewhere the stage is skipped, or refused with --require-engine).",
+                   "dsa-export engine --gpu h100 --out build/h100")
     _stage_command("parity", "Compare the eager model with ONNX Runtime on <out>'s export (logits, KL, top-1, greedy "
                    "tokens, indexer selections); write <out>/parity/parity.json and parity.md; exit 1 naming the "
                    "metric if a threshold is missed.", "dsa-export parity --preset tiny --out build/onnx")

@@ -76,6 +76,7 @@ class OpContract:
     outputs: tuple[TensorArg, ...]
     doc: str
     cost_model: Callable[[Workload], OpCost] = field(compare=False, repr=False)
+    aliases: tuple[tuple[str, str], ...] = ()  # (output, input): the output is written in place of that input
 
     @property
     def qualified_name(self) -> str:
@@ -225,6 +226,7 @@ ROUTED_EXPERTS = OpContract(
     outputs=_ROUTED_OUT,
     doc=_ROUTED_DOC,
     cost_model=_routed_experts_cost,
+    aliases=(("out", "base"),),
 )
 
 ROUTED_EXPERTS_FP8 = OpContract(
@@ -244,6 +246,7 @@ ROUTED_EXPERTS_FP8 = OpContract(
     doc=_ROUTED_DOC + "; weights are dequantised per block (W8·scale, in fp32, then rounded to x's dtype) as they "
                       "are read, so an engine holds one byte per expert parameter",
     cost_model=_routed_experts_cost,
+    aliases=(("out", "base"),),
 )
 
 CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)

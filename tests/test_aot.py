@@ -11,13 +11,15 @@ import re
 
 import pytest
 
+from dsa_export.contracts import CONTRACTS as ALL_CONTRACTS
 from dsa_export.errors import DSAExportError
 from dsa_export.kernels import aot
 from dsa_export.models.presets import get_preset
 from dsa_export.targets import TARGETS
 
 TINY = aot.kernel_dims(get_preset("tiny"))
-JSON_FIELDS = {"kernel", "op", "symbol", "target", "arch", "compute_capability", "ptx_version", "num_warps",
+CONTRACTS = {c.onnx_name: c for c in ALL_CONTRACTS}
+JSON_FIELDS = {"kernel", "contract", "selector", "symbol", "target", "arch", "compute_capability", "ptx_version", "num_warps",
                "num_stages", "threads_per_block", "grid", "shared_bytes", "registers", "signature", "constexprs",
                "arguments", "ptx_params", "hidden_params", "global_scratch_size", "profile_scratch_size"}
 
@@ -65,16 +67,29 @@ def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
         assert 0 < meta["registers"] <= limits.max_registers_per_thread
         assert meta["ptx_version"] == re.search(r"^\.version (\S+)$", ptx, re.M).group(1)
         constexprs = meta["constexprs"]
-        if meta["op"] == "lightning_indexer":
-            assert meta["grid"] == "B*S, 1, 1" and constexprs["SKIP_TILES"] == (target.compute_capability < (10, 0))
-        elif meta["op"] == "sparse_mla":
-            assert meta["grid"].startswith("B*S, ") and constexprs["SCALE"] == TINY.scale
+        if meta["contract"] == "LightningIndexer":
+            assert meta["grid"] == [[["q", 0], ["q", 1]], [1], [1]]  # B·S query rows
+            assert constexprs["SKIP_TILES"] == (target.compute_capability < (10, 0))
+        elif meta["contract"] == "SparseMLA":
+            assert meta["grid"][0] == [["q", 0], ["q", 1]] and constexprs["SCALE"] == TINY.scale
         else:  # routed experts: one I-slice of 32 for tiny; the FP8 ones read e4m3 codes and the block sizes
-            assert meta["grid"] == "E, 1, 1" and (constexprs["H"], constexprs["I"]) == (TINY.hidden, TINY.moe_inter)
-            fp8 = meta["op"] == "routed_experts_fp8"
+            assert meta["grid"] == [[["gate_up", 0]], [1], [1]]  # E experts × I-slices
+            assert (constexprs["H"], constexprs["I"]) == (TINY.hidden, TINY.moe_inter)
+            fp8 = meta["contract"] == "RoutedExpertsFP8"
             assert (meta["signature"]["down_ptr"] == "*fp8e4nv") == fp8 == ("down_scale_ptr" in meta["signature"])
             assert list(meta["signature"])[-4:] == ["base_ptr", "N", "K", "out_ptr"]
             assert not fp8 or (constexprs["BLOCK_OUT"], constexprs["BLOCK_IN"]) == (128, 128)
+        # TensorRT's AOT argument order: input pointers, then int32 scalars (dims of inputs), then outputs, then
+        # Triton's hidden scratch pointers, which the PTX must never read
+        kinds = [a["kind"] for a in meta["arguments"]]
+        assert kinds == sorted(kinds, key=["input", "scalar", "output", "hidden"].index)
+        contract = CONTRACTS[meta["contract"]]
+        assert [a["tensor"] for a in meta["arguments"] if a["kind"] == "input"] == [t.name for t in contract.inputs]
+        assert [a["tensor"] for a in meta["arguments"] if a["kind"] == "output"] == [t.name for t in contract.outputs]
+        declared = [p for p in aot.ptx_entry_params(ptx)][:kinds.index("hidden")]
+        hidden = aot.ptx_entry_params(ptx)[kinds.index("hidden"):]
+        assert all(f"[{p}]" in ptx for p in declared if p.endswith(("_param_0", "_param_1"))) and hidden
+        assert not any(f"[{p}]" in ptx for p in hidden)
         # hidden trailing params: what the PTX .entry really has, beyond the kernel's own runtime arguments
         entry = re.search(r"\.entry\s+(\w+)\s*\((.*?)\)", ptx, re.S)
         assert entry.group(1) == meta["symbol"]

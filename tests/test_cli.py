@@ -50,6 +50,7 @@ def test_build_writes_manifest_and_reuses_it(capsys, tmp_path):
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     stages = manifest["stages"]
     assert [stages[s]["status"] for s in ("checkpoint", "smoke", "kernels", "export", "parity", "cost")] == ["ok"] * 6
+    assert stages["engine"]["status"] == "skipped" and stages["engine"]["command"].startswith("dsa-export engine")
     assert stages["smoke"]["max_abs_diff"] < 1e-4
     kernel_dir = tmp_path / "b" / "kernels" / "sm_90a"
     for name in stages["kernels"]["kernels"]:
@@ -69,7 +70,8 @@ def test_build_writes_manifest_and_reuses_it(capsys, tmp_path):
 
     code, out, _ = run_cli(capsys, "build", "--gpu", "h200", "--out", str(tmp_path / "b"), "--capacity", "256")
     again = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
-    assert code == 0 and {r["status"] for r in again.values()} == {"reused"}
+    assert code == 0 and {n: r["status"] for n, r in again.items()} == {
+        **dict.fromkeys(stages, "reused"), "engine": "skipped"}  # skipped again: no TensorRT here either
     assert [r["fingerprint"] for r in again.values()] == [r["fingerprint"] for r in stages.values()]
 
 

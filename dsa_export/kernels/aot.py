@@ -102,17 +102,45 @@ def kernel_dims(config) -> KernelDims:
 
 
 @dataclass(frozen=True)
+class Argument:
+    """One runtime argument of a kernel, in TensorRT's AOT plugin order: input pointers, int32 scalars (each a dim of
+    an input), output pointers."""
+    name: str  # the kernel's parameter
+    type: str  # its Triton type, e.g. "*bf16", "i32"
+    kind: str  # "input", "scalar" or "output"
+    tensor: str  # the contract's tensor it is (a scalar: the tensor whose dim it is)
+    dim: int | None = None  # a scalar: which dim
+
+
+def inp(name: str, type_: str, tensor: str) -> Argument:
+    return Argument(name, type_, "input", tensor)
+
+
+def scalar(name: str, tensor: str, dim: int) -> Argument:
+    return Argument(name, "i32", "scalar", tensor, dim)
+
+
+def out(name: str, type_: str, tensor: str) -> Argument:
+    return Argument(name, type_, "output", tensor)
+
+
+@dataclass(frozen=True)
 class KernelSpec:
-    """One specialisation to compile: kernel, runtime argument types (in kernel order), compile-time constants."""
+    """One specialisation to compile, and how a plugin launches it (kernels/launch.py evaluates that)."""
     name: str  # file stem, e.g. "lightning_indexer_bf16"
-    op: str
+    contract: str  # the op's ONNX name / TensorRT plugin name, e.g. "LightningIndexer"
     kernel: object  # the @triton.jit function
-    signature: dict[str, str]  # runtime argument → Triton type, in the kernel's order
-    roles: dict[str, str]  # runtime argument → what the launcher passes
+    arguments: tuple[Argument, ...]  # runtime arguments, in the kernel's order
+    selector: tuple[str, str]  # (input tensor, dtype) that picks this specialisation at build time
     constexprs: dict
-    grid: str  # launch grid as a formula of the input shapes
+    # grid (x, y, z): each a product of factors, a factor an int or (input tensor, dim)
+    grid: tuple[tuple, tuple, tuple]
     num_warps: int
     num_stages: int
+
+    @property
+    def signature(self) -> dict[str, str]:
+        return {a.name: a.type for a in self.arguments}
 
 
 def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
@@ -126,27 +154,26 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
     for dtype in indexer_dtypes:
         t = TRITON_TYPES[dtype]
         specs.append(KernelSpec(
-            name=f"lightning_indexer_{DTYPE_TAGS[dtype]}", op="lightning_indexer",
+            name=f"lightning_indexer_{DTYPE_TAGS[dtype]}", contract="LightningIndexer",
             kernel=triton_indexer.lightning_indexer_kernel,
-            signature={"q_ptr": f"*{t}", "k_ptr": f"*{t}", "w_ptr": "*fp32", "pos_ptr": POSITIONS_TYPE,
-                       "S": "i32", "T": "i32", "out_ptr": "*i32"},
-            roles={"q_ptr": "input q [B,S,HI,DI]", "k_ptr": "input k [B,T,DI]", "w_ptr": "input w [B,S,HI]",
-                   "pos_ptr": "input positions [B,S]", "S": "scalar q.shape[1]", "T": "scalar k.shape[1]",
-                   "out_ptr": "output indices [B,S,topk]"},
+            arguments=(inp("q_ptr", f"*{t}", "q"), inp("k_ptr", f"*{t}", "k"), inp("w_ptr", "*fp32", "w"),
+                       inp("pos_ptr", POSITIONS_TYPE, "positions"), scalar("S", "q", 1), scalar("T", "k", 1),
+                       out("out_ptr", "*i32", "indices")),
+            selector=("q", dtype_name(dtype)),
             constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dtype, capability),
-            grid="B*S, 1, 1", num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
+            grid=((("q", 0), ("q", 1)), (1,), (1,)),  # one program per query row
+            num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
     for dtype in (torch.float32, torch.bfloat16):
         t = TRITON_TYPES[dtype]
         constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
         head_blocks = triton_sparse_mla.sparse_mla_grid(1, 1, constexprs)[1]
         specs.append(KernelSpec(
-            name=f"sparse_mla_{DTYPE_TAGS[dtype]}", op="sparse_mla", kernel=triton_sparse_mla.sparse_mla_kernel,
-            signature={"q_ptr": f"*{t}", "kv_ptr": f"*{t}", "idx_ptr": "*i32", "S": "i32", "T": "i32", "K": "i32",
-                       "out_ptr": f"*{t}"},
-            roles={"q_ptr": "input q [B,S,H,DK]", "kv_ptr": "input kv [B,T,DK]", "idx_ptr": "input indices [B,S,K]",
-                   "S": "scalar q.shape[1]", "T": "scalar kv.shape[1]", "K": "scalar indices.shape[2]",
-                   "out_ptr": "output out [B,S,H,dv]"},
-            constexprs=constexprs, grid=f"B*S, {head_blocks}, 1",
+            name=f"sparse_mla_{DTYPE_TAGS[dtype]}", contract="SparseMLA", kernel=triton_sparse_mla.sparse_mla_kernel,
+            arguments=(inp("q_ptr", f"*{t}", "q"), inp("kv_ptr", f"*{t}", "kv"), inp("idx_ptr", "*i32", "indices"),
+                       scalar("S", "q", 1), scalar("T", "kv", 1), scalar("K", "indices", 2),
+                       out("out_ptr", f"*{t}", "out")),
+            selector=("q", dtype_name(dtype)), constexprs=constexprs,
+            grid=((("q", 0), ("q", 1)), (head_blocks,), (1,)),  # query rows × blocks of heads
             num_warps=triton_sparse_mla.NUM_WARPS, num_stages=triton_sparse_mla.NUM_STAGES))
     for fp8 in (False, True) if target.fp8 else (False,):
         for dtype in (torch.float32, torch.bfloat16):
@@ -159,27 +186,27 @@ def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> Ker
 
     t = TRITON_TYPES[dtype]
     w = TRITON_TYPES[torch.float8_e4m3fn] if fp8 else t  # FP8 weights: the uint8 codes, read as e4m3
-    codes = " (FP8 e4m3 codes)" if fp8 else ""
-    arguments = [  # name, Triton type, role; in the kernel's order
-        ("x_ptr", f"*{t}", "input x [N,H]"), ("experts_ptr", "*i32", "input experts [N,k]"),
-        ("weights_ptr", "*fp32", "input weights [N,k]"), ("gate_up_ptr", f"*{w}", f"input gate_up [E,2I,H]{codes}"),
-        ("gate_up_scale_ptr", "*fp32", "input gate_up_scale [E,GB,HB]") if fp8 else None,
-        ("down_ptr", f"*{w}", f"input down [E,H,I]{codes}"),
-        ("down_scale_ptr", "*fp32", "input down_scale [E,DB,IB]") if fp8 else None,
-        ("base_ptr", "*fp32", "input base [N,H] (never read: out aliases it)"),
-        ("N", "i32", "scalar x.shape[0]"), ("K", "i32", "scalar experts.shape[1]"),
-        ("out_ptr", "*fp32", "output out [N,H], holding base at launch (aliases base)")]
-    arguments = [a for a in arguments if a is not None]
+    arguments = [inp("x_ptr", f"*{t}", "x"), inp("experts_ptr", "*i32", "experts"),
+                 inp("weights_ptr", "*fp32", "weights"), inp("gate_up_ptr", f"*{w}", "gate_up")]
+    arguments += [inp("gate_up_scale_ptr", "*fp32", "gate_up_scale")] if fp8 else []
+    arguments += [inp("down_ptr", f"*{w}", "down")]
+    arguments += [inp("down_scale_ptr", "*fp32", "down_scale")] if fp8 else []
+    arguments += [inp("base_ptr", "*fp32", "base"),  # never read: the output aliases it and holds it at launch
+                  scalar("N", "x", 0), scalar("K", "experts", 1), out("out_ptr", "*fp32", "out")]
     constexprs = triton_moe.routed_experts_constexprs(dims.hidden, dims.moe_inter, dtype,
                                                       (dims.block_out, dims.block_in) if fp8 else None)
     slices = triton_moe.routed_experts_grid(1, constexprs)[1]
     return KernelSpec(
         name=f"routed_experts{'_fp8' if fp8 else ''}_{DTYPE_TAGS[dtype]}",
-        op="routed_experts_fp8" if fp8 else "routed_experts",
+        contract="RoutedExpertsFP8" if fp8 else "RoutedExperts",
         kernel=triton_moe.routed_experts_fp8_kernel if fp8 else triton_moe.routed_experts_kernel,
-        signature={name: type_ for name, type_, _ in arguments}, roles={name: role for name, _, role in arguments},
-        constexprs=constexprs, grid=f"E, {slices}, 1",  # E = gate_up.shape[0]
+        arguments=tuple(arguments), selector=("x", dtype_name(dtype)), constexprs=constexprs,
+        grid=((("gate_up", 0),), (slices,), (1,)),  # experts × I-slices
         num_warps=triton_moe.NUM_WARPS, num_stages=triton_moe.NUM_STAGES)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------------
@@ -197,6 +224,18 @@ def check_limits(kernel: str, target: GPUTarget, shared_bytes: int, registers: i
         if registers * threads > limits.max_registers_per_block:
             raise DSAExportError(f"{where} needs {registers * threads} registers per block "
                                  f"({registers} × {threads} threads), limit {limits.max_registers_per_block}")
+
+
+def check_hidden_params(kernel: str, ptx: str, params: list[str], declared: int, meta) -> None:
+    """Triton appends scratch pointers (global, profile) after the kernel's own arguments; TensorRT's AOT launcher
+    knows only the declared ones and pads the rest. Safe exactly when Triton needs no scratch (both sizes 0) and the
+    PTX never reads those parameters, whatever value they get: checked here, for every target."""
+    if meta.global_scratch_size or meta.profile_scratch_size:
+        raise DSAExportError(f"kernel {kernel} needs Triton scratch memory ({meta.global_scratch_size} + "
+                             f"{meta.profile_scratch_size} B), which a TensorRT AOT plugin launch cannot provide")
+    read = [p for p in params[declared:] if re.search(rf"ld\.param\.\w+\s+%\w+,\s*\[{re.escape(p)}\]", ptx)]
+    if read:
+        raise DSAExportError(f"kernel {kernel}: the PTX reads Triton's hidden parameters {read}")
 
 
 def ptx_entry_params(ptx: str) -> list[str]:
@@ -264,18 +303,20 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
                              f"ahead-of-time plugin launcher does not opt in to more than the default 48 KiB")
 
     params = ptx_entry_params(ptx)
-    hidden = params[len(spec.signature):]
+    hidden = params[len(spec.arguments):]
+    check_hidden_params(spec.name, ptx, params, len(spec.arguments), meta)
 
-    arguments = [{"name": name, "type": type_, "role": spec.roles[name]} for name, type_ in spec.signature.items()]
-    hidden_names = ["global_scratch", "profile_scratch"] + [f"hidden_{i}" for i in range(2, len(hidden))]
-    arguments += [{"name": name, "type": "*i8", "role": "hidden: triton scratch pointer, sized by "
-                   "global_scratch_size/profile_scratch_size (0: pass null)"} for name in hidden_names[:len(hidden)]]
+    arguments = [{k: v for k, v in asdict(a).items() if v is not None} for a in spec.arguments]
+    arguments += [{"name": name, "type": "*i8", "kind": "hidden"}
+                  for name in (["global_scratch", "profile_scratch"] + [f"hidden_{i}" for i in range(2, 9)])
+                  [:len(hidden)]]
     metadata = {
-        "kernel": spec.name, "op": spec.op, "symbol": meta.name,
+        "kernel": spec.name, "contract": spec.contract, "symbol": meta.name,
+        "selector": {"tensor": spec.selector[0], "dtype": spec.selector[1]},
         "target": target.name, "arch": arch, "compute_capability": target.cc,
         "ptx_version": re.search(r"^\.version\s+([\d.]+)", ptx, re.M).group(1), "triton_version": triton.__version__,
         "num_warps": meta.num_warps, "num_stages": spec.num_stages, "threads_per_block": threads,
-        "block": f"{threads}, 1, 1", "grid": spec.grid,
+        "block": [threads, 1, 1], "grid": [[list(f) if isinstance(f, tuple) else f for f in axis] for axis in spec.grid],
         "shared_bytes": meta.shared, "static_shared_bytes": usage.get("shared"),
         "registers": usage.get("reg"), "local_bytes": usage.get("local"), "stack_bytes": usage.get("stack"),
         "global_scratch_size": meta.global_scratch_size, "profile_scratch_size": meta.profile_scratch_size,

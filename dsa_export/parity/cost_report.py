@@ -31,11 +31,13 @@ def random_cache_contents(config, capacity: int, context: int, seed: int = 0) ->
 
 
 def measure_decode(model, onnx_dir: Path | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
-                   label: str = "model") -> dict:
-    """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, ONNX Runtime."""
+                   label: str = "model", extra_backends: list | None = None) -> dict:
+    """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, ONNX Runtime (and
+    any other backend given, e.g. a TensorRT engine)."""
     backends = {"eager dense": EagerBackend(model, attention="dense"), "eager DSA": EagerBackend(model)}
     if onnx_dir is not None:
         backends["onnxruntime DSA"] = OnnxRuntimeBackend(onnx_dir)
+    backends.update((f"{b.name} DSA", b) for b in extra_backends or [])
     capacity = min(b.capacity for b in backends.values())
     contexts = [c for c in contexts if c < capacity]
     rows = {name: [] for name in backends}

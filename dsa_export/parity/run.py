@@ -13,12 +13,13 @@ from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
 
 
 def run_parity(model: DSAForCausalLM, onnx_dir: str | Path, out_dir: str | Path, thresholds: Thresholds,
-               new_tokens: int = 32, seed: int = 0, raise_on_failure: bool = True) -> dict:
+               new_tokens: int = 32, seed: int = 0, raise_on_failure: bool = True,
+               extra_backends: list | None = None) -> dict:
     """Compare the eager model with ONNX Runtime on the exported graph (TensorRT joins where it exists); write
     parity.json and parity.md into out_dir. Raises CheckFailure naming the missed metrics."""
     check_export_dir(Path(onnx_dir), model.config)
     prompts = default_prompts(model.config.vocab_size, seed)
-    backends = [OnnxRuntimeBackend(onnx_dir, record_indexer=True)]
+    backends = [OnnxRuntimeBackend(onnx_dir, record_indexer=True), *(extra_backends or [])]
     reports = [compare(EagerBackend(model, record_indexer=True), backend, prompts, new_tokens) for backend in backends]
     missed = write_report(reports, thresholds, out_dir)
     if missed and raise_on_failure:

@@ -79,6 +79,10 @@ class BuildContext:
             self._models[dtype] = use_custom_ops(load_checkpoint(self.checkpoint_dir, dtype=dtype))
         return self._models[dtype]
 
+    def required(self, stage: str) -> bool:
+        """A stage the user demanded: not being able to run it here is an error, not a skip."""
+        return stage == "engine" and self.options.require_engine
+
     def tool_versions(self) -> dict:
         import onnx
         import onnxruntime

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import click
 
+from dsa_export.errors import DSAExportError
 from dsa_export.models.config import MODEL_DTYPES
 from dsa_export.models.presets import PRESETS
 from dsa_export.parity.accuracy import Thresholds
@@ -52,6 +53,18 @@ class Options:
                                     flag=True)
     dequantize_experts: bool = option(False, "Store FP8 routed experts in --dtype instead of keeping them FP8 with "
                                       "their block scales.", stages=("export",), flag=True)
+    # engine
+    precision: str = option("auto", "Precision the engine must have (TensorRT is strongly typed: it comes from the "
+                            "export): auto = the export's; fp8 = FP8 routed experts (not on a100).",
+                            click.Choice(["auto", "float32", "bfloat16", "fp8"]), stages=("engine",))
+    max_batch: int = option(8, "Largest batch of the decode profile.", click.IntRange(min=1), stages=("engine",))
+    prefill_batch: int = option(1, "Largest batch of the prefill profile.", click.IntRange(min=1), stages=("engine",))
+    max_prefill: int = option(8192, "Longest prefill step (tokens) of the prefill profile (capped by the capacity).",
+                              click.IntRange(min=1), stages=("engine",))
+    workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", click.FloatRange(min=0, min_open=True),
+                                 stages=("engine",))
+    require_engine: bool = option(False, "Fail (exit 2) if the TensorRT engine cannot be built on this machine.",
+                                  stages=("engine",), flag=True, fingerprint=False)
     # parity
     new_tokens: int = option(32, "Greedy tokens generated per parity prompt.", click.IntRange(min=1),
                              stages=("parity",))
@@ -59,6 +72,13 @@ class Options:
     # cost
     price: float = option(2.0, "USD per GPU-hour.", click.FloatRange(min=0, min_open=True), stages=("cost",))
     assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", stages=("cost",))
+
+    def __post_init__(self):
+        target = TARGETS.get(str(self.gpu).lower())
+        if self.precision == "fp8" and target is not None and not target.fp8:
+            fp8 = ", ".join(name for name, t in TARGETS.items() if t.fp8)
+            raise DSAExportError(f"--precision fp8: {target.name} ({target.kernel_arch}) has no FP8 (GPUs with FP8: "
+                                 f"{fp8})")
 
     @property
     def source(self) -> str:

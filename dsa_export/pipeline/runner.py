@@ -53,6 +53,7 @@ class Stage:
     finish_command: Callable[[Any], str] | None = None  # ctx -> the command that runs it where it can
     # (ctx, the stages this run will produce) -> raises DSAExportError for bad input, before anything is written
     check: Callable[[Any, set[str]], None] | None = None
+    skipped: Callable[[Any], dict] | None = None  # ctx -> what the record of a skipped run says (may refuse: raise)
     doc: str = ""
 
 
@@ -132,10 +133,21 @@ class Runner:
             return (record.get("status") in FINISHED and record.get("fingerprint") == fingerprints[stage.name]
                     and all((layout.root / p).exists() for p in record.get("outputs", [])))
 
-        rerun = {s.name for s in selected if not reusable(s)}
+        def skipped_again(stage: Stage) -> bool:  # skipped before and still unavailable: the same nothing again
+            record = old_stages.get(stage.name, {})
+            return (record.get("status") == "skipped" and record.get("fingerprint") == fingerprints[stage.name]
+                    and stage.unavailable is not None and stage.unavailable(ctx) is not None)
+
+        to_run = {s.name for s in selected if not reusable(s)}
+        rerun = {name for name in to_run if not skipped_again(self._by_name()[name])}  # results that change
         for stage in selected:
-            if stage.name in rerun and stage.check:
+            if stage.name not in to_run:
+                continue
+            if stage.check:
                 stage.check(ctx, rerun)
+            reason = stage.unavailable(ctx) if stage.unavailable else None
+            if reason and ctx.required(stage.name):
+                raise DSAExportError(f"stage '{stage.name}' cannot run on this machine: {reason}")
         ensure_output_dir(layout.root)  # only now: bad input has been refused by the fingerprints and checks above
         stale = self.downstream(rerun)
         for name in stale:  # before any work: no output of old inputs survives beside the new manifest
@@ -156,7 +168,7 @@ class Runner:
         write_json_atomic(manifest_path, self.manifest)
 
         for stage in selected:
-            self._run_stage(ctx, stage, old_stages.get(stage.name, {}), stage.name in rerun, manifest_path)
+            self._run_stage(ctx, stage, old_stages.get(stage.name, {}), stage.name in to_run, manifest_path)
         self.log(self.summary())
         failed = {n: r for n, r in self.manifest["stages"].items() if r["status"] == "failed"}
         if failed:
@@ -175,6 +187,7 @@ class Runner:
             return
         reason = stage.unavailable(ctx) if stage.unavailable else None
         if reason:
+            record.update(stage.skipped(ctx) if stage.skipped else {})
             record.update(status="skipped", reason=reason, outputs=[],
                           command=stage.finish_command(ctx) if stage.finish_command else None)
             self.log(f"[{stage.name}] skipped: {reason}")
@@ -207,9 +220,9 @@ class Runner:
         """The table the run ends with: stage, status, seconds, outputs, and what the stage says about itself."""
         rows = [("stage", "status", "seconds", "outputs", "notes")]
         for name, record in self.manifest["stages"].items():
+            notes = [record[k] for k in ("reason", "note", "error") if record.get(k)]
             rows.append((name, record["status"], f"{record.get('seconds', 0):.1f}",
-                         ", ".join(record.get("outputs", [])) or "-", record.get("note", "")
-                         or record.get("reason", "")))
+                         ", ".join(record.get("outputs", [])) or "-", "; ".join(notes)))
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
+from dsa_export.errors import DSAExportError
 from dsa_export.pipeline.context import BuildContext, Layout
+from dsa_export.pipeline.options import Options
 from dsa_export.pipeline.runner import Stage
 
 # ---- checkpoint: the one the build reads --------------------------------------------------------------------------
@@ -95,7 +97,97 @@ EXPORT = Stage("export", run_export, lambda ctx: [Path(f) for f in Layout.onnx],
                doc="trace and export ONNX, check the graph")
 
 
-# ---- parity: eager vs ONNX Runtime -----------------------------------------------------------------------------------
+# ---- engine: TensorRT, where TensorRT and a GPU of the target's architecture are ----------------------------------
+def engine_shapes(ctx: BuildContext):
+    from dsa_export.exporter.engine import EngineShapes
+
+    o = ctx.options
+    return EngineShapes(max_batch=o.max_batch, prefill_batch=o.prefill_batch, max_prefill=o.max_prefill)
+
+
+def engine_plan(ctx: BuildContext) -> dict:
+    """The engine's memory plan for the build's export, refused if it cannot fit the target or does not have the
+    precision asked for (needs the export on disk)."""
+    import onnx
+
+    from dsa_export.exporter.engine import check_fits, memory_plan
+    from dsa_export.exporter.graph_io import GraphIO
+
+    io = GraphIO.load(ctx.layout / "io.json")
+    precision = ctx.options.precision
+    if precision == "fp8":
+        graph = onnx.load(ctx.layout / "model.onnx", load_external_data=False).graph
+        if not any(n.op_type == "RoutedExpertsFP8" for n in graph.node):
+            raise DSAExportError("--precision fp8: the export holds no FP8 experts (an FP8 checkpoint, exported "
+                                 "without --dequantize-experts, has them)")
+    elif precision != "auto" and precision != io.cache_dtype:
+        raise DSAExportError(f"--precision {precision}: the export is {io.cache_dtype} (export with --dtype "
+                             f"{precision}; TensorRT takes precision from the graph)")
+    plan = memory_plan(ctx.layout.root, io, ctx.target, engine_shapes(ctx), ctx.options.workspace_gb)
+    check_fits(plan, ctx.target)
+    return plan
+
+
+def check_engine(ctx: BuildContext, produced: set[str]) -> None:
+    from dsa_export.exporter.engine import check_gpu
+
+    check_gpu(ctx.target)
+    if "export" not in produced:
+        check_export_if_present(ctx, produced)  # the engine is built from whatever model was exported
+        engine_plan(ctx)
+
+
+def engine_unavailable(ctx: BuildContext) -> str | None:
+    from dsa_export.exporter.engine import unavailable
+
+    return unavailable(ctx.target)
+
+
+def engine_skipped(ctx: BuildContext) -> dict:
+    """Even where no engine can be built, say whether it would fit the target (and refuse if it cannot)."""
+    plan = engine_plan(ctx)
+    return {"memory": plan, "note": f"would need {plan['total_gb']:.2f} of {plan['gpu_gb']:.0f} GB"}
+
+
+def engine_command(ctx: BuildContext) -> str:
+    """The command that builds the engine from this build directory on a machine with TensorRT and the GPU."""
+    o, defaults = ctx.options, Options()
+    flags = [f"--{name.replace('_', '-')} {getattr(o, name)}" for name in
+             ("precision", "max_batch", "prefill_batch", "max_prefill", "workspace_gb")
+             if getattr(o, name) != getattr(defaults, name)]
+    return (f"dsa-export engine --gpu {ctx.target.name} --out {ctx.layout.root} {' '.join(flags)}".rstrip()
+            + f"   # with TensorRT >= 10.15 and a {ctx.target.name} ({ctx.target.kernel_arch}) GPU; copy "
+              f"{ctx.layout.root} there")
+
+
+def run_engine(ctx: BuildContext) -> dict:
+    from dsa_export.exporter.engine import build_engine
+
+    plan = engine_plan(ctx)
+    record = build_engine(ctx.layout.root, ctx.layout / Layout.kernels(ctx.target.kernel_arch),
+                          ctx.layout / Layout.engine, ctx.target, engine_shapes(ctx), ctx.options.workspace_gb,
+                          ctx.log)
+    return {"engine": record, "memory": plan, "note": f"TensorRT {record['tensorrt']}, "
+                                                      f"{record['plugin_layers']} plugin layers"}
+
+
+ENGINE = Stage("engine", run_engine, lambda ctx: [Layout.engine], after=("kernels", "export"), check=check_engine,
+               unavailable=engine_unavailable, skipped=engine_skipped, finish_command=engine_command,
+               doc="TensorRT engine with the dsa:: ops as AOT Triton plugins")
+
+
+def extra_backends(ctx: BuildContext) -> list:
+    """The TensorRT engine as a backend, where there is one and this machine can run it."""
+    from dsa_export.exporter.engine import unavailable
+
+    if (ctx.layout / Layout.engine / "model.plan").exists() and unavailable(ctx.target) is None:
+        from dsa_export.runtime.tensorrt import TensorRTBackend
+
+        return [TensorRTBackend(ctx.layout.root)]
+    return []
+
+
+# ---- parity: eager vs ONNX Runtime (and TensorRT) ------------------------------------------------------------------
 def run_parity_stage(ctx: BuildContext) -> dict:
     from dsa_export.exporter.onnx_export import export_onnx
     from dsa_export.parity.run import run_parity
@@ -105,7 +197,7 @@ def run_parity_stage(ctx: BuildContext) -> dict:
 
     def compare(onnx_dir: Path) -> dict:
         return run_parity(reference, onnx_dir, ctx.layout / Layout.parity, o.thresholds, o.new_tokens, o.seed,
-                          raise_on_failure=False)
+                          raise_on_failure=False, extra_backends=extra_backends(ctx))
 
     if ctx.dtype == torch.float32:
         report = compare(ctx.layout.root)
@@ -137,7 +229,8 @@ def check_export_if_present(ctx: BuildContext, produced: set[str]) -> None:
         check_export_dir(ctx.layout.root)
 
 
-PARITY = Stage("parity", run_parity_stage, lambda ctx: [Layout.parity], after=("export",), check=check_export,
+PARITY = Stage("parity", run_parity_stage, lambda ctx: [Layout.parity], after=("export",), uses=("engine",),
+               check=check_export,
                doc="eager vs ONNX Runtime: logits, greedy tokens, indexer selections")
 
 
@@ -156,7 +249,8 @@ def run_cost(ctx: BuildContext) -> dict:
         graph = graph_cost.compare(ctx.layout.root)
         if ctx.checkpoint_dir.is_dir():
             runnable = GraphIO.load(ctx.layout / "io.json").cache_dtype == "float32"  # ONNX Runtime on CPU
-            measured = measure_decode(ctx.model(), ctx.layout.root if runnable else None, label=str(ctx.checkpoint_dir))
+            measured = measure_decode(ctx.model(), ctx.layout.root if runnable else None, label=str(ctx.checkpoint_dir),
+                                      extra_backends=extra_backends(ctx))
     report = write_cost_report(modelled, ctx.target, ctx.layout / Layout.cost, o.price, o.assumptions, measured, graph)
     for r in (report["calibration"] or {}).get("points", []):
         ctx.log(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "
@@ -174,8 +268,8 @@ def run_cost(ctx: BuildContext) -> dict:
             "note": note}
 
 
-COST = Stage("cost", run_cost, lambda ctx: [Layout.cost], uses=("checkpoint", "export"),
+COST = Stage("cost", run_cost, lambda ctx: [Layout.cost], uses=("checkpoint", "export", "engine"),
              check=check_export_if_present,
              doc="cost model (and, with an export, measured decode steps and the export's own cost)")
 
-PIPELINE = (CHECKPOINT, SMOKE, KERNELS, EXPORT, PARITY, COST)
+PIPELINE = (CHECKPOINT, SMOKE, KERNELS, EXPORT, ENGINE, PARITY, COST)

@@ -1,0 +1,169 @@
+"""TensorRT engine from the export: `engine/model.plan`, with the dsa:: ops as ahead-of-time Triton plugins.
+
+The build parses model.onnx (weights from its external data) into a strongly typed network (the flag is needed on
+TensorRT 10.x and ignored by 11.x, where strong typing is always on: precision comes from the export's dtypes), then
+refuses a network in which any dsa:: node was imported as its decomposition instead of our plugin. Two optimisation
+profiles: prefill (sequences up to --max-prefill, batches up to --prefill-batch) and decode (one token, batches up to
+--max-batch); the caches keep the export's fixed capacity (TensorRT's KVCacheUpdate layer, which TensorScatter
+becomes, needs a static length) and are written in place (each cache output aliases its input; RoutedExperts writes
+onto its `base` input, an aliased plugin output). A timing cache is kept beside the plan and reused; the plan is
+written atomically.
+
+Everything that needs no GPU is a plain function here and tested on CPU: the profiles, the memory plan (weights +
+caches at the maximum shapes must fit the target), what this machine lacks to build. `build_engine` imports
+TensorRT when called.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from dsa_export.errors import DSAExportError
+from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO
+from dsa_export.targets import GPUTarget
+
+MIN_TENSORRT = (10, 15)  # parses TensorScatter into KVCacheUpdate, and prefers a plugin when plugin_namespace is set
+PLAN, TIMING_CACHE, ENGINE_JSON = "model.plan", "timing.cache", "engine.json"
+PROFILES = ("prefill", "decode")  # profile 0 and 1: runtimes pick 0 for S > 1, 1 for single-token steps
+
+
+@dataclass(frozen=True)
+class EngineShapes:
+    max_batch: int = 8  # decode
+    prefill_batch: int = 1
+    max_prefill: int = 8192  # tokens per prefill step (capped by the capacity)
+
+
+def profiles(io: GraphIO, shapes: EngineShapes) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
+    """profile name → graph input → (min, opt, max) shapes. Only batch and sequence vary; caches keep capacity."""
+    seq = min(shapes.max_prefill, io.capacity)
+    ranges = {"prefill": {BATCH: (1, 1, shapes.prefill_batch), SEQ: (1, min(512, seq), seq)},
+              "decode": {BATCH: (1, shapes.max_batch, shapes.max_batch), SEQ: (1, 1, 1)}}
+    out = {}
+    for name, dims in ranges.items():
+        out[name] = {t.name: tuple(tuple(dims[d][i] if isinstance(d, str) else d for d in t.dims) for i in range(3))
+                     for t in io.inputs}
+    return out
+
+
+def memory_plan(onnx_dir: Path, io: GraphIO, target: GPUTarget, shapes: EngineShapes, workspace_gb: float) -> dict:
+    """Bytes the engine needs at its largest shapes: weights (the external data), caches at capacity for the largest
+    batch, logits and a working set for the largest step, the builder's workspace; and whether that fits."""
+    weights = sum(p.stat().st_size for p in onnx_dir.glob("model.onnx.data*"))
+    itemsize = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
+    batch = max(shapes.max_batch, shapes.prefill_batch)
+    caches = batch * sum(io.cache_shape(t, 1)[-2] * io.cache_shape(t, 1)[-1] for t in io.cache_inputs) * itemsize
+    tokens = max(shapes.max_batch, shapes.prefill_batch * min(shapes.max_prefill, io.capacity))
+    vocab = io.outputs[0].dims[-1]
+    activations = tokens * vocab * 4 * (1 if not io.last_logits_only else 0) + (256 << 20)  # logits + a tile budget
+    need = weights + caches + activations + int(workspace_gb * 2**30)
+    have = target.memory_gb * 10**9
+    return {"weights_gb": weights / 1e9, "caches_gb": caches / 1e9, "activations_gb": activations / 1e9,
+            "workspace_gb": workspace_gb * 2**30 / 1e9, "total_gb": need / 1e9, "gpu_gb": have / 1e9,
+            "fits": need <= have, "shortfall_gb": max(0.0, (need - have) / 1e9)}
+
+
+def check_fits(plan: dict, target: GPUTarget) -> None:
+    if not plan["fits"]:
+        raise DSAExportError(
+            f"the engine needs {plan['total_gb']:.1f} GB on {target.name} (weights {plan['weights_gb']:.1f}, caches "
+            f"{plan['caches_gb']:.1f}, activations {plan['activations_gb']:.1f}, workspace {plan['workspace_gb']:.1f})"
+            f", which has {plan['gpu_gb']:.0f} GB: {plan['shortfall_gb']:.1f} GB short; lower --max-batch, "
+            f"--prefill-batch, --max-prefill or the export's --capacity")
+
+
+def unavailable(target: GPUTarget) -> str | None:
+    """Why an engine for `target` cannot be built on this machine (None: it can). A GPU of another architecture is
+    not a reason to skip but an error (check_gpu)."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return "TensorRT is not installed (it needs an NVIDIA GPU machine: pip install tensorrt-cu12)"
+    version = tuple(int(x) for x in trt.__version__.split(".")[:2])
+    if version < MIN_TENSORRT:
+        return f"TensorRT {trt.__version__} is too old (>= {'.'.join(map(str, MIN_TENSORRT))} is needed)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU on this machine"
+    return None
+
+
+def check_gpu(target: GPUTarget) -> None:
+    """The GPU present must be of the target's architecture (an engine runs on the compute capability it was built
+    for): a clear error naming both."""
+    import torch
+
+    if torch.cuda.is_available():
+        capability = torch.cuda.get_device_capability(0)
+        if tuple(capability) != tuple(target.compute_capability):
+            raise DSAExportError(f"this machine's GPU is {torch.cuda.get_device_name(0)} (compute capability "
+                                 f"{capability[0]}.{capability[1]}); an engine for {target.name} needs "
+                                 f"{target.cc} ({target.kernel_arch})")
+
+
+def dsa_node_names(onnx_dir: Path) -> dict[str, str]:
+    """ONNX node name → op type of every dsa:: node of the export (the layers that must become plugins)."""
+    import onnx
+
+    graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False).graph
+    return {n.name: n.op_type for n in graph.node if n.domain == "dsa"}
+
+
+def check_plugin_layers(layers: dict[str, str], dsa_nodes: dict[str, str]) -> None:
+    """`layers`: TensorRT layer name → layer type name, after parsing. Every dsa node must be a plugin layer (the
+    parser names layers after their ONNX nodes); a node missing among them was built from its decomposition."""
+    for node, op_type in dsa_nodes.items():
+        if layers.get(node) != "PLUGIN_V3":
+            raise DSAExportError(f"dsa::{op_type} node '{node}' was not imported as the dsa plugin (layer type "
+                                 f"{layers.get(node, 'none: built from its decomposition')}); TensorRT >= 10.15 with "
+                                 f"the dsa plugins registered before parsing is needed")
+
+
+def build_engine(onnx_dir: Path, kernel_dir: Path, engine_dir: Path, target: GPUTarget, shapes: EngineShapes,
+                 workspace_gb: float, log: Callable[[str], None] = print) -> dict:
+    """Parse, check, build and write engine/model.plan (+ timing.cache, engine.json); returns what was built."""
+    import tensorrt as trt
+
+    from dsa_export.files import atomic_dir, write_atomic
+    from dsa_export.plugins.tensorrt import register_plugins
+
+    io = GraphIO.load(onnx_dir / "io.json")
+    register_plugins(kernel_dir)  # before parsing: the parser looks plugins up by op type and namespace
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_dir / "model.onnx")):  # external data: found beside the file
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise DSAExportError(f"TensorRT cannot parse {onnx_dir / 'model.onnx'}: {errors}")
+    layers = {network.get_layer(i).name: network.get_layer(i).type.name for i in range(network.num_layers)}
+    check_plugin_layers(layers, dsa_node_names(onnx_dir))
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
+    config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # RoutedExperts writes onto base
+    old_cache = engine_dir / TIMING_CACHE
+    cache = config.create_timing_cache(old_cache.read_bytes() if old_cache.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    for ranges in profiles(io, shapes).values():
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in ranges.items():
+            profile.set_shape(name, trt.Dims(list(low)), trt.Dims(list(opt)), trt.Dims(list(high)))
+        config.add_optimization_profile(profile)
+    log(f"building the TensorRT engine for {target.name} ({len(layers)} layers)")
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise DSAExportError("TensorRT could not build the engine (see its log above)")
+    timing = bytes(config.get_timing_cache().serialize())
+    with atomic_dir(engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
+        write_atomic(tmp / PLAN, bytes(plan))
+        write_atomic(tmp / TIMING_CACHE, timing)
+        record = {"tensorrt": trt.__version__, "target": target.name, "compute_capability": target.cc,
+                  "profiles": list(PROFILES), "shapes": shapes.__dict__, "plugin_layers": sum(
+                      t == "PLUGIN_V3" for t in layers.values()), "plan_bytes": len(bytes(plan))}
+        write_atomic(tmp / ENGINE_JSON, json.dumps(record, indent=2) + "\n")
+    return record
