@@ -103,6 +103,87 @@ def inspect(source: str):
                f"({fp8} FP8 weights)")
 
 
+def _token_ids(ctx, param, value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(t) for t in value.replace(",", " ").split()]
+    except ValueError:
+        raise click.BadParameter(f"expected token ids separated by commas or spaces, got {value!r}") from None
+
+
+@cli.command()
+@click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="gRPC port.")
+@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--tritonserver", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="A tritonserver binary [default: `tritonserver` on PATH, else the one in the serving environment "
+                   "the tool creates on first use].")
+@click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Where the server's log goes [default: a temporary file].")
+@click.option("--verbose", is_flag=True, help="Log the server's info messages too.")
+def serve(source: Path, grpc_port: int, http_port: int, tritonserver: Path | None, log_file: Path | None,
+          verbose: bool):
+    """Serve SOURCE (a build directory, or a model repository) with Triton Inference Server on 127.0.0.1 until
+    Ctrl-C: the generation model and its step model (the engine where the build has one, else ONNX Runtime on CPU).
+
+    \b
+    Example: dsa-export serve build/h100   (then: dsa-export generate --prompt-ids 1,2,3)
+    """
+    from dsa_export.deploy.server import serve_repository
+
+    serve_repository(source, grpc_port, http_port, tritonserver, log_file, verbose, log=click.echo)
+
+
+@cli.command()
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="The server's gRPC address.")
+@click.option("--prompt-ids", callback=_token_ids, help="Prompt as token ids, e.g. 1,2,3.")
+@click.option("--prompt", help="Prompt as text (the build needs a tokenizer); the reply is printed as text.")
+@click.option("--chat", is_flag=True, help="Apply the model's chat template to --prompt.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Tokens to generate at most.")
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="0: greedy; else sampled.")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the top k "
+              "(0: all).")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
+@click.option("--stop-ids", callback=_token_ids, help="Stop at any of these ids [default: the model's eos].")
+@click.option("--ignore-eos", is_flag=True, help="Do not stop at any id (generate --max-new-tokens).")
+@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Seconds to wait for each token.")
+@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds to wait for the server to be ready (one just started).")
+def generate(url: str, prompt_ids: list[int] | None, prompt: str | None, chat: bool, max_new_tokens: int,
+             temperature: float, top_k: int, seed: int, stop_ids: list[int] | None, ignore_eos: bool,
+             timeout: float, wait: float):
+    """Stream a generation from a running server (`dsa-export serve`): token ids printed as they arrive, or text
+    for a --prompt.
+
+    \b
+    Example: dsa-export generate --prompt-ids 1,2,3 --max-new-tokens 16
+    """
+    import time
+
+    from dsa_export.deploy import client
+
+    if (prompt_ids is None) == (prompt is None):
+        raise click.UsageError("give either --prompt-ids or --prompt")
+    if chat and prompt is None:
+        raise click.UsageError("--chat applies to --prompt")
+    if ignore_eos and stop_ids is not None:
+        raise click.UsageError("--ignore-eos and --stop-ids exclude each other")
+    inputs = client.request_inputs(prompt_ids, prompt, chat, max_new_tokens, temperature, top_k, seed,
+                                   [] if ignore_eos else stop_ids)
+    start, first, count = time.perf_counter(), None, 0
+    for chunk in client.stream(url, inputs, timeout=timeout, wait=wait):
+        first = first or time.perf_counter() - start
+        count += 1
+        click.echo(chunk.text if prompt is not None else f"{chunk.token} ", nl=False)
+    click.echo()
+    seconds = time.perf_counter() - start
+    click.echo(f"{count} tokens in {seconds:.2f} s (first after {first or 0:.2f} s)", err=True)
+
+
 def _build(**values):
     """Run every stage this machine can run for one GPU target and write <out>/manifest.json; stages that cannot run
     here are recorded as skipped with the command that finishes them; inputs unchanged since the last run are reused.
@@ -140,6 +221,10 @@ def _register_commands() -> None:
                    "decode steps here and read its own FLOPs and bytes off the graph. Writes <out>/cost/.",
                    "dsa-export cost --preset v3.2-exp --gpu h800 --price 2 --out build/cost",
                    defaults={"preset": "v3.2-exp", "gpu": "h800"})
+    _stage_command("deploy", "Write the Triton Inference Server model repository <out>/model_repository from "
+                   "<out>'s export: dsa_generate (decoupled, streams tokens), dsa_onnx (step model: ONNX Runtime on "
+                   "the CPU) and dsa_engine (step model: the TensorRT engine on the GPU, caches kept there); every "
+                   "config generated from io.json.", "dsa-export deploy --out build/h100")
 
 
 _register_commands()

@@ -39,7 +39,8 @@ def default_mode(directory: bool = False) -> int:
 def make_readable(root: Path) -> None:
     """Give `root` and everything in it the modes `cp` would (some writers, safetensors among them, create 0600)."""
     for path in [root, *root.rglob("*")]:
-        os.chmod(path, default_mode(directory=path.is_dir()))
+        if not path.is_symlink():  # a link has no mode of its own (and may point at what is not built yet)
+            os.chmod(path, default_mode(directory=path.is_dir()))
 
 
 def write_atomic(path: str | Path, data: bytes | str) -> None:

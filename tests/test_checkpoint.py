@@ -145,7 +145,8 @@ def test_reinit_replaces_a_checkpoint_only_when_asked_and_completely(tmp_path, t
     with pytest.raises(CheckpointError, match="already holds a checkpoint"):
         init_checkpoint(tiny_config, tmp_path / "c")
     init_checkpoint(tiny_config, tmp_path / "c", overwrite=True)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                           "tokenizer_config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
     with safe_open(ckpt / "model.safetensors", "pt") as f:
         assert f.metadata() == {"format": "pt"}

@@ -1,10 +1,13 @@
 """Every code block of the README runs verbatim, in order, in a fresh directory: bash blocks command by command
-(`dsa-export ...` through the CLI's entry point, `make` targets as dry runs: they install and run this suite), python
-blocks in one namespace, as a reader would paste them."""
+(`dsa-export ...` through the CLI's entry point, `make` targets as dry runs: they install and run this suite; a
+command ending in `&` as a background job, which `kill -INT %N` stops and which must then exit 0), python blocks in
+one namespace, as a reader would paste them."""
 
 import re
 import shlex
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 from dsa_export.cli import main
@@ -19,22 +22,38 @@ def readme_blocks() -> list[tuple[str, str]]:
 def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
+    jobs: list[subprocess.Popen] = []
     blocks = readme_blocks()
     assert {lang for lang, _ in blocks} <= {"bash", "python"}, "a block in a language this test cannot run"
-    for lang, code in blocks:
-        if lang == "python":
-            exec(compile(code, "README.md", "exec"), namespace)
-            continue
-        for line in code.splitlines():
-            command = line.split("#")[0].strip()
-            if not command:
+    try:
+        for lang, code in blocks:
+            if lang == "python":
+                exec(compile(code, "README.md", "exec"), namespace)
                 continue
-            argv = shlex.split(command)
-            if argv[0] == "make":
-                subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, check=True, capture_output=True)
-            else:
-                assert argv[0] == "dsa-export", command
-                assert main(argv[1:]) == 0, f"{command}: {capsys.readouterr().err}"
+            for line in code.splitlines():
+                command = line.split("#")[0].strip()
+                if not command:
+                    continue
+                argv = shlex.split(command.removesuffix("&"))
+                if argv[0] == "make":
+                    subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, check=True, capture_output=True)
+                elif argv[0] == "kill":  # kill -INT %N: the Nth background job
+                    job = jobs[int(argv[-1].lstrip("%")) - 1]
+                    job.send_signal(getattr(signal, f"SIG{argv[1].lstrip('-')}"))
+                    output, _ = job.communicate(timeout=60)
+                    assert job.returncode == 0, output
+                elif command.endswith("&"):
+                    assert argv[0] == "dsa-export", command
+                    jobs.append(subprocess.Popen([sys.executable, "-m", "dsa_export.cli", *argv[1:]], text=True,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                else:
+                    assert argv[0] == "dsa-export", command
+                    assert main(argv[1:]) == 0, f"{command}: {capsys.readouterr().err}"
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
     out = capsys.readouterr().out
     assert "token id 320 is outside the vocabulary [0, 320)" in out
     assert len(namespace["tokens"][0]) == 16 and (tmp_path / "build" / "h100" / "manifest.json").exists()

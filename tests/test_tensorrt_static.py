@@ -32,7 +32,8 @@ from dsa_export.plugins.onnx_ops import TRT_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".typecheck" / "wheels"
-TRT_MODULES = ["dsa_export/plugins/tensorrt.py", "dsa_export/exporter/engine.py", "dsa_export/runtime/tensorrt.py"]
+TRT_MODULES = ["dsa_export/plugins/tensorrt.py", "dsa_export/exporter/engine.py", "dsa_export/runtime/tensorrt.py",
+               "dsa_export/runtime/trt_graph.py"]
 needs_wheels = pytest.mark.skipif(not list(WHEELS.glob("tensorrt_cu12_bindings-*.whl")),
                                   reason="run `make test`: it downloads the TensorRT wheels these checks read")
 
@@ -271,7 +272,7 @@ def test_type_check_catches_planted_mistakes(typings, tmp_path):
         "dsa_export/exporter/engine.py": [("STRONGLY_TYPED", "STRONGLY_TYPD"),
                                            ("trt.OnnxParser(network, logger)", "trt.OnnxParser(logger, network)")],
         "dsa_export/plugins/tensorrt.py": [("grid_x=grid_x,", "gridx=grid_x,")],
-        "dsa_export/runtime/tensorrt.py": [("execute_async_v3(", "execute_async_v2(")],
+        "dsa_export/runtime/trt_graph.py": [("execute_async_v3(", "execute_async_v2(")],
     }
     files = []
     for module, edits in planted.items():

@@ -172,11 +172,16 @@ def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """sha256 over config.json and every shard's header, size and modification time: identifies a checkpoint (and
-    notices it being rewritten in place, as make would) without reading hundreds of GB of weights."""
+    """sha256 over config.json, the tokenizer files and every shard's header, size and modification time: identifies
+    a checkpoint (and notices it being rewritten in place, as make would) without reading hundreds of GB of
+    weights."""
+    from dsa_export.models.tokenizer import tokenizer_files
+
     path = Path(path)
     try:
         digest = hashlib.sha256((path / "config.json").read_bytes())
+        for file in tokenizer_files(path):
+            digest.update(file.name.encode() + file.read_bytes())
         for file in _shard_files(path):
             with open(file, "rb") as f:
                 header_len = int.from_bytes(f.read(8), "little")
@@ -301,9 +306,11 @@ def quantize_state_dict(state: dict[str, torch.Tensor], config: DSAConfig,
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: str | Path,
-                    max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
-    """Write config.json + safetensors shards (+ index when more than one) atomically: temp dir, then rename.
-    An existing checkpoint is replaced only with overwrite=True; any other non-empty directory never."""
+                    max_shard_bytes: int = 2 << 30, overwrite: bool = False,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Write config.json + safetensors shards (+ index when more than one) + extra_files (name → text, e.g. the
+    tokenizer) atomically: temp dir, then rename. An existing checkpoint is replaced only with overwrite=True; any
+    other non-empty directory never."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CheckpointError(f"{out_dir}: exists and is not a directory")
@@ -327,6 +334,8 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: 
         size += nbytes
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:
@@ -343,7 +352,10 @@ def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: 
 
 def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: bool = False,
                     max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
-    """A seeded random checkpoint in HF layout (bf16, or FP8 with 128×128 block scales)."""
+    """A seeded random checkpoint in HF layout (bf16, or FP8 with 128×128 block scales), with a small byte-level
+    tokenizer and chat template (models/tokenizer.py) when the vocabulary can hold one."""
+    from dsa_export.models.tokenizer import small_tokenizer
+
     state = random_state_dict(config, seed)
     if fp8:
         config = config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
@@ -352,4 +364,5 @@ def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: 
         state = quantize_state_dict(state, config)
     else:
         config = config.replace(quantization_config=None)
-    return save_checkpoint(state, config, out_dir, max_shard_bytes, overwrite)
+    tokenizer = small_tokenizer(min(config.vocab_size, 512)) if config.vocab_size >= 260 else None
+    return save_checkpoint(state, config, out_dir, max_shard_bytes, overwrite, tokenizer)

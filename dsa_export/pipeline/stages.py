@@ -84,16 +84,24 @@ KERNELS = Stage("kernels", run_kernels, lambda ctx: [Layout.kernels(ctx.target.k
 def run_export(ctx: BuildContext) -> dict:
     from dsa_export.exporter.graph_io import GraphIO
     from dsa_export.exporter.onnx_export import export_onnx
+    from dsa_export.models.tokenizer import copy_tokenizer
 
     o = ctx.options
     export_onnx(ctx.model(), ctx.layout.root, dtype=ctx.dtype, last_logits_only=o.last_logits_only,
                 capacity=o.capacity, dequantize_experts=o.dequantize_experts)
+    tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.layout.root)  # serving reads the export only
     io = GraphIO.load(ctx.layout / "io.json")
-    return {"path": str(ctx.layout / "model.onnx"), "capacity": io.capacity,
-            "note": f"{o.dtype}, cache capacity {io.capacity:,}"}
+    return {"path": str(ctx.layout / "model.onnx"), "capacity": io.capacity, "tokenizer": tokenizer,
+            "note": f"{o.dtype}, cache capacity {io.capacity:,}" + (", with tokenizer" if tokenizer else "")}
 
 
-EXPORT = Stage("export", run_export, lambda ctx: [Path(f) for f in Layout.onnx], after=("checkpoint",),
+def export_outputs(ctx: BuildContext) -> list[Path]:
+    from dsa_export.models.tokenizer import tokenizer_files
+
+    return [Path(f) for f in Layout.onnx] + [Path(p.name) for p in tokenizer_files(ctx.checkpoint_dir)]
+
+
+EXPORT = Stage("export", run_export, export_outputs, after=("checkpoint",),
                doc="trace and export ONNX, check the graph")
 
 
@@ -272,4 +280,23 @@ COST = Stage("cost", run_cost, lambda ctx: [Layout.cost], uses=("checkpoint", "e
              check=check_export_if_present,
              doc="cost model (and, with an export, measured decode steps and the export's own cost)")
 
-PIPELINE = (CHECKPOINT, SMOKE, KERNELS, EXPORT, ENGINE, PARITY, COST)
+# ---- deploy: the Triton Inference Server model repository ---------------------------------------------------------
+def run_deploy(ctx: BuildContext) -> dict:
+    from dsa_export.deploy.repository import write_repository
+
+    from dsa_export.exporter.graph_io import GraphIO
+
+    written = write_repository(ctx.layout.root, ctx.layout / Layout.model_repository)
+    note = f"dsa_generate steps by {written['step_model']}; serve: dsa-export serve {ctx.layout.root}"
+    dtype = GraphIO.load(ctx.layout / "io.json").cache_dtype
+    if not written["engine"] and dtype != "float32":
+        note = (f"dsa_generate steps by {written['step_model']}, which runs float32 exports only: serve this {dtype} "
+                f"build on a GPU once its engine is built (then deploy again)")
+    return {**written, "note": note}
+
+
+DEPLOY = Stage("deploy", run_deploy, lambda ctx: [Layout.model_repository], after=("export",), uses=("engine",),
+               check=check_export_if_present,
+               doc="Triton Inference Server model repository (generation, CPU and GPU step models)")
+
+PIPELINE = (CHECKPOINT, SMOKE, KERNELS, EXPORT, ENGINE, PARITY, COST, DEPLOY)

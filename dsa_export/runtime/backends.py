@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from dsa_export.contracts import LIGHTNING_INDEXER
@@ -94,93 +93,51 @@ class EagerBackend:
         return StepResult(logits, selections)
 
 
-def load_graph_io(onnx_dir: Path) -> GraphIO:
-    if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "io.json").is_file():
-        raise DSAExportError(f"{onnx_dir}: no exported model (model.onnx + io.json); run `dsa-export export` first")
-    return GraphIO.load(onnx_dir / "io.json")
-
-
-@dataclass
-class OrtCaches:
-    """The cache buffers of one batch, bound to both the input and the output of each cache (written in place)."""
-    arrays: list[np.ndarray]  # host memory the OrtValues share (CPU)
-    values: list[Any]  # onnxruntime.OrtValue per cache, io.json order
-
-
 class OnnxRuntimeBackend:
-    """An ONNX Runtime session over `model.onnx` (CPU; CUDA when onnxruntime-gpu and a GPU are present). Each cache
-    is bound once, as the input and the output of its TensorScatter (IOBinding), so no step copies a cache.
-    record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph, in
-    memory; the export directory is never written)."""
+    """An ONNX Runtime session over `model.onnx` (CPU; CUDA when onnxruntime-gpu and a GPU are present), through
+    runtime/ort_graph.py: each cache bound once, as the input and the output of its TensorScatter, so no step copies
+    a cache. record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph,
+    in memory; the export directory is never written)."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, record_indexer: bool = False):
-        import onnx
-        import onnxruntime as ort
+        from dsa_export.exporter.checks import check_export_dir
+        from dsa_export.runtime.ort_graph import OrtGraph
 
         onnx_dir = Path(onnx_dir)
-        self.io = load_graph_io(onnx_dir)
-        if self.io.cache_dtype != "float32":
-            raise DSAExportError(f"{onnx_dir}: a {self.io.cache_dtype} export; ONNX Runtime on CPU runs float32 "
-                                 f"exports only (export with --dtype float32)")
+        if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "io.json").is_file():
+            raise DSAExportError(f"{onnx_dir}: no exported model (model.onnx + io.json); run `dsa-export export` first")
+        self.io = GraphIO.load(onnx_dir / "io.json")
+        check_export_dir(onnx_dir)
         register_schemas()
-        available = ort.get_available_providers()
-        self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
-        self.topk_names: list[str] = []
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # no per-run warnings
-        # ONNX Runtime's threads spin after each run by default, starving whatever runs next on a small machine
-        # (an eager model between steps ran ~50x slower): let them sleep
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model_bytes, extra = None, []
+        if record_indexer:
+            import onnx
+
+            graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
+            extra = [n.output[0] for n in graph.graph.node
+                     if n.domain == DSA_DOMAIN and n.op_type == LIGHTNING_INDEXER.onnx_name]
+            graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
+            model_bytes = graph.SerializeToString()
         try:
-            if record_indexer:
-                graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
-                indexers = [n for n in graph.graph.node
-                            if n.domain == DSA_DOMAIN and n.op_type == LIGHTNING_INDEXER.onnx_name]
-                self.topk_names = [n.output[0] for n in indexers]
-                for name in self.topk_names:
-                    graph.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-                # the modified graph from memory, its external weights from the export directory
-                options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                                 str(onnx_dir.resolve()))
-                self.session = ort.InferenceSession(graph.SerializeToString(), options, providers=self.providers)
-            else:
-                self.session = ort.InferenceSession(str(onnx_dir / "model.onnx"), options, providers=self.providers)
+            self.graph = OrtGraph(onnx_dir, providers, model_bytes, extra)
+        except ValueError as e:  # OrtGraph's own refusal
+            raise DSAExportError(f"{onnx_dir}: {e}") from None
         except Exception as e:  # ONNX Runtime raises its own types for unreadable or mismatched files
             raise DSAExportError(f"{onnx_dir}: ONNX Runtime cannot load model.onnx "
                                  f"({str(e).splitlines()[0][:300]})") from None
+        self.providers = self.graph.providers
         self.capacity = self.io.capacity
         self.cache_dtype = torch.float32
-        self.vocab_size = self.io.outputs[0].dims[-1]
+        self.vocab_size = self.graph.vocab_size
 
-    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> OrtCaches:
-        import onnxruntime as ort
-
+    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None):
         shapes = [self.io.cache_shape(t, batch) for t in self.io.cache_inputs]
         check_contents(contents, shapes)
-        arrays = [np.zeros(shape, dtype=np.float32) for shape in shapes]
-        for array, value in zip(arrays, contents or []):
-            array[...] = value.numpy()
-        if self.device == "cpu":
-            values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]  # shares the array's memory
-        else:
-            values = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
-        return OrtCaches(arrays, values)
+        return self.graph.new_caches(batch, [c.numpy() for c in contents] if contents else None)
 
-    def step(self, input_ids, positions, caches: OrtCaches) -> StepResult:
+    def step(self, input_ids, positions, caches) -> StepResult:
         input_ids, positions = check_step(self, input_ids, positions, caches.arrays[0].shape[0])
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids.numpy(), dtype=np.int64))
-        binding.bind_cpu_input("positions", np.ascontiguousarray(positions.numpy(), dtype=np.int64))
-        binding.bind_output("logits", self.device)
-        for cache_in, cache_out, value in zip(self.io.cache_inputs, self.io.cache_outputs, caches.values):
-            binding.bind_ortvalue_input(cache_in.name, value)
-            binding.bind_ortvalue_output(cache_out.name, value)  # the same buffer: TensorScatter writes in place
-        for name in self.topk_names:
-            binding.bind_output(name, self.device)
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()  # in binding order: logits, caches, indexer selections
-        first = len(self.io.cache_outputs) + 1
-        return StepResult(torch.from_numpy(outputs[0].numpy()), [torch.from_numpy(v.numpy()) for v in outputs[first:]])
+        logits, *selections = self.graph.run(input_ids.numpy(), positions.numpy(), caches)
+        return StepResult(torch.from_numpy(logits), [torch.from_numpy(s) for s in selections])

@@ -1,0 +1,92 @@
+"""Triton Inference Server step models `dsa_onnx` (CPU: the exported graph with ONNX Runtime) and `dsa_engine` (GPU:
+the TensorRT engine, run in process): one step of a sequence per request, the caches kept in the model.
+
+Copied into the model repository as `<model>/1/model.py`, beside ort_graph.py or trt_graph.py (the runners the
+project's own ONNX Runtime and TensorRT backends use); the `runtime` parameter picks one. Each sequence is a
+correlation id: SEQUENCE_START allocates its caches at the export's capacity (host memory, or the GPU's), every
+step writes them in place, SEQUENCE_END (on the sequence's last step) frees them; sequences the caller abandoned
+are dropped after `idle_seconds`. Requests run one at a time (one instance), so a sequence's caches are only ever
+touched by one step.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
+END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
+
+
+class StepError(Exception):
+    pass
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        build_dir = Path(args["model_repository"]) / parameters["build_dir"]
+        self.name = args["model_name"]
+        if parameters["runtime"] == "tensorrt":
+            from trt_graph import TrtGraph
+
+            self.graph = TrtGraph(build_dir, device=int(args["model_instance_device_id"]))
+        else:
+            from ort_graph import OrtGraph
+
+            self.graph = OrtGraph(build_dir, providers=["CPUExecutionProvider"])
+        self.idle_seconds = float(parameters["idle_seconds"])
+        self.sequences = {}  # correlation id -> [caches, last used (monotonic seconds)]
+        pb_utils.Logger.log_info(f"{self.name}: {parameters['runtime']} over {build_dir.resolve()}, capacity "
+                                 f"{self.graph.capacity}")
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                logits = self.step(request)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits)]))
+            except StepError as e:
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
+        return responses
+
+    def step(self, request):
+        sequence, flags = request.correlation_id(), request.flags()
+        input_ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+        positions = pb_utils.get_input_tensor_by_name(request, "positions").as_numpy()
+        if input_ids.shape != positions.shape or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
+            raise StepError(f"input_ids and positions must both be [1, S >= 1], got {list(input_ids.shape)} and "
+                            f"{list(positions.shape)}")
+        if input_ids.min() < 0 or input_ids.max() >= self.graph.vocab_size:
+            raise StepError(f"token ids must be in [0, {self.graph.vocab_size})")
+        first = int(positions[0, 0])
+        if first < 0 or positions[0, -1] >= self.graph.capacity or \
+                not np.array_equal(positions[0], np.arange(first, first + positions.shape[1])):
+            raise StepError(f"positions must be consecutive within the capacity [0, {self.graph.capacity})")
+        now = time.monotonic()
+        if flags & START:
+            self.drop_idle(now)
+            self.sequences[sequence] = [self.graph.new_caches(1), now]
+        state = self.sequences.get(sequence)
+        if state is None:
+            raise StepError(f"sequence {sequence} was not started (its first step carries SEQUENCE_START) or has "
+                            f"ended")
+        state[1] = now
+        try:
+            (logits,) = self.graph.run(input_ids, positions, state[0])
+        finally:
+            if flags & END:
+                del self.sequences[sequence]
+        return logits
+
+    def drop_idle(self, now):
+        for sequence in [s for s, (_, used) in self.sequences.items() if now - used > self.idle_seconds]:
+            pb_utils.Logger.log_warn(f"{self.name}: dropping sequence {sequence}, idle for {self.idle_seconds:.0f} s")
+            del self.sequences[sequence]
+
+    def finalize(self):
+        pb_utils.Logger.log_info(f"{self.name}: unloading with {len(self.sequences)} sequences held")
+        self.sequences.clear()

@@ -1,0 +1,74 @@
+"""The tokenizer files a checkpoint carries (HF layout: tokenizer.json + tokenizer_config.json with its chat
+template), and a small byte-level BPE tokenizer that `init` writes beside a preset's random weights, with
+DeepSeek's special tokens and a chat template of the same shape, so that the text path (encode, chat template,
+incremental decoding in the Triton generation model) runs on the tiny model. Real checkpoints ship their own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
+SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)  # ids 0, 1, 2, 3: bos and eos are the config's bos/eos_token_id
+
+# DeepSeek's conversation format, reduced to system, user and assistant turns
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+# What the small tokenizer learns its merges from: a few sentences, so that common English pieces are single tokens.
+CORPUS = """\
+DeepSeek Sparse Attention makes long-context inference cheap.
+A lightning indexer scores every past token with a few ReLU heads and picks the top-k tokens.
+Multi-head latent attention then runs over the selected tokens only.
+The routed experts of each layer are chosen per token by a gate; a shared expert always runs.
+The model is exported to ONNX, built into TensorRT engines and served by Triton Inference Server.
+Hello, world! How are you today? The quick brown fox jumps over the lazy dog.
+Café, naïve, 東京, Привет, emoji 🙂: text is encoded as UTF-8 bytes, one byte-level token each at least.
+"""
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The tokenizer files present in a checkpoint directory."""
+    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+
+
+def copy_tokenizer(checkpoint_dir: str | Path, out_dir: str | Path) -> list[str]:
+    """Copy a checkpoint's tokenizer files into out_dir (an export: what serving reads); returns their names."""
+    copied = []
+    for path in tokenizer_files(checkpoint_dir):
+        shutil.copyfile(path, Path(out_dir) / path.name)
+        copied.append(path.name)
+    return copied
+
+
+def small_tokenizer(vocab_size: int) -> dict[str, str]:
+    """tokenizer.json and tokenizer_config.json (file name → text) of a byte-level BPE tokenizer of at most
+    `vocab_size` tokens: the 4 special tokens, the 256 byte symbols, then merges learned from CORPUS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least {len(SPECIAL_TOKENS) + 256} tokens, "
+                         f"the model has {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(CORPUS.splitlines(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                             special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
+              "add_bos_token": True, "chat_template": CHAT_TEMPLATE}
+    return {"tokenizer.json": tokenizer.to_str(pretty=True) + "\n",
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
