@@ -197,10 +197,36 @@ def _build(**values):
     run_build(options_from(values), log=click.echo)
 
 
+def _plan(**values):
+    """Print how the model is cut across the target's GPUs: pipeline stages of contiguous layers balanced by memory
+    (weights as the export stores them, caches at capacity for the largest batch, activations, TensorRT workspace),
+    with each GPU's bytes and headroom. Reads no weight; exit 2 with the shortfall if a stage cannot fit.
+
+    \b
+    Example: dsa-export plan --preset v3.2-exp --gpu h200 --gpus 8 --dtype bf16
+    """
+    from dsa_export.exporter.partition import check_plan
+    from dsa_export.models.cache import default_capacity
+    from dsa_export.pipeline import BuildContext
+    from dsa_export.pipeline.options import options_from
+
+    ctx = BuildContext(options_from(values))
+    plan = ctx.pipeline_plan()
+    capacity = ctx.options.capacity or default_capacity(ctx.config)
+    experts = "FP8" if ctx.experts_fp8() else ctx.options.dtype
+    click.echo(f"{ctx.options.source}: {ctx.config.num_hidden_layers} layers on {plan.gpus} x {plan.target} "
+               f"({plan.gpu_bytes / 1e9:.0f} GB each); {ctx.options.dtype} weights and caches, {experts} routed "
+               f"experts, capacity {capacity:,}, decode batch "
+               f"{ctx.options.max_batch}")
+    click.echo(plan.table())
+    check_plan(plan)
+
+
 def _register_commands() -> None:
     from dsa_export.pipeline.options import click_options
 
     cli.command("build")(click_options(None)(_build))
+    cli.command("plan")(click_options(("plan",))(_plan))
     _stage_command("kernels", "Compile the DSA Triton kernels ahead of time for one GPU target (no GPU needed): per "
                    "kernel the PTX, the cubin and a JSON of launch metadata, into <out>/kernels/<arch>; fails if a "
                    "kernel exceeds the target's shared-memory or register limits.",

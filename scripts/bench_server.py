@@ -25,7 +25,7 @@ import numpy as np
 
 from benchlib import machine, write_results
 from dsa_export.deploy.client import request_inputs
-from dsa_export.deploy.repository import GENERATE, step_model_of
+from dsa_export.deploy.repository import GENERATE, step_models_of
 from dsa_export.deploy.server import TritonServer, find_server
 
 
@@ -110,8 +110,8 @@ def main() -> None:
         prompts = [[rng.randrange(vocab) for _ in range(rng.randint(4, 24))] for _ in range(args.prompts)]
         expected = references(build, prompts, args.max_new_tokens, capacity)
         repository = build / "model_repository"
-        step_model = step_model_of(repository)
-        server = TritonServer(repository, [step_model, GENERATE], find_server(),
+        step_models = step_models_of(repository)
+        server = TritonServer(repository, [*step_models, GENERATE], find_server(),
                               log_path=Path(tmp) / "server.log")
         with server:
             results: list = []
@@ -136,7 +136,7 @@ def main() -> None:
     ttft = [r["times"][0] - r["sent"] for r in results if r["times"]]
     itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
     summary = {"machine": machine(), "server": "tritonserver 2.51 (nvidia-pytriton 0.7.0), CPU",
-               "step_model": step_model, "streams": args.streams, "requests_per_stream": args.requests,
+               "step_model": " -> ".join(step_models), "streams": args.streams, "requests_per_stream": args.requests,
                "max_new_tokens": args.max_new_tokens, "prompt_tokens": "4-24", "capacity": capacity,
                "requests": sent, "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
                "requests_per_s": sent / wall, "ttft_ms": percentiles(ttft), "itl_ms": percentiles(itl),

@@ -35,9 +35,9 @@ TINY_CAPACITY = 256  # cache rows of the session's tiny export: > the longest pa
 
 @pytest.fixture(scope="session")
 def tiny_onnx(tmp_path_factory, tiny_checkpoint):
-    """The tiny checkpoint exported to ONNX (fp32), once per session."""
+    """The tiny checkpoint exported to ONNX (fp32, weights streamed from the checkpoint), once per session."""
     from dsa_export.exporter.onnx_export import export_onnx
 
     out = tmp_path_factory.mktemp("onnx")
-    export_onnx(load_checkpoint(tiny_checkpoint, progress=False), out, capacity=TINY_CAPACITY)
+    export_onnx(tiny_checkpoint, out, capacity=TINY_CAPACITY)
     return out

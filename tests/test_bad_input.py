@@ -174,6 +174,15 @@ CLI_CASES = [
     ("export-integer-dtype", ["export", "--dtype", "int8", "--out", "{s}/" + NEW], r"'--dtype': 'int8' is not one"),
     ("export-missing-field", ["export", "--checkpoint", "{s}/no_field", "--out", "{s}/" + NEW], r"is missing"),
     ("export-unknown-option", ["export", "--price", "2"], r"No such option '--price'"),
+    ("export-zero-data-file", ["export", "--data-file-gb", "0", "--out", "{s}/" + NEW],
+     r"'--data-file-gb': 0.0 is not"),
+    ("export-zero-gpus", ["export", "--gpus", "0", "--out", "{s}/" + NEW], r"'--gpus': 0 is not in the range x>=1"),
+    ("export-more-gpus-than-layers", ["export", "--gpus", "4", "--out", "{s}/" + NEW],
+     r"--gpus 4: the model has 3 layers, so 1 to 3 stages"),
+    ("plan-does-not-fit", ["plan", "--preset", "v3.2-exp", "--gpu", "h100", "--gpus", "8", "--dtype", "bf16",
+                           "--dequantize-experts"],
+     r"8 x h100: stage \d+ \(layers [\d-]+\) needs [\d.]+ GB .* [\d.]+ GB short"),
+    ("plan-unknown-gpu", ["plan", "--gpu", "v100"], r"Invalid value for '--gpu'"),
     ("parity-without-an-export", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/" + NEW],
      r"stage 'parity' needs 'export', which has not run"),
     ("parity-truncated-data", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/trunc_data"],
@@ -241,6 +250,12 @@ def _ort(sandbox):
 
 # (id, call(sandbox), what the ValueError says)
 API_CASES = [
+    ("export-layers-not-a-range", lambda s: export_onnx(s / "ckpt", s / NEW / "x", layers=(2, 1)),
+     r"layers 2:1 are not a range of the model's 3 layers"),
+    ("api-export-zero-data-file", lambda s: export_onnx(s / "ckpt", s / NEW / "x", max_data_file_bytes=0),
+     r"the data file size must be > 0 bytes"),
+    ("export-nan-checkpoint", lambda s: export_onnx(s / "nan", s / NEW),
+     rf"tensor '{LAYER}' holds non-finite values"),
     ("load-no-such-path", lambda s: dsa_export.load_model("/no/such/dir"),
      r"'/no/such/dir' is neither a checkpoint directory nor a preset"),
     ("load-float16", lambda s: dsa_export.load_model("tiny", dtype="float16"),

@@ -121,3 +121,23 @@ def test_cost_of_a_small_model_is_not_compared_with_the_papers_671b_figure(capsy
     assert cost["config"]["hidden_size"] == 7168  # modelled: DeepSeek-V3.2-Exp, not tiny's meaningless $
     code, out, _ = run_cli(capsys, "cost", "--preset", "v3.2-exp", "--gpu", "h100", "--out", str(tmp_path / "d"))
     assert code == 0 and json.loads((tmp_path / "d" / "cost" / "cost.json").read_text())["calibration"] is None
+
+
+def test_a_model_that_does_not_fit_in_memory_is_exported_and_its_eager_stages_skipped(capsys, tmp_path,
+                                                                                      tiny_checkpoint, monkeypatch):
+    """Where the eager model would not fit this machine's memory, the export (streamed) still runs; smoke and parity
+    are recorded as skipped with the reason, and the cost stage reads the graph without timing the eager model."""
+    from dsa_export.models import presets
+
+    monkeypatch.setattr(presets.os, "sysconf", lambda name: 1 if name == "SC_PHYS_PAGES" else 4096)  # a 4 KB machine
+    out = tmp_path / "big"
+    code, stdout, err = run_cli(capsys, "build", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                                "--capacity", "64")
+    assert code == 0, err
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    for name in ("smoke", "parity"):
+        assert stages[name]["status"] == "skipped"
+        assert "of weights in memory, this machine has 0 GB (the export streams its weights" in stages[name]["reason"]
+    assert stages["export"]["status"] == "ok" and (out / "model.onnx").exists()
+    assert stages["cost"]["status"] == "ok" and stages["cost"]["graph_vs_closed_form"] < 0.1
+    assert stages["export"]["peak_rss_gb"] > 0 and "peak memory" in stdout

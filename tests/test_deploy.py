@@ -92,7 +92,7 @@ def test_repository_configs_parse_and_follow_io_json(export_dir):
 
     written = write_repository(export_dir)
     repository = export_dir / "model_repository"
-    assert written["step_model"] == STEP_ONNX and not written["engine"]  # no engine in this build
+    assert written["step_models"] == [STEP_ONNX] and not written["engine"]  # no engine in this build
     io = GraphIO.load(export_dir / "io.json")
     configs = {path.parent.name: read_config(path) for path in repository.glob("*/config.pbtxt")}
     assert sorted(configs) == sorted([GENERATE, STEP_ONNX, STEP_ENGINE])
@@ -116,7 +116,8 @@ def test_repository_configs_parse_and_follow_io_json(export_dir):
         [(name, *spec) for name, (*spec,) in GENERATE_INPUTS.items()]
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in generate.output] == \
         [(name, dtype, dims) for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()]
-    assert generate.parameters["step_model"].string_value == STEP_ONNX
+    assert generate.parameters["step_models"].string_value == STEP_ONNX
+    assert (repository / GENERATE / generate.parameters["export_dir"].string_value).resolve() == export_dir.resolve()
 
 
 def test_repository_steps_by_the_engine_where_the_build_has_one(export_dir, tmp_path):
@@ -126,9 +127,34 @@ def test_repository_steps_by_the_engine_where_the_build_has_one(export_dir, tmp_
     shutil.copytree(export_dir, build, ignore=shutil.ignore_patterns("model_repository"))
     (build / "engine").mkdir()
     (build / "engine" / "model.plan").write_bytes(b"plan")
-    assert write_repository(build)["step_model"] == STEP_ENGINE
-    assert read_config(build / "model_repository" / GENERATE / "config.pbtxt").parameters["step_model"] \
+    assert write_repository(build)["step_models"] == [STEP_ENGINE]
+    assert read_config(build / "model_repository" / GENERATE / "config.pbtxt").parameters["step_models"] \
         .string_value == STEP_ENGINE
+
+
+def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, tmp_path):
+    """Pipeline stages: dsa_onnx_i / dsa_engine_i for stage i (engine i on GPU i), chained by dsa_generate."""
+    import shutil
+
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    build = tmp_path / "staged"
+    for i in range(3):  # three copies stand in for three stages: the repository reads only io.json per stage
+        shutil.copytree(export_dir, build / f"stage-{i}", ignore=shutil.ignore_patterns("model_repository"))
+        (build / f"stage-{i}" / "engine").mkdir()
+        (build / f"stage-{i}" / "engine" / "model.plan").write_bytes(b"plan")
+    written = write_repository(build)
+    assert written["step_models"] == [f"{STEP_ENGINE}_{i}" for i in range(3)] and written["stages"] == 3
+    repository = build / "model_repository"
+    for i in range(3):
+        engine = read_config(repository / f"{STEP_ENGINE}_{i}" / "config.pbtxt")
+        assert engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(engine.instance_group[0].gpus) \
+            == [i]
+        assert (repository / f"{STEP_ENGINE}_{i}" / engine.parameters["build_dir"].string_value).resolve() == \
+            (build / f"stage-{i}").resolve()
+        assert (repository / f"{STEP_ONNX}_{i}" / "config.pbtxt").is_file()
+    generate = read_config(repository / GENERATE / "config.pbtxt")
+    assert generate.parameters["step_models"].string_value == ",".join(written["step_models"])
 
 
 def test_a_broken_config_is_one_clear_error(tmp_path):

@@ -69,23 +69,25 @@ def test_onnxruntime_matches_eager_for_prefill_and_decode_on_a_past(tiny_onnx, t
         assert (r_ort.logits - r_eager.logits).abs().max() < 1e-3
         for x, y in zip(r_ort.indexer_topk, r_eager.indexer_topk, strict=True):
             assert torch.equal(x.sort(-1).values, y.sort(-1).values)
-    for ort_cache, eager_cache in zip(caches["ort"].arrays, caches["eager"].tensors()):
+    (ort_caches,) = caches["ort"]  # one graph: one stage's caches
+    for ort_cache, eager_cache in zip(ort_caches.arrays, caches["eager"].tensors()):
         assert np.abs(ort_cache - eager_cache.numpy()).max() < 1e-4
 
 
 def test_onnxruntime_writes_the_bound_cache_buffers_in_place(tiny_onnx, tiny_config):
     backend = OnnxRuntimeBackend(tiny_onnx)
-    caches = backend.new_caches(1)
+    stages = backend.new_caches(1)
+    (caches,) = stages  # one graph: one stage's caches
     before = [a.copy() for a in caches.arrays]
     addresses = [v.data_ptr() for v in caches.values]
-    backend.step(random_ids(tiny_config, 1, 5), torch.arange(5)[None], caches)
-    backend.step(random_ids(tiny_config, 1, 1), torch.tensor([[5]]), caches)
+    backend.step(random_ids(tiny_config, 1, 5), torch.arange(5)[None], stages)
+    backend.step(random_ids(tiny_config, 1, 1), torch.tensor([[5]]), stages)
     assert [v.data_ptr() for v in caches.values] == addresses
     for array, old in zip(caches.arrays, before):
         assert (array[0, 0, :6] != 0).any(axis=-1).all()  # rows 0..5 written into the very arrays we own
         assert np.array_equal(array[0, 0, 6:], old[0, 0, 6:])  # nothing beyond them
     with pytest.raises(CacheFullError, match=f"{TINY_CAPACITY + 1} tokens do not fit a cache of capacity"):
-        backend.step(random_ids(tiny_config, 1, 2), torch.tensor([[TINY_CAPACITY - 1, TINY_CAPACITY]]), caches)
+        backend.step(random_ids(tiny_config, 1, 2), torch.tensor([[TINY_CAPACITY - 1, TINY_CAPACITY]]), stages)
 
 
 def test_graph_check_names_an_op_tensorrt_lacks(tiny_onnx, tiny_config):
@@ -122,7 +124,11 @@ def test_interrupted_export_leaves_no_model_file(tmp_path, tiny_model, monkeypat
     monkeypatch.setattr(onnx_export, "check_graph", interrupted)
     with pytest.raises(KeyboardInterrupt):
         onnx_export.export_onnx(tiny_model, tmp_path / "out", capacity=16)
-    assert list((tmp_path / "out").iterdir()) == []  # no model.onnx, no data, no temp directory
+    assert not (tmp_path / "out").exists()  # no model.onnx, no data, no temp directory: not even the new directory
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        onnx_export.export_onnx(tiny_model, tmp_path / "kept", capacity=16)
+    assert list((tmp_path / "kept").iterdir()) == []  # a directory that was there stays, empty
 
 
 def test_export_into_a_file_path_is_refused(tmp_path, tiny_model):

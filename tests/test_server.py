@@ -191,6 +191,27 @@ def test_text_in_text_out(server, build, eager):
     assert "20 tokens in" in result.stderr
 
 
+def test_two_pipeline_stages_give_the_tokens_of_one(build, tmp_path):
+    """The tiny build cut into 2 pipeline stages (--gpus 2: two graphs with hidden-state I/O, one step model each,
+    chained by dsa_generate) streams exactly the tokens of the 1-stage build, on the real server."""
+    from dsa_export.deploy.repository import step_models_of
+    from dsa_export.pipeline import Options, run_build
+
+    staged = tmp_path / "staged"
+    run_build(Options(out=staged, capacity=CAPACITY, gpus=2), only=["checkpoint", "export", "deploy"],
+              log=lambda line: None)
+    assert [json.loads((staged / f"stage-{i}" / "io.json").read_text())["layers"] for i in (0, 1)] == [[0, 2], [2, 3]]
+    assert step_models_of(staged / "model_repository") == ["dsa_onnx_0", "dsa_onnx_1"]
+    with TritonServer(build / "model_repository", [STEP_ONNX, GENERATE], find_server()) as one, \
+            TritonServer(staged / "model_repository", ["dsa_onnx_0", "dsa_onnx_1", GENERATE], find_server(),
+                         log_path=tmp_path / "staged.log", verbose=True) as two:
+        for prompt in PROMPTS:
+            expected = tokens(client.generate(one.grpc_url, input_ids=prompt, max_new_tokens=32, stop_ids=[]))
+            assert tokens(client.generate(two.grpc_url, input_ids=prompt, max_new_tokens=32, stop_ids=[])) == expected
+    log = (tmp_path / "staged.log").read_text()
+    assert "dsa_onnx_0: unloading with 0 sequences held" in log and "dsa_onnx_1: unloading with 0 sequences held" in log
+
+
 def test_serve_refuses_an_engine_build_on_a_cpu_server(build, tmp_path):
     import shutil
 

@@ -10,9 +10,14 @@
 
 The step models take io.json's inputs (input_ids, positions) and return its logits; each keeps the caches of its
 sequences (by correlation id) between steps, on the host or on the GPU, and the caches never cross the wire.
-dsa_generate calls dsa_engine where the build has an engine, else dsa_onnx (its `step_model` parameter). The models
+dsa_generate calls dsa_engine where the build has an engine, else dsa_onnx (its `step_models` parameter). The models
 read the export (model.onnx, io.json, config.json, tokenizer files, engine/model.plan) from the build directory by a
 relative path, so the repository is served in place: mount the whole build directory.
+
+A build cut into pipeline stages across GPUs (stage-0/, stage-1/, ...) gets one step model per stage and runtime:
+dsa_onnx_0, dsa_onnx_1, ... and dsa_engine_0, ... (stage i on GPU i by its instance group), each holding the caches
+of its own layers; dsa_generate chains them for every step (BLS), passing the hidden state [1, S, H] from one stage to
+the next (the only tensor that crosses between GPUs: 14 KB per token at the 671B shapes in bf16).
 
 Why the engine is not a `platform: "tensorrt_plan"` model with the sequence batcher's implicit state: Triton's
 TensorRT backend binds every state input and output to buffers of its own, two different ones for a cache and its
@@ -64,23 +69,23 @@ def _parameters(**values: str) -> dict:
     return {k: mc.ModelParameter(string_value=str(v)) for k, v in values.items()}
 
 
-def step_config(name: str, io: GraphIO, build_dir: str):
+def step_config(name: str, runtime: str, io: GraphIO, build_dir: str, gpu: int = 0):
     """A step model: unbatched ([1, S] per request), one instance (each sequence's caches live in it); dsa_onnx on
-    the CPU with ONNX Runtime, dsa_engine on GPU 0 with TensorRT."""
+    the CPU with ONNX Runtime, dsa_engine on GPU `gpu` with TensorRT."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    engine = name == STEP_ENGINE
+    engine = runtime == STEP_ENGINE
     kind = mc.ModelInstanceGroup.KIND_GPU if engine else mc.ModelInstanceGroup.KIND_CPU
     return mc.ModelConfig(
         name=name, backend="python", max_batch_size=0,
         input=_tensors(mc.ModelInput, list(io.inputs[:2])),
         output=_tensors(mc.ModelOutput, list(io.outputs[:1])),
-        instance_group=[mc.ModelInstanceGroup(kind=kind, count=1, gpus=[0] if engine else [])],
+        instance_group=[mc.ModelInstanceGroup(kind=kind, count=1, gpus=[gpu] if engine else [])],
         parameters=_parameters(build_dir=build_dir, runtime="tensorrt" if engine else "onnxruntime",
                                idle_seconds=str(IDLE_SECONDS)))
 
 
-def generate_config(step_model: str, build_dir: str):
+def generate_config(step_models: list[str], build_dir: str, export_dir: str):
     from tritonclient.grpc import model_config_pb2 as mc
 
     from dsa_export.deploy.generation import GENERATE_INPUTS, GENERATE_OUTPUTS
@@ -93,7 +98,7 @@ def generate_config(step_model: str, build_dir: str):
         output=[mc.ModelOutput(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
                 for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
-        parameters=_parameters(step_model=step_model, build_dir=build_dir))
+        parameters=_parameters(step_models=",".join(step_models), build_dir=build_dir, export_dir=export_dir))
 
 
 def config_text(config) -> str:
@@ -114,27 +119,43 @@ def read_config(path: str | Path):
         raise DSAExportError(f"{path}: not a valid Triton model config ({e})") from None
 
 
-def step_model_of(repository: str | Path) -> str:
-    """The step model the repository's generation model calls."""
-    return read_config(Path(repository) / GENERATE / "config.pbtxt").parameters["step_model"].string_value
+def step_models_of(repository: str | Path) -> list[str]:
+    """The step models the repository's generation model calls, one per pipeline stage."""
+    config = read_config(Path(repository) / GENERATE / "config.pbtxt")
+    return config.parameters["step_models"].string_value.split(",")
+
+
+def step_model_names(runtime: str, stages: int) -> list[str]:
+    return [runtime] if stages == 1 else [f"{runtime}_{i}" for i in range(stages)]
 
 
 def write_repository(build_dir: str | Path, repository: str | Path | None = None) -> dict:
     """Write the model repository of the export in build_dir (default: build_dir/model_repository), atomically."""
+    from dsa_export.exporter.graph_io import stage_dirs
+
     build_dir = Path(build_dir)
     repository = Path(repository) if repository is not None else build_dir / "model_repository"
-    io = GraphIO.load(build_dir / "io.json")
-    has_engine = (build_dir / "engine" / PLAN).is_file()
-    step_model = STEP_ENGINE if has_engine else STEP_ONNX
+    dirs = stage_dirs(build_dir)
+    ios = [GraphIO.load(d / "io.json") for d in dirs]
+    has_engine = all((d / "engine" / PLAN).is_file() for d in dirs)
+    step_models = step_model_names(STEP_ENGINE if has_engine else STEP_ONNX, len(dirs))
+
+    def relative(path: Path, model: str) -> str:  # the build directory moves (or is mounted) as a whole
+        return os.path.relpath(path.resolve(), (repository / model).resolve())
+
+    # model name → (its kind in PYTHON_MODELS, config)
+    configs = {GENERATE: (GENERATE, generate_config(step_models, relative(build_dir, GENERATE),
+                                                    relative(dirs[0], GENERATE)))}
+    for runtime in (STEP_ONNX, STEP_ENGINE):
+        for gpu, (name, stage_dir, io) in enumerate(zip(step_model_names(runtime, len(dirs)), dirs, ios)):
+            configs[name] = (runtime, step_config(name, runtime, io, relative(stage_dir, name), gpu))
     with atomic_dir(repository) as tmp:
-        for name, (model_py, modules) in PYTHON_MODELS.items():
-            # relative: the build directory moves (or is mounted) as a whole
-            build_dir_param = os.path.relpath(build_dir.resolve(), (repository / name).resolve())
-            config = generate_config(step_model, build_dir_param) if name == GENERATE else \
-                step_config(name, io, build_dir_param)
+        for name, (kind, config) in configs.items():
+            model_py, modules = PYTHON_MODELS[kind]
             (tmp / name / "1").mkdir(parents=True)
             write_atomic(tmp / name / "config.pbtxt", config_text(config))
             shutil.copyfile(model_py, tmp / name / "1" / "model.py")
             for module in modules:
                 shutil.copyfile(module, tmp / name / "1" / module.name)
-    return {"path": str(repository), "models": sorted(PYTHON_MODELS), "step_model": step_model, "engine": has_engine}
+    return {"path": str(repository), "models": sorted(configs), "step_models": step_models, "engine": has_engine,
+            "stages": len(dirs)}

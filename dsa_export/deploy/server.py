@@ -256,23 +256,23 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
                      verbose: bool = False, log: Callable[[str], None] = print) -> None:
     """`dsa-export serve`: start the server on the repository's generation model and its step model, say where it
     listens, and run until Ctrl-C or SIGTERM, then stop it cleanly."""
-    from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, step_model_of
+    from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, step_models_of
     from dsa_export.pipeline.runner import Interrupted
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server, even if started from `&`
     repository = repository_of(source)
-    step_model = step_model_of(repository)
+    step_models = step_models_of(repository)
     install = find_server(tritonserver, log)
-    if step_model == STEP_ENGINE and install.backend_dir is not None:
+    if step_models[0].startswith(STEP_ENGINE) and install.backend_dir is not None:
         raise DSAExportError(f"{repository}: the build has a TensorRT engine (dsa_engine), which runs on a GPU with "
                              f"the tensorrt and torch packages in the server's Python: serve it in NVIDIA's Triton "
                              f"container (README), or pass --tritonserver")
-    server = TritonServer(repository, [step_model, GENERATE], install, grpc_port, http_port, log_file, verbose)
+    server = TritonServer(repository, [*step_models, GENERATE], install, grpc_port, http_port, log_file, verbose)
     log(f"starting {install.tritonserver} on {repository} (log: {server.log_path})")
     started = time.monotonic()
     server.start()
     log(f"ready after {time.monotonic() - started:.1f} s: gRPC {server.grpc_url}, HTTP 127.0.0.1:{server.http_port}; "
-        f"models {GENERATE} (steps by {step_model}). Stop with Ctrl-C.")
+        f"models {GENERATE} (steps by {' -> '.join(step_models)}). Stop with Ctrl-C.")
     log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
     try:
         code = server.wait()

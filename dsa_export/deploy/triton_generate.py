@@ -43,12 +43,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         build_dir = Path(args["model_repository"]) / parameters["build_dir"]
-        self.step_model = parameters["step_model"]
-        io = json.loads((build_dir / "io.json").read_text(encoding="utf-8"))
+        export_dir = Path(args["model_repository"]) / parameters["export_dir"]  # the (first stage's) graph
+        self.step_models = parameters["step_models"].split(",")  # one per pipeline stage, in layer order
+        io = json.loads((export_dir / "io.json").read_text(encoding="utf-8"))
+        model_config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
         self.capacity = io["capacity"]
-        self.vocab_size = io["outputs"][0]["dims"][-1]
+        self.vocab_size = model_config["vocab_size"]
         self.codec = TextCodec(build_dir) if TextCodec.exists(build_dir) else None
-        eos = json.loads((build_dir / "config.json").read_text(encoding="utf-8")).get("eos_token_id")
+        eos = model_config.get("eos_token_id")
         if eos is None and self.codec is not None:
             eos = self.codec.eos_id
         self.default_stop_ids = [] if eos is None else [int(eos)]
@@ -57,7 +59,7 @@ class TritonPythonModel:
         self.lock = threading.Lock()
         self.running = 0
         self.idle = threading.Condition(self.lock)
-        pb_utils.Logger.log_info(f"dsa_generate: steps by {self.step_model}, capacity {self.capacity}, "
+        pb_utils.Logger.log_info(f"dsa_generate: steps by {' -> '.join(self.step_models)}, capacity {self.capacity}, "
                                  f"text {'on' if self.codec else 'off (no tokenizer.json)'}, "
                                  f"default stop ids {self.default_stop_ids}")
 
@@ -108,17 +110,21 @@ class TritonPythonModel:
             stop_ids=self.default_stop_ids if stop_ids is None else [int(t) for t in stop_ids])
 
     def step(self, sequence, ids, position, flags):
-        """The next-token logits [vocab] after feeding `ids` at position..; the step model's error as RuntimeError."""
-        positions = np.arange(position, position + len(ids), dtype=np.int64)[None]
-        response = pb_utils.InferenceRequest(
-            model_name=self.step_model,
-            inputs=[pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)[None]),
-                    pb_utils.Tensor("positions", positions)],
-            requested_output_names=["logits"], correlation_id=sequence, flags=flags,
-            preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
-        if response.has_error():
-            raise RuntimeError(f"{self.step_model}: {response.error().message()}")
-        return pb_utils.get_output_tensor_by_name(response, "logits").as_numpy()[0, -1]
+        """The next-token logits [vocab] after feeding `ids` at position..; a step model's error as RuntimeError.
+        Through every pipeline stage in turn: each takes the previous one's hidden state (in host memory, [1, S, H]
+        per step) and keeps its own layers' caches under the same correlation id and flags."""
+        positions = pb_utils.Tensor("positions", np.arange(position, position + len(ids), dtype=np.int64)[None])
+        first = pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)[None])
+        for i, model in enumerate(self.step_models):
+            output = "logits" if i == len(self.step_models) - 1 else "hidden_out"
+            response = pb_utils.InferenceRequest(
+                model_name=model, inputs=[first, positions], requested_output_names=[output],
+                correlation_id=sequence, flags=flags,
+                preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
+            if response.has_error():
+                raise RuntimeError(f"{model}: {response.error().message()}")
+            first = pb_utils.Tensor("hidden_in", pb_utils.get_output_tensor_by_name(response, output).as_numpy())
+        return first.as_numpy()[0, -1]
 
     def generate(self, sender, request: GenerationRequest):
         with self.lock:

@@ -1,5 +1,6 @@
 """Triton Inference Server step models `dsa_onnx` (CPU: the exported graph with ONNX Runtime) and `dsa_engine` (GPU:
-the TensorRT engine, run in process): one step of a sequence per request, the caches kept in the model.
+the TensorRT engine, run in process): one step of a sequence per request, the caches kept in the model. A build cut
+into pipeline stages has one step model per stage (`dsa_onnx_0`, ...), each holding the caches of its layers.
 
 Copied into the model repository as `<model>/1/model.py`, beside ort_graph.py or trt_graph.py (the runners the
 project's own ONNX Runtime and TensorRT backends use); the `runtime` parameter picks one. Each sequence is a
@@ -47,24 +48,26 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                logits = self.step(request)
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("logits", logits)]))
+                out = self.step(request)
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.graph.output, out)]))
             except StepError as e:
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(e))))
         return responses
 
     def step(self, request):
+        """input_ids (or, in a later pipeline stage, hidden_in [1, S, H]) and positions [1, S] → logits (or
+        hidden_out for the next stage)."""
         sequence, flags = request.correlation_id(), request.flags()
-        input_ids = pb_utils.get_input_tensor_by_name(request, "input_ids").as_numpy()
+        first = pb_utils.get_input_tensor_by_name(request, self.graph.first_input).as_numpy()
         positions = pb_utils.get_input_tensor_by_name(request, "positions").as_numpy()
-        if input_ids.shape != positions.shape or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
-            raise StepError(f"input_ids and positions must both be [1, S >= 1], got {list(input_ids.shape)} and "
-                            f"{list(positions.shape)}")
-        if input_ids.min() < 0 or input_ids.max() >= self.graph.vocab_size:
+        if first.shape[:2] != positions.shape or positions.shape[0] != 1 or positions.shape[1] < 1:
+            raise StepError(f"{self.graph.first_input} and positions must both start [1, S >= 1], got "
+                            f"{list(first.shape)} and {list(positions.shape)}")
+        if self.graph.first_input == "input_ids" and (first.min() < 0 or first.max() >= self.graph.vocab_size):
             raise StepError(f"token ids must be in [0, {self.graph.vocab_size})")
-        first = int(positions[0, 0])
-        if first < 0 or positions[0, -1] >= self.graph.capacity or \
-                not np.array_equal(positions[0], np.arange(first, first + positions.shape[1])):
+        start = int(positions[0, 0])
+        if start < 0 or positions[0, -1] >= self.graph.capacity or \
+                not np.array_equal(positions[0], np.arange(start, start + positions.shape[1])):
             raise StepError(f"positions must be consecutive within the capacity [0, {self.graph.capacity})")
         now = time.monotonic()
         if flags & START:
@@ -76,11 +79,11 @@ class TritonPythonModel:
                             f"ended")
         state[1] = now
         try:
-            (logits,) = self.graph.run(input_ids, positions, state[0])
+            (out,) = self.graph.run(first, positions, state[0])
         finally:
             if flags & END:
                 del self.sequences[sequence]
-        return logits
+        return out
 
     def drop_idle(self, now):
         for sequence in [s for s, (_, used) in self.sequences.items() if now - used > self.idle_seconds]:

@@ -172,3 +172,22 @@ def check_export_dir(onnx_dir: Path, config=None) -> GraphIO:
     if [v.name for v in model.graph.input] != [t.name for t in io.inputs]:
         raise DSAExportError(f"{onnx_dir}: model.onnx and io.json disagree on the graph inputs; re-run the export")
     return io
+
+
+def check_exports(build_dir: Path, config=None) -> list[GraphIO]:
+    """`check_export_dir` for every export of a build (one graph, or its pipeline stages), and the stages run the
+    model's layers in order, each once."""
+    from dsa_export.exporter.graph_io import stage_dirs
+
+    dirs = stage_dirs(Path(build_dir))
+    ios = [check_export_dir(d, config) for d in dirs]
+    start = 0
+    for d, io in zip(dirs, ios):
+        if io.layers[0] != start or io.capacity != ios[0].capacity or io.cache_dtype != ios[0].cache_dtype:
+            raise DSAExportError(f"{d}: layers {io.layers[0]}:{io.layers[1]} (capacity {io.capacity}, "
+                                 f"{io.cache_dtype}) do not continue the stages before it; re-run the export")
+        start = io.layers[1]
+    if start != ios[-1].model_layers:
+        raise DSAExportError(f"{build_dir}: the stages end at layer {start} of {ios[-1].model_layers}; re-run the "
+                             f"export")
+    return ios

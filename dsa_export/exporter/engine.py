@@ -50,20 +50,18 @@ def profiles(io: GraphIO, shapes: EngineShapes) -> dict[str, dict[str, tuple[tup
 
 
 def memory_plan(onnx_dir: Path, io: GraphIO, target: GPUTarget, shapes: EngineShapes, workspace_gb: float) -> dict:
-    """Bytes the engine needs at its largest shapes: weights (the external data), caches at capacity for the largest
-    batch, logits and a working set for the largest step, the builder's workspace; and whether that fits."""
-    weights = sum(p.stat().st_size for p in onnx_dir.glob("model.onnx.data*"))
-    itemsize = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
-    batch = max(shapes.max_batch, shapes.prefill_batch)
-    caches = batch * sum(io.cache_shape(t, 1)[-2] * io.cache_shape(t, 1)[-1] for t in io.cache_inputs) * itemsize
-    tokens = max(shapes.max_batch, shapes.prefill_batch * min(shapes.max_prefill, io.capacity))
-    vocab = io.outputs[0].dims[-1]
-    activations = tokens * vocab * 4 * (1 if not io.last_logits_only else 0) + (256 << 20)  # logits + a tile budget
-    need = weights + caches + activations + int(workspace_gb * 2**30)
+    """Bytes the engine needs at its largest shapes (exporter/partition.py `stage_memory`, with the weights of the
+    export's data files), and whether that fits."""
+    from dsa_export.exporter.partition import stage_memory
+    from dsa_export.exporter.weights import data_files
+
+    weights = sum(p.stat().st_size for p in data_files(onnx_dir))
+    memory = stage_memory(io, weights, shapes, workspace_gb)
     have = target.memory_gb * 10**9
-    return {"weights_gb": weights / 1e9, "caches_gb": caches / 1e9, "activations_gb": activations / 1e9,
-            "workspace_gb": workspace_gb * 2**30 / 1e9, "total_gb": need / 1e9, "gpu_gb": have / 1e9,
-            "fits": need <= have, "shortfall_gb": max(0.0, (need - have) / 1e9)}
+    return {"weights_gb": weights / 1e9, "caches_gb": memory.caches / 1e9,
+            "activations_gb": memory.activations / 1e9, "workspace_gb": memory.workspace / 1e9,
+            "total_gb": memory.total / 1e9, "gpu_gb": have / 1e9, "fits": memory.total <= have,
+            "shortfall_gb": max(0.0, (memory.total - have) / 1e9)}
 
 
 def check_fits(plan: dict, target: GPUTarget) -> None:

@@ -1,15 +1,20 @@
-"""ONNX export: the model in absorbed (sparse) mode through the `dsa::` ops, per-layer caches written in place.
+"""ONNX export: the model in absorbed (sparse) mode through the `dsa::` ops, per-layer caches written in place, weights
+streamed.
 
-`torch.onnx.export(..., dynamo=True)` at opset 24 with a translation table that turns each `torch.ops.dsa.*` call
-into one `dsa::` node and each cache write into one TensorScatter; the standard-op decompositions are appended as
-model-local functions afterwards (toolchain.md §1.5–1.6). The graph is checked (exporter/checks.py), then written with
-external weights into a temporary directory and moved into place data first, `model.onnx` last: an interrupted
-export never leaves a `model.onnx` that looks complete.
+The graph is traced with fake tensors (no weight is ever materialised): `torch.onnx.export(..., dynamo=True)` at opset
+24 with a translation table that turns each `torch.ops.dsa.*` call into one `dsa::` node and each cache write into one
+TensorScatter, then onnxscript's optimizer with the weights held opaque (so no weight is folded into a new constant:
+every initializer is a model tensor as the checkpoint stores it, transposes stay nodes that TensorRT and ONNX Runtime
+fold at load); the standard-op decompositions are appended as model-local functions (toolchain.md §1.5–1.6). Then
+exporter/weights.py writes each initializer from the checkpoint (or a model in memory) into bounded external data
+files, one row block at a time, and the graph is checked without loading a weight (exporter/checks.py). Everything is
+written into a temporary directory and moved into place data first, `model.onnx` last: an interrupted export never
+leaves a `model.onnx` that looks complete. Peak memory: the graph, one row block, and what safetensors maps
+(benchmarks/export_memory.md), whatever the checkpoint's size.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -19,19 +24,26 @@ import warnings
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dsa_export
 from dsa_export.errors import DSAExportError
-from dsa_export.files import ensure_output_dir, make_readable
 from dsa_export.exporter.checks import check_graph
 from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO, graph_io, name_graph_dims
+from dsa_export.exporter.weights import (DEFAULT_MAX_FILE_BYTES, TORCH_DTYPES, CheckpointWeights, ModelWeights,
+                                         WeightSpec, data_files, write_weights)
+from dsa_export.files import ensure_output_dir, make_readable
 from dsa_export.kernels import EXPORT_OPS
+from dsa_export.models.config import DSAConfig
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import OPSET, add_decompositions, translation_table
 
-MODEL_FILE, DATA_FILE, IO_FILE, CONFIG_FILE = "model.onnx", "model.onnx.data", "io.json", "config.json"
+MODEL_FILE, IO_FILE, CONFIG_FILE = "model.onnx", "io.json", "config.json"
+WRAPPER_PREFIX = "model."  # CachedLM holds the model as `.model`: initializer names are "model." + state-dict names
 
 
 class CachedLM(nn.Module):
@@ -42,64 +54,127 @@ class CachedLM(nn.Module):
         self.model, self.io = model, io
         self.model.ops, self.model.attention = EXPORT_OPS, "sparse"
 
-    def forward(self, input_ids, positions, *caches):
+    def forward(self, first, positions, *caches):
+        """first: input_ids, or the previous stage's hidden state (io.json says which)."""
         L = self.io.num_layers
-        logits, latents, index_keys = self.model.forward_with_cache(input_ids, positions, list(caches[:L]),
-                                                                    list(caches[L:]))
+        out, latents, index_keys = self.model.forward_with_cache(first, positions, list(caches[:L]), list(caches[L:]),
+                                                                 layers=range(*self.io.layers))
         if self.io.last_logits_only:
-            logits = logits[:, -1:]
-        return (logits, *latents, *index_keys)
+            out = out[:, -1:]
+        return (out, *latents, *index_keys)
 
 
 def sample_inputs(io: GraphIO, config, batch: int = 2, seq: int = 3, seed: int = 0) -> tuple:
-    """Trace inputs with distinct sizes >= 2 in every dynamic dim (torch.export specialises 0/1 and equal sizes)."""
+    """Trace inputs with distinct sizes >= 2 in every dynamic dim (torch.export specialises 0/1 and equal sizes).
+    Under a FakeTensorMode they take no memory (the caches of the 671B model at 128K would take tens of GB)."""
     gen = torch.Generator().manual_seed(seed)
     past = min(5, io.capacity - seq)
-    values = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen),
+    first = io.inputs[0]
+    values = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen) if io.first else
+              torch.randn(batch, seq, config.hidden_size, generator=gen).to(getattr(torch, first.dtype)),
               (past + torch.arange(seq)).expand(batch, seq).contiguous()]
     values += [torch.zeros(io.cache_shape(t, batch), dtype=getattr(torch, t.dtype)) for t in io.cache_inputs]
     return tuple(values)
 
 
-def export_onnx(model: DSAForCausalLM, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-                last_logits_only: bool = False, capacity: int | None = None,
-                dequantize_experts: bool = False) -> Path:
-    """Export, check and write `model.onnx`, `model.onnx.data` and `io.json` into `out_dir`; returns the ONNX path.
-
-    capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (a model loaded from an FP8
-    checkpoint) stay FP8 with their block scales unless `dequantize_experts`, which stores them in `dtype`."""
-    io = graph_io(model.config, str(dtype).removeprefix("torch."), last_logits_only, capacity)
-    if io.capacity < 4:
-        raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
-    out_dir = ensure_output_dir(out_dir)  # after the checks: bad input leaves nothing behind
-    export_model = copy.deepcopy(model).cast(dtype).init_buffers().eval()
-    if dequantize_experts:
-        export_model.dequantize_experts()
-    wrapper = CachedLM(export_model, io)
-    args = sample_inputs(io, model.config)
-    specs = [{i: d for i, d in enumerate(t.dims) if d in (BATCH, SEQ)} for t in io.inputs]
+def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype,
+                fp8_block: tuple[int, int] | None) -> tuple[onnx.ModelProto, list[tuple[str, WeightSpec]]]:
+    """The optimised graph without its weights, and (initializer name, model tensor) for each weight it reads.
+    fp8_block: routed experts held as FP8 codes with scales of this block (None: in `dtype`)."""
+    mode = FakeTensorMode()
+    with mode:  # parameters and inputs are fake: shapes and dtypes only
+        model = DSAForCausalLM(config).cast(dtype)
+        if fp8_block is not None:
+            for experts in model.routed_experts():
+                experts.keep_fp8(fp8_block)
+        model.init_buffers().eval()
+        args = sample_inputs(io, config)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    dims = {BATCH: torch.export.Dim(BATCH), SEQ: torch.export.Dim(SEQ)}
+    specs = [{i: dims[d] for i, d in enumerate(t.dims) if d in dims} for t in io.inputs]
     dynamic_shapes = (specs[0], specs[1], tuple(specs[2:]))  # forward(input_ids, positions, *caches)
-    # torch.onnx logs a warning per missing optional library (torchvision ops) and warns about its own internals
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    # torch.onnx logs a warning per missing optional library (torchvision ops) and warns about its own internals;
+    # onnxscript's optimizer logs each opaque initializer it leaves alone
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(wrapper, args, dynamo=True, verbose=False, opset_version=OPSET,
+        program = torch.onnx.export(torch.export.export(CachedLM(model, io), args, dynamic_shapes=dynamic_shapes),
+                                    dynamo=True, verbose=False, optimize=False, opset_version=OPSET,
                                     input_names=[t.name for t in io.inputs], output_names=[t.name for t in io.outputs],
-                                    dynamic_shapes=dynamic_shapes, custom_translation_table=translation_table())
+                                    custom_translation_table=translation_table())
+    graph = program.model.graph
+    weights = {}
+    for name, value in graph.initializers.items():
+        tensor = tensors.get(name.removeprefix(WRAPPER_PREFIX))
+        if tensor is None:
+            raise DSAExportError(f"the traced graph holds a constant '{name}' that is no model tensor")
+        weights[name] = WeightSpec(name.removeprefix(WRAPPER_PREFIX), tuple(tensor.shape), tensor.dtype)
+        value.const_value = None  # opaque to the optimizer: nothing is computed from a weight at export time
+    onnxscript.optimizer.optimize(program.model)
+    used = [(name, weights[name]) for name, value in graph.initializers.items() if name in weights and value.uses()]
+    for name in [name for name in graph.initializers if name in weights]:
+        graph.initializers.pop(name)  # written by exporter/weights.py straight into the external data (or unused:
+        # the tensors of other pipeline stages)
+    return ir.serde.serialize_model(program.model), used
+
+
+def export_onnx(source: DSAForCausalLM | str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+                last_logits_only: bool = False, capacity: int | None = None, dequantize_experts: bool = False,
+                max_data_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False,
+                layers: tuple[int, int] | None = None) -> Path:
+    """Export, check and write `model.onnx`, its external data files and `io.json` into `out_dir`; returns the ONNX
+    path. source: a checkpoint directory (weights streamed from its safetensors; the model is never held in memory)
+    or a loaded model. capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (stored FP8
+    in the checkpoint, or kept FP8 by the loaded model) stay FP8 with their block scales unless
+    `dequantize_experts`, which stores them in `dtype`. max_data_file_bytes: the size of each external data file.
+    layers: export only layers start:stop, a pipeline stage (exporter/graph_io.py), with only their weights."""
+    if dtype not in TORCH_DTYPES.values() or dtype == torch.uint8:
+        raise DSAExportError(f"cannot export in {dtype}")
+    if isinstance(source, DSAForCausalLM):
+        config, weights = source.config, ModelWeights(source)
+        fp8_experts = any(e.fp8_block is not None for e in source.routed_experts())
+    else:
+        weights = CheckpointWeights(source)
+        config, fp8_experts = weights.config, weights.experts_fp8
+    io = graph_io(config, str(dtype).removeprefix("torch."), last_logits_only, capacity, layers)
+    if io.capacity < 4:
+        raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
+    if max_data_file_bytes < 1:
+        raise DSAExportError(f"the data file size must be > 0 bytes, got {max_data_file_bytes}")
+    existed = Path(out_dir).exists()
+    out_dir = ensure_output_dir(out_dir)  # after the checks: bad input leaves nothing behind
+    try:
+        return _export(config, weights, io, out_dir, dtype, fp8_experts and not dequantize_experts,
+                       max_data_file_bytes, progress)
+    except BaseException:
+        if not existed:  # a weight found bad while streaming (NaN), or an interruption: no empty directory left
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _export(config: DSAConfig, weights, io: GraphIO, out_dir: Path, dtype: torch.dtype, fp8_experts: bool,
+            max_data_file_bytes: int, progress: bool) -> Path:
+    fp8_block = (config.fp8_block or (128, 128)) if fp8_experts else None
+    proto, specs = trace_graph(config, io, dtype, fp8_block)
+    proto = add_decompositions(proto)
+    name_graph_dims(proto, io)
+    proto.doc_string = (f"dsa-export {dsa_export.__version__}; {str(dtype).removeprefix('torch.')}, "
+                        f"cache capacity {io.capacity}")
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
-        program.save(tmp / MODEL_FILE, external_data=True)  # writes model.onnx + model.onnx.data
-        proto = add_decompositions(onnx.load(tmp / MODEL_FILE, load_external_data=False))
-        name_graph_dims(proto, io)
-        proto.doc_string = (f"dsa-export {dsa_export.__version__}; {str(dtype).removeprefix('torch.')}, "
-                            f"cache capacity {io.capacity}")
-        onnx.save_model(proto, tmp / MODEL_FILE)  # the graph only; weights stay in model.onnx.data
-        check_graph(tmp / MODEL_FILE, io, moe_layers=len(export_model.routed_experts()))
+        proto.graph.initializer.extend(write_weights(specs, weights, tmp, max_data_file_bytes, progress))
+        onnx.save_model(proto, tmp / MODEL_FILE)  # the graph only; the weights are in the data files
+        moe_layers = sum(config.is_moe_layer(i) for i in range(*io.layers))
+        check_graph(tmp / MODEL_FILE, io, moe_layers=moe_layers)
         (tmp / IO_FILE).write_text(json.dumps(io.to_json(), indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")  # the model exported
+        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")  # the model exported
         make_readable(tmp)
         (out_dir / MODEL_FILE).unlink(missing_ok=True)  # never a new model.onnx beside old data, or the reverse
-        for name in (DATA_FILE, IO_FILE, CONFIG_FILE, MODEL_FILE):  # model.onnx last: it appears only when complete
+        for old in data_files(out_dir):
+            old.unlink()
+        new = [f.name for f in data_files(tmp)]
+        for name in (*new, IO_FILE, CONFIG_FILE, MODEL_FILE):  # model.onnx last: it appears only when complete
             os.replace(tmp / name, out_dir / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

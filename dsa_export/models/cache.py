@@ -45,6 +45,12 @@ def cache_layout(config: DSAConfig, layers: range | None = None) -> tuple[CacheT
     return tuple(CacheTensor(kind, i, widths[kind]) for kind in KINDS for i in layers)
 
 
+def cache_order(input_name: str) -> tuple[int, int]:
+    """The position of a cache (by its input name) in `cache_layout`'s order: kind, then layer."""
+    kind, _, layer = input_name.partition("_cache.")
+    return KINDS.index(kind), int(layer)
+
+
 def cache_shape(tensor: CacheTensor, batch, capacity) -> tuple:
     """[batch, 1, capacity, width]: ints, or dim names for io.json."""
     return (batch, 1, capacity, tensor.width)

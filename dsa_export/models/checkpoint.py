@@ -229,10 +229,18 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
     return model
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
-                    fp8_experts: bool | None = None) -> DSAForCausalLM:
-    """Build the model from an HF-layout directory, one tensor at a time. fp8_experts: keep the routed experts FP8
-    with their block scales (default: when the checkpoint stores them so); False dequantises them to `dtype`."""
+@dataclass
+class Checkpoint:
+    """An HF-layout checkpoint whose headers were read and checked against its config (no weight read yet)."""
+    path: Path
+    config: DSAConfig
+    stored: dict[str, StoredTensor]
+    skeleton: DSAForCausalLM  # on the meta device
+    experts_fp8: bool  # every routed expert stored FP8 (as in DeepSeek's checkpoint)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read config.json and every shard's header; raise on the first missing, unexpected or ill-shaped tensor."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
@@ -241,28 +249,60 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progre
     skeleton = model_skeleton(config)  # built once: it lists the expected tensors and becomes the model
     expected = expected_tensors(config, skeleton)
     check_tensors(config, stored, expected)
-    stored_fp8 = experts_stored_fp8(expected, stored)
-    if fp8_experts and not stored_fp8:
+    return Checkpoint(path, config, stored, skeleton, experts_stored_fp8(expected, stored))
+
+
+class TensorReader:
+    """Stored tensors, whole or by row block, through safetensors. safetensors memory-maps each file, and every page
+    read stays in the process's resident set while the map is open: a file is re-opened after RELEASE_BYTES have been
+    read from it, so that streaming a checkpoint larger than RAM keeps a bounded resident set."""
+
+    RELEASE_BYTES = 256 << 20
+
+    def __init__(self, stored: dict[str, StoredTensor]):
+        self.stored = stored
+        self._file: Path | None = None
+        self._handle = None
+        self._read = 0  # bytes read through the open handle
+
+    def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """Rows start:stop of tensor `name` (all of it by default)."""
+        file = self.stored[name].file
+        if file != self._file or self._read > self.RELEASE_BYTES:  # one file mapped at a time
+            self._handle, self._file, self._read = None, None, 0
+            self._handle, self._file = safe_open(file, framework="pt"), file
+        try:
+            if start is None and stop is None:
+                tensor = self._handle.get_tensor(name)
+            else:
+                tensor = self._handle.get_slice(name)[start:stop]
+        except SafetensorError as e:
+            raise CheckpointError(f"{file}: failed reading tensor '{name}' ({e})") from None
+        self._read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def close(self) -> None:
+        self._handle, self._file = None, None
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+                    fp8_experts: bool | None = None) -> DSAForCausalLM:
+    """Build the model from an HF-layout directory, one tensor at a time. fp8_experts: keep the routed experts FP8
+    with their block scales (default: when the checkpoint stores them so); False dequantises them to `dtype`."""
+    checkpoint = open_checkpoint(path)
+    config = checkpoint.config
+    if fp8_experts and not checkpoint.experts_fp8:
         raise CheckpointError(f"{path}: the routed experts are not stored in FP8, so they cannot be kept in FP8")
-    model = skeleton.cast(dtype)
-    if stored_fp8 if fp8_experts is None else fp8_experts:
+    model = checkpoint.skeleton.cast(dtype)
+    if checkpoint.experts_fp8 if fp8_experts is None else fp8_experts:
         for experts in model.routed_experts():
             experts.keep_fp8(config.fp8_block or (128, 128))
     model = model.to_empty(device="cpu").init_buffers()
-    handles: dict[Path, object] = {}
-
-    def read(name: str) -> torch.Tensor:
-        file = stored[name].file
-        if file not in handles:
-            handles[file] = safe_open(file, framework="pt")
-        return handles[file].get_tensor(name)
-
+    reader = TensorReader(checkpoint.stored)
     try:
-        fill_model(model, read, progress)
-    except SafetensorError as e:
-        raise CheckpointError(f"{path}: failed reading a tensor ({e})") from None
+        fill_model(model, reader.rows, progress)
     finally:
-        handles.clear()
+        reader.close()
     return model.eval()
 
 

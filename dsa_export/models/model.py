@@ -275,14 +275,20 @@ class RoutedExperts(nn.Module):
         self.down_scale = nn.Parameter(torch.empty(E, *fp8_scale_shape(H, two_i // 2, *block), device=device))
         return self
 
+    def dequantized(self, weight: str, dtype: torch.dtype, experts: slice = slice(None)) -> torch.Tensor:
+        """`weight` ("gate_up_proj" or "down_proj") of `experts`, from FP8 codes to `dtype` (bitwise what loading
+        dequantised would give)."""
+        assert self.fp8_block is not None
+        rows = self.down_proj.shape[-1] if weight == "gate_up_proj" else self.down_proj.shape[1]
+        scale = self.gate_up_scale if weight == "gate_up_proj" else self.down_scale
+        return dsa_ops.dequantize_experts(getattr(self, weight)[experts], scale[experts], *self.fp8_block, rows, dtype)
+
     def dequantize(self, dtype: torch.dtype) -> "RoutedExperts":
-        """Back from FP8 codes to `dtype` weights (bitwise what loading dequantised would give)."""
+        """Back from FP8 codes to `dtype` weights."""
         if self.fp8_block is not None:
-            inter = self.down_proj.shape[-1]
-            self.gate_up_proj = nn.Parameter(dsa_ops.dequantize_experts(
-                self.gate_up_proj, self.gate_up_scale, *self.fp8_block, inter, dtype), requires_grad=False)
-            self.down_proj = nn.Parameter(dsa_ops.dequantize_experts(
-                self.down_proj, self.down_scale, *self.fp8_block, self.down_proj.shape[1], dtype), requires_grad=False)
+            gate_up, down = self.dequantized("gate_up_proj", dtype), self.dequantized("down_proj", dtype)
+            self.gate_up_proj = nn.Parameter(gate_up, requires_grad=False)
+            self.down_proj = nn.Parameter(down, requires_grad=False)
             del self.gate_up_scale, self.down_scale
             self.fp8_block = None
         return self
@@ -351,13 +357,20 @@ class DSAForCausalLM(nn.Module):
             yarn_mscale(yarn.factor, yarn.mscale) / yarn_mscale(yarn.factor, yarn.mscale_all_dim))
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
 
-    def init_buffers(self) -> "DSAForCausalLM":
-        """(Re)compute the non-persistent buffers, e.g. after `to_empty` from the meta device."""
-        self.inv_freq = rope_inv_freq(self.config)
-        for layer in self.model.layers:
+    def computed_buffers(self) -> dict[str, torch.Tensor]:
+        """The non-persistent buffers (computed from the config, not stored in checkpoints), by name, on the CPU."""
+        values = {"inv_freq": rope_inv_freq(self.config)}
+        for i, layer in enumerate(self.model.layers):
             indexer = layer.self_attn.indexer
             if indexer.hadamard is not None:
-                indexer.hadamard = hadamard_matrix(indexer.head_dim)
+                values[f"model.layers.{i}.self_attn.indexer.hadamard"] = hadamard_matrix(indexer.head_dim)
+        return values
+
+    def init_buffers(self) -> "DSAForCausalLM":
+        """(Re)compute the non-persistent buffers, e.g. after `to_empty` from the meta device."""
+        for name, value in self.computed_buffers().items():
+            module, _, attr = name.rpartition(".")
+            setattr(self.get_submodule(module), attr, value)
         return self
 
     def set_indexer_fp8_sim(self, enabled: bool) -> None:
@@ -398,19 +411,25 @@ class DSAForCausalLM(nn.Module):
 
     def forward_with_cache(self, input_ids: torch.Tensor, positions: torch.Tensor,
                            latent_caches: list[torch.Tensor], index_key_caches: list[torch.Tensor],
-                           ops: DSAOps | None = None, attention: str | None = None):
+                           ops: DSAOps | None = None, attention: str | None = None, layers: range | None = None):
         """The functional core: (logits [B,S,V] fp32, latent caches, index-key caches) with this step's rows written
-        at `positions` (into the given tensors when run eagerly). ops/attention default to the model's."""
+        at `positions` (into the given tensors when run eagerly). ops/attention default to the model's.
+        layers: run only these (a pipeline stage, with the caches of these layers): unless they start at 0,
+        `input_ids` is the previous stage's hidden state [B,S,H]; unless they end the model, the hidden state is
+        returned in place of the logits."""
         ops, attention = ops or self.ops, attention or self.attention
+        layers = layers if layers is not None else range(self.config.num_hidden_layers)
         if attention not in ATTENTION_MODES:
             raise DSAExportError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids) if layers.start == 0 else input_ids
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
         latents, index_keys = [], []
-        for layer, kv_cache, ik_cache in zip(self.model.layers, latent_caches, index_key_caches):
-            h, kv, ik = layer(h, positions, cos, sin, kv_cache, ik_cache, attention, ops)
+        for i, kv_cache, ik_cache in zip(layers, latent_caches, index_key_caches):
+            h, kv, ik = self.model.layers[i](h, positions, cos, sin, kv_cache, ik_cache, attention, ops)
             latents.append(kv)
             index_keys.append(ik)
+        if layers.stop < self.config.num_hidden_layers:
+            return h, latents, index_keys  # the next stage's input
         logits = self.lm_head(self.model.norm(h)).float()
         return logits, latents, index_keys
 

@@ -60,12 +60,19 @@ def resolve_source(source: str | Path) -> tuple[DSAConfig, Path | None]:
     raise DSAExportError(f"'{source}' is neither a checkpoint directory nor a preset (presets: {', '.join(PRESETS)})")
 
 
-def check_fits_in_memory(config: DSAConfig, bytes_per_param: int, what: str) -> None:
-    """Refuse to materialise a model whose weights would not fit in this machine's memory (with room to spare)."""
+def memory_shortfall(config: DSAConfig, bytes_per_param: int, what: str) -> str | None:
+    """Why a model's weights would not fit in this machine's memory (with room to spare), or None if they do."""
     from dsa_export.models.summary import summarize
 
     need = summarize(config).total_params * bytes_per_param
     have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.7 * have:
-        raise DSAExportError(f"{what} needs {need / 1e9:,.1f} GB of weights in memory, this machine has "
-                             f"{have / 1e9:.0f} GB")
+        return f"{what} needs {need / 1e9:,.1f} GB of weights in memory, this machine has {have / 1e9:.0f} GB"
+    return None
+
+
+def check_fits_in_memory(config: DSAConfig, bytes_per_param: int, what: str) -> None:
+    """Refuse to materialise a model whose weights would not fit in this machine's memory."""
+    problem = memory_shortfall(config, bytes_per_param, what)
+    if problem:
+        raise DSAExportError(problem)

@@ -4,7 +4,9 @@ closed form (parity/cost.py `step_cost`) for the same config.
 How: the graph's inputs get concrete dims (batch, seq; the caches' capacity is fixed by the export), onnx shape
 inference (with data propagation) gives every tensor's shape, then each node is priced:
 - MatMul / Gemm: 2·M·N·K; a `dsa::` node: the cost its contract declares (contracts.py) at its input shapes;
-- weight traffic: each initializer a node reads (a Gather from one reads only the rows it gathers);
+- weight traffic: each initializer a node reads (a Gather from one reads only the rows it gathers); nodes computed
+  from initializers only (a weight's transpose) are folded by TensorRT and ONNX Runtime when they load the graph: they
+  cost nothing per step, and what they make is priced as a weight where it is read;
 - cache traffic: the dsa ops' declared cache reads, the rows TensorScatter writes, and any other node that reads a
   cache input or writes a cache output whole (what a graph that grows its caches by concatenation would do);
 - elementwise and data-movement work is counted apart ("other"), as the closed form leaves it out; activations are
@@ -29,6 +31,7 @@ from dsa_export.parity.cost import step_cost
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
 
 VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"}  # no data moved
+SHAPE_OPS = {"Shape", "Size"}  # read a tensor's dims only
 CONTEXTS = (1024, 4096, 16384, 65536, 131071)  # decode steps after this many tokens; capped by the capacity
 PREFILLS = (1024, 4096)  # prompt lengths of the prefill points
 GOAL = 0.10  # graph / closed form within ±10%
@@ -85,7 +88,13 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
     contracts = {c.onnx_name: c for c in CONTRACTS}
     caches = {t.name for t in (*io.cache_inputs, *io.cache_outputs)}
     flops = other = weight_bytes = cache_bytes = 0.0
+    constants = set(initializers)  # initializers, and what is computed from them alone (folded at load)
     for node in graph.node:
+        if node.op_type in SHAPE_OPS:
+            continue
+        if node.domain != DSA_DOMAIN and node.input and all(not name or name in constants for name in node.input):
+            constants.update(node.output)
+            continue
         if node.domain == DSA_DOMAIN:
             contract = contracts[node.op_type]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
@@ -111,7 +120,7 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
         else:
             other += math.prod(shape(node.output[0])) if node.output[0] in types else 0
         for name in node.input:
-            if name in initializers:
+            if name in constants:
                 weight_bytes += nbytes(node.output[0]) if node.op_type == "Gather" else nbytes(name)
             elif name in caches:
                 cache_bytes += nbytes(name)
@@ -119,9 +128,9 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
     return {"flops": flops, "weight_bytes": weight_bytes, "cache_bytes": cache_bytes, "other_flops": other}
 
 
-def _itemsizes(model: onnx.ModelProto, io: GraphIO) -> tuple[int, int, int]:
-    """(weight, cache, routed-expert) bytes per element of this export."""
-    inits = {t.name: t.data_type for t in model.graph.initializer}
+def _itemsizes(models: list[onnx.ModelProto], io: GraphIO) -> tuple[int, int, int]:
+    """(weight, cache, routed-expert) bytes per element of this export (its stages' graphs)."""
+    inits = {t.name: t.data_type for model in models for t in model.graph.initializer}
     cache = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
     lm_head = next((t for name, t in inits.items() if name.endswith("lm_head.weight")), onnx.TensorProto.FLOAT)
     experts = [t for name, t in inits.items() if name.endswith("experts.gate_up_proj")]
@@ -129,25 +138,34 @@ def _itemsizes(model: onnx.ModelProto, io: GraphIO) -> tuple[int, int, int]:
     return weight, cache, (_itemsize(experts[0]) if experts else weight)
 
 
-def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSAConfig | None = None) -> dict:
-    """Per point: the graph's cost per token, the closed form's, and their ratios (goal: within ±10%)."""
-    onnx_dir = Path(onnx_dir)
-    io = GraphIO.load(onnx_dir / "io.json")
-    config = config or load_config(onnx_dir / "config.json")
-    register_schemas()
+def _load(onnx_dir: Path) -> onnx.ModelProto:
     try:
-        model = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
+        return onnx.load(onnx_dir / "model.onnx", load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
         raise DSAExportError(f"{onnx_dir / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") from None
-    weight, cache, expert = _itemsizes(model, io)
+
+
+def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSAConfig | None = None) -> dict:
+    """Per point: the graph's cost per token, the closed form's, and their ratios (goal: within ±10%). A build cut
+    into pipeline stages is priced as the sum of its stages' graphs."""
+    from dsa_export.exporter.graph_io import stage_dirs
+
+    onnx_dir = Path(onnx_dir)
+    stages = [(d, GraphIO.load(d / "io.json"), _load(d)) for d in stage_dirs(onnx_dir)]
+    config = config or load_config(stages[0][0] / "config.json")
+    register_schemas()
+    weight, cache, expert = _itemsizes([model for _, _, model in stages], stages[0][1])
     rows = []
-    for point in points or default_points(io.capacity):
-        try:
-            graph = graph_step_cost(model, io, point)
-        except (KeyError, IndexError, onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-            raise DSAExportError(f"{onnx_dir}: its graph cannot be read at concrete shapes ({type(e).__name__}: "
-                                 f"{str(e).splitlines()[0] if str(e) else e!r}); is it an export of dsa-export?") \
-                from None
+    for point in points or default_points(stages[0][1].capacity):
+        graph: dict[str, float] = {}
+        for stage_dir, io, model in stages:
+            try:
+                for key, value in graph_step_cost(model, io, point).items():
+                    graph[key] = graph.get(key, 0.0) + value
+            except (KeyError, IndexError, onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+                raise DSAExportError(f"{stage_dir}: its graph cannot be read at concrete shapes ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else e!r}); is it an export of dsa-export?") \
+                    from None
         closed = step_cost(config, point.batch, point.seq, point.past, weight, cache, expert).per_token(point.tokens)
         graph_per_token = {k: v / point.tokens for k, v in graph.items()}
         ratios = {k: graph_per_token[k] / getattr(closed, k) if getattr(closed, k) else float("nan")
@@ -156,7 +174,8 @@ def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSA
                            / (closed.weight_bytes + closed.cache_bytes))
         rows.append({**asdict(point), "graph": graph_per_token, "closed_form": asdict(closed), "ratio": ratios})
     worst = max(abs(r["ratio"][k] - 1) for r in rows for k in ("flops", "bytes"))
-    return {"onnx": str(onnx_dir), "itemsize": {"weights": weight, "caches": cache, "routed_experts": expert},
+    return {"onnx": str(onnx_dir), "stages": len(stages),
+            "itemsize": {"weights": weight, "caches": cache, "routed_experts": expert},
             "points": rows, "worst_deviation": worst, "goal": GOAL, "within_goal": worst <= GOAL}
 
 

@@ -15,16 +15,13 @@ from dsa_export.models.config import DSAConfig, model_dtype
 from dsa_export.pipeline.options import Options
 from dsa_export.targets import GPUTarget, get_target
 
-ONNX_FILES = ("model.onnx", "model.onnx.data", "io.json", "config.json")
-
-
 @dataclass(frozen=True)
 class Layout:
     """build/<target>/ (design.md): every path a stage writes, relative to the build directory."""
     root: Path
 
     checkpoint = Path("checkpoint")
-    onnx = ONNX_FILES
+    onnx = ("model.onnx", "io.json", "config.json")  # + the external data files (exporter/weights.py)
     parity = Path("parity")
     cost = Path("cost")
     engine = Path("engine")
@@ -78,6 +75,47 @@ class BuildContext:
 
             self._models[dtype] = use_custom_ops(load_checkpoint(self.checkpoint_dir, dtype=dtype))
         return self._models[dtype]
+
+    @property
+    def engine_shapes(self):
+        from dsa_export.exporter.engine import EngineShapes
+
+        o = self.options
+        return EngineShapes(max_batch=o.max_batch, prefill_batch=o.prefill_batch, max_prefill=o.max_prefill)
+
+    def experts_fp8(self) -> bool:
+        """The export keeps the routed experts FP8: the checkpoint stores them so (a preset not yet written: its
+        config is FP8-quantised) and --dequantize-experts is not given."""
+        from dsa_export.models.checkpoint import open_checkpoint
+
+        if self.options.dequantize_experts:
+            return False
+        if (self.checkpoint_dir / "config.json").is_file():
+            return open_checkpoint(self.checkpoint_dir).experts_fp8
+        return self.config.fp8_block is not None
+
+    def pipeline_plan(self):
+        """The pipeline stages for the target's GPUs (exporter/partition.py); they may not fit."""
+        from dsa_export.exporter.partition import plan_pipeline
+
+        o = self.options
+        return plan_pipeline(self.config, self.target, self.dtype, self.experts_fp8(), o.capacity, self.engine_shapes,
+                             o.workspace_gb, o.last_logits_only, o.gpus)
+
+    @cached_property
+    def plan(self):
+        """`pipeline_plan`, refused (with the shortfall) if a stage cannot fit its GPU."""
+        from dsa_export.exporter.partition import check_plan
+
+        plan = self.pipeline_plan()
+        check_plan(plan)
+        return plan
+
+    def stage_dirs(self) -> list[Path]:
+        """Where the export's graphs are (the build directory, or one stage-*/ per GPU)."""
+        from dsa_export.exporter.graph_io import stage_dirs
+
+        return stage_dirs(self.layout.root)
 
     def required(self, stage: str) -> bool:
         """A stage the user demanded: not being able to run it here is an error, not a skip."""

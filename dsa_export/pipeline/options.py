@@ -18,7 +18,8 @@ from dsa_export.parity.accuracy import Thresholds
 from dsa_export.parity.cost import Assumptions
 from dsa_export.targets import TARGETS
 
-MODEL_STAGES = ("checkpoint", "smoke", "kernels", "export", "parity", "cost")  # those that read the model source
+# those that read the model source
+MODEL_STAGES = ("checkpoint", "smoke", "kernels", "export", "parity", "cost", "plan")
 
 
 def option(default: Any, help: str, type: Any = None, stages: tuple[str, ...] = (), flag: bool = False,
@@ -45,24 +46,32 @@ class Options:
                        stages=MODEL_STAGES)
     dtype: str = option("float32", "Weights and caches of the eager model and of the export (ONNX Runtime on CPU "
                         "runs float32; parity of a bfloat16 build compares a float32 twin).",
-                        click.Choice(sorted(MODEL_DTYPES)), stages=("smoke", "export", "parity", "cost"))
+                        click.Choice(sorted(MODEL_DTYPES)), stages=("smoke", "export", "parity", "cost", "plan"))
     # export
     capacity: int | None = option(None, "Cache rows per sequence [default: min(max positions, 128K)].",
-                                  click.IntRange(min=4), stages=("export",))
-    last_logits_only: bool = option(False, "Return logits for the last position only.", stages=("export",),
+                                  click.IntRange(min=4), stages=("export", "plan"))
+    last_logits_only: bool = option(False, "Return logits for the last position only.", stages=("export", "plan"),
                                     flag=True)
     dequantize_experts: bool = option(False, "Store FP8 routed experts in --dtype instead of keeping them FP8 with "
-                                      "their block scales.", stages=("export",), flag=True)
+                                      "their block scales.", stages=("export", "plan"), flag=True)
+    gpus: int | None = option(None, "GPUs to cut the model across: pipeline stages of contiguous layers, balanced by "
+                              "memory, one graph and engine each [default: the fewest that fit the target].",
+                              click.IntRange(min=1), stages=("export", "engine", "plan"))
+    data_file_gb: float = option(4.0, "Largest external data file of the export (GB; a single tensor larger than "
+                                 "that gets a file of its own).", click.FloatRange(min=0, min_open=True),
+                                 stages=("export",))
     # engine
     precision: str = option("auto", "Precision the engine must have (TensorRT is strongly typed: it comes from the "
                             "export): auto = the export's; fp8 = FP8 routed experts (not on a100).",
                             click.Choice(["auto", "float32", "bfloat16", "fp8"]), stages=("engine",))
-    max_batch: int = option(8, "Largest batch of the decode profile.", click.IntRange(min=1), stages=("engine",))
-    prefill_batch: int = option(1, "Largest batch of the prefill profile.", click.IntRange(min=1), stages=("engine",))
+    max_batch: int = option(8, "Largest batch of the decode profile.", click.IntRange(min=1),
+                            stages=("engine", "plan"))
+    prefill_batch: int = option(1, "Largest batch of the prefill profile.", click.IntRange(min=1),
+                                stages=("engine", "plan"))
     max_prefill: int = option(8192, "Longest prefill step (tokens) of the prefill profile (capped by the capacity).",
-                              click.IntRange(min=1), stages=("engine",))
+                              click.IntRange(min=1), stages=("engine", "plan"))
     workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", click.FloatRange(min=0, min_open=True),
-                                 stages=("engine",))
+                                 stages=("engine", "plan"))
     require_engine: bool = option(False, "Fail (exit 2) if the TensorRT engine cannot be built on this machine.",
                                   stages=("engine",), flag=True, fingerprint=False)
     # parity

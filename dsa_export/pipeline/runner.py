@@ -30,7 +30,8 @@ from dsa_export.files import ensure_output_dir, write_json_atomic
 
 MANIFEST = "manifest.json"
 FINISHED = ("ok", "reused")
-RECORD_KEYS = {"status", "fingerprint", "outputs", "seconds", "reason", "command", "signal", "error"}  # the runner's
+RECORD_KEYS = {"status", "fingerprint", "outputs", "seconds", "reason", "command", "signal", "error",  # the runner's
+               "peak_rss_gb"}
 
 
 class Interrupted(BaseException):
@@ -55,6 +56,22 @@ class Stage:
     check: Callable[[Any, set[str]], None] | None = None
     skipped: Callable[[Any], dict] | None = None  # ctx -> what the record of a skipped run says (may refuse: raise)
     doc: str = ""
+
+
+def peak_rss() -> int:
+    """The process's peak resident memory so far, in bytes: VmHWM, the high-water mark of its own address space.
+    (ru_maxrss is not used: across exec it keeps the parent's high-water mark, so a command started by a large
+    process would report that process's memory.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def source_fingerprint() -> str:
@@ -178,7 +195,6 @@ class Runner:
 
     def _run_stage(self, ctx, stage: Stage, old: dict, rerun: bool, manifest_path: Path) -> None:
         record = self.manifest["stages"][stage.name]
-        outputs = [str(p) for p in stage.outputs(ctx)]
         if not rerun:
             record.update({k: v for k, v in old.items() if k not in ("status", "seconds")}, status="reused",
                           seconds=0.0)
@@ -200,7 +216,7 @@ class Runner:
         try:
             details = stage.run(ctx) or {}
             assert not RECORD_KEYS & set(details), f"stage {stage.name} returned the runner's keys"
-            record.update(details, outputs=outputs)
+            record.update(details, outputs=[str(p) for p in stage.outputs(ctx)])  # as written (data files vary)
             record["status"] = "failed" if details.get("passed") is False else "ok"
         except KeyboardInterrupt:
             record.update(status="interrupted", signal="SIGINT")
@@ -213,6 +229,7 @@ class Runner:
             raise
         finally:
             record["seconds"] = round(time.perf_counter() - start, 3)
+            record["peak_rss_gb"] = round(peak_rss() / 1e9, 3)
             write_json_atomic(manifest_path, self.manifest)
         self.log(f"[{stage.name}] {record['status']} ({record['seconds']:.1f}s)")
 
@@ -228,4 +245,5 @@ class Runner:
         lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * 5)
         skipped = [(n, r) for n, r in self.manifest["stages"].items() if r["status"] == "skipped" and r.get("command")]
         lines += [f"to finish {n}: {r['command']}" for n, r in skipped]
+        lines.append(f"peak memory {peak_rss() / 1e9:.2f} GB")
         return "\n".join(lines)

@@ -55,7 +55,16 @@ def run_smoke(ctx: BuildContext) -> dict:
     return result
 
 
-SMOKE = Stage("smoke", run_smoke, lambda ctx: [], after=("checkpoint",),
+def eager_unavailable(ctx: BuildContext, dtype: torch.dtype | None = None) -> str | None:
+    """Why the eager model cannot be loaded here (None: it fits this machine's memory)."""
+    from dsa_export.models.presets import memory_shortfall
+
+    dtype = dtype or ctx.dtype
+    problem = memory_shortfall(ctx.config, dtype.itemsize, f"the eager model ({str(dtype).removeprefix('torch.')})")
+    return problem and f"{problem} (the export streams its weights; the eager model runs where it fits)"
+
+
+SMOKE = Stage("smoke", run_smoke, lambda ctx: [], after=("checkpoint",), unavailable=eager_unavailable,
               doc="load the eager model; prefill + decode equals one full forward")
 
 
@@ -82,58 +91,67 @@ KERNELS = Stage("kernels", run_kernels, lambda ctx: [Layout.kernels(ctx.target.k
 
 # ---- export: ONNX ---------------------------------------------------------------------------------------------------
 def run_export(ctx: BuildContext) -> dict:
-    from dsa_export.exporter.graph_io import GraphIO
+    from dsa_export.exporter.graph_io import GraphIO, stage_dir
     from dsa_export.exporter.onnx_export import export_onnx
     from dsa_export.models.tokenizer import copy_tokenizer
 
-    o = ctx.options
-    export_onnx(ctx.model(), ctx.layout.root, dtype=ctx.dtype, last_logits_only=o.last_logits_only,
-                capacity=o.capacity, dequantize_experts=o.dequantize_experts)
+    o, plan = ctx.options, ctx.plan
+    if plan.gpus > 1:
+        ctx.log(f"{plan.gpus} pipeline stages on {plan.gpus} x {plan.target}:\n{plan.table()}")
+    for i, stage in enumerate(plan.stages):  # weights streamed from the checkpoint: the model is never loaded
+        export_onnx(ctx.checkpoint_dir, stage_dir(ctx.layout.root, i, plan.gpus), dtype=ctx.dtype,
+                    last_logits_only=o.last_logits_only, capacity=o.capacity, dequantize_experts=o.dequantize_experts,
+                    progress=True, max_data_file_bytes=int(o.data_file_gb * 1e9), layers=stage.layers)
     tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.layout.root)  # serving reads the export only
-    io = GraphIO.load(ctx.layout / "io.json")
-    return {"path": str(ctx.layout / "model.onnx"), "capacity": io.capacity, "tokenizer": tokenizer,
-            "note": f"{o.dtype}, cache capacity {io.capacity:,}" + (", with tokenizer" if tokenizer else "")}
+    capacity = GraphIO.load(ctx.stage_dirs()[0] / "io.json").capacity
+    stages = f", {plan.gpus} stages" if plan.gpus > 1 else ""
+    return {"path": str(ctx.layout.root), "capacity": capacity, "tokenizer": tokenizer, "plan": plan.to_json(),
+            "note": f"{o.dtype}, cache capacity {capacity:,}{stages}" + (", with tokenizer" if tokenizer else "")}
 
 
 def export_outputs(ctx: BuildContext) -> list[Path]:
+    from dsa_export.exporter.weights import DATA_FILE, data_files
     from dsa_export.models.tokenizer import tokenizer_files
 
-    return [Path(f) for f in Layout.onnx] + [Path(p.name) for p in tokenizer_files(ctx.checkpoint_dir)]
+    tokenizer = [Path(p.name) for p in tokenizer_files(ctx.checkpoint_dir)]
+    dirs = ctx.stage_dirs()
+    if dirs != [ctx.layout.root]:
+        return [d.relative_to(ctx.layout.root) for d in dirs] + tokenizer
+    data = [Path(p.name) for p in data_files(ctx.layout.root)] or [Path(DATA_FILE)]
+    return [Path(f) for f in Layout.onnx] + data + tokenizer
 
 
 EXPORT = Stage("export", run_export, export_outputs, after=("checkpoint",),
-               doc="trace and export ONNX, check the graph")
+               inputs=lambda ctx: {"stages": [list(s.layers) for s in ctx.plan.stages]},
+               doc="trace the graph and stream the weights into ONNX (one graph per pipeline stage), check it")
 
 
 # ---- engine: TensorRT, where TensorRT and a GPU of the target's architecture are ----------------------------------
-def engine_shapes(ctx: BuildContext):
-    from dsa_export.exporter.engine import EngineShapes
-
-    o = ctx.options
-    return EngineShapes(max_batch=o.max_batch, prefill_batch=o.prefill_batch, max_prefill=o.max_prefill)
-
-
-def engine_plan(ctx: BuildContext) -> dict:
-    """The engine's memory plan for the build's export, refused if it cannot fit the target or does not have the
-    precision asked for (needs the export on disk)."""
+def engine_plan(ctx: BuildContext) -> list[dict]:
+    """The memory plan of each stage's engine (one per GPU) for the build's export, refused if one cannot fit the
+    target or the export does not have the precision asked for (needs the export on disk)."""
     import onnx
 
     from dsa_export.exporter.engine import check_fits, memory_plan
     from dsa_export.exporter.graph_io import GraphIO
 
-    io = GraphIO.load(ctx.layout / "io.json")
-    precision = ctx.options.precision
-    if precision == "fp8":
-        graph = onnx.load(ctx.layout / "model.onnx", load_external_data=False).graph
-        if not any(n.op_type == "RoutedExpertsFP8" for n in graph.node):
-            raise DSAExportError("--precision fp8: the export holds no FP8 experts (an FP8 checkpoint, exported "
-                                 "without --dequantize-experts, has them)")
-    elif precision != "auto" and precision != io.cache_dtype:
-        raise DSAExportError(f"--precision {precision}: the export is {io.cache_dtype} (export with --dtype "
-                             f"{precision}; TensorRT takes precision from the graph)")
-    plan = memory_plan(ctx.layout.root, io, ctx.target, engine_shapes(ctx), ctx.options.workspace_gb)
-    check_fits(plan, ctx.target)
-    return plan
+    plans = []
+    for stage_dir in ctx.stage_dirs():
+        io = GraphIO.load(stage_dir / "io.json")
+        precision = ctx.options.precision
+        if precision == "fp8":
+            graph = onnx.load(stage_dir / "model.onnx", load_external_data=False).graph
+            if not any(n.op_type == "RoutedExpertsFP8" for n in graph.node) and any(
+                    n.op_type == "RoutedExperts" for n in graph.node):
+                raise DSAExportError("--precision fp8: the export holds no FP8 experts (an FP8 checkpoint, exported "
+                                     "without --dequantize-experts, has them)")
+        elif precision != "auto" and precision != io.cache_dtype:
+            raise DSAExportError(f"--precision {precision}: the export is {io.cache_dtype} (export with --dtype "
+                                 f"{precision}; TensorRT takes precision from the graph)")
+        plan = memory_plan(stage_dir, io, ctx.target, ctx.engine_shapes, ctx.options.workspace_gb)
+        check_fits(plan, ctx.target)
+        plans.append({"stage": str(stage_dir.relative_to(ctx.layout.root)), **plan})
+    return plans
 
 
 def check_engine(ctx: BuildContext, produced: set[str]) -> None:
@@ -153,8 +171,10 @@ def engine_unavailable(ctx: BuildContext) -> str | None:
 
 def engine_skipped(ctx: BuildContext) -> dict:
     """Even where no engine can be built, say whether it would fit the target (and refuse if it cannot)."""
-    plan = engine_plan(ctx)
-    return {"memory": plan, "note": f"would need {plan['total_gb']:.2f} of {plan['gpu_gb']:.0f} GB"}
+    plans = engine_plan(ctx)
+    largest = max(plans, key=lambda p: p["total_gb"])
+    per_gpu = f" per GPU ({len(plans)} stages)" if len(plans) > 1 else ""
+    return {"memory": plans, "note": f"would need {largest['total_gb']:.2f} of {largest['gpu_gb']:.0f} GB{per_gpu}"}
 
 
 def engine_command(ctx: BuildContext) -> str:
@@ -171,23 +191,27 @@ def engine_command(ctx: BuildContext) -> str:
 def run_engine(ctx: BuildContext) -> dict:
     from dsa_export.exporter.engine import build_engine
 
-    plan = engine_plan(ctx)
-    record = build_engine(ctx.layout.root, ctx.layout / Layout.kernels(ctx.target.kernel_arch),
-                          ctx.layout / Layout.engine, ctx.target, engine_shapes(ctx), ctx.options.workspace_gb,
-                          ctx.log)
-    return {"engine": record, "memory": plan, "note": f"TensorRT {record['tensorrt']}, "
-                                                      f"{record['plugin_layers']} plugin layers"}
+    plans = engine_plan(ctx)
+    records = [build_engine(d, ctx.layout / Layout.kernels(ctx.target.kernel_arch), d / Layout.engine, ctx.target,
+                            ctx.engine_shapes, ctx.options.workspace_gb, ctx.log) for d in ctx.stage_dirs()]
+    return {"engine": records, "memory": plans, "note": f"TensorRT {records[0]['tensorrt']}, {len(records)} "
+                                                        f"engine(s), {records[0]['plugin_layers']} plugin layers"}
 
 
-ENGINE = Stage("engine", run_engine, lambda ctx: [Layout.engine], after=("kernels", "export"), check=check_engine,
+def engine_outputs(ctx: BuildContext) -> list[Path]:
+    return [d.relative_to(ctx.layout.root) / Layout.engine for d in ctx.stage_dirs()]
+
+
+ENGINE = Stage("engine", run_engine, engine_outputs, after=("kernels", "export"), check=check_engine,
                unavailable=engine_unavailable, skipped=engine_skipped, finish_command=engine_command,
-               doc="TensorRT engine with the dsa:: ops as AOT Triton plugins")
+               doc="TensorRT engine(s) with the dsa:: ops as AOT Triton plugins, one per pipeline stage")
 
 
 def extra_backends(ctx: BuildContext) -> list:
     """The TensorRT engine as a backend, where there is one and this machine can run it."""
     from dsa_export.exporter.engine import unavailable
 
+    # a single graph's engine (pipeline stages on several GPUs are chained by the server, not by this backend)
     if (ctx.layout / Layout.engine / "model.plan").exists() and unavailable(ctx.target) is None:
         from dsa_export.runtime.tensorrt import TensorRTBackend
 
@@ -224,21 +248,21 @@ def run_parity_stage(ctx: BuildContext) -> dict:
 
 def check_export(ctx: BuildContext, produced: set[str]) -> None:
     """An export this run reads but does not produce is readable and of the build's model."""
-    from dsa_export.exporter.checks import check_export_dir
+    from dsa_export.exporter.checks import check_exports
 
     if "export" not in produced:
-        check_export_dir(ctx.layout.root, ctx.config)
+        check_exports(ctx.layout.root, ctx.config)
 
 
 def check_export_if_present(ctx: BuildContext, produced: set[str]) -> None:
-    from dsa_export.exporter.checks import check_export_dir
+    from dsa_export.exporter.checks import check_exports
 
-    if "export" not in produced and (ctx.layout / "model.onnx").exists():
-        check_export_dir(ctx.layout.root)
+    if "export" not in produced and (ctx.stage_dirs()[0] / "model.onnx").exists():
+        check_exports(ctx.layout.root)
 
 
 PARITY = Stage("parity", run_parity_stage, lambda ctx: [Layout.parity], after=("export",), uses=("engine",),
-               check=check_export,
+               check=check_export, unavailable=lambda ctx: eager_unavailable(ctx, torch.float32),
                doc="eager vs ONNX Runtime: logits, greedy tokens, indexer selections")
 
 
@@ -253,10 +277,10 @@ def run_cost(ctx: BuildContext) -> dict:
     # $ per token means something for the real model's shapes: a small build models DeepSeek-V3.2-Exp on its target
     modelled = ctx.config if is_paper_model(ctx.config) else get_preset("v3.2-exp")
     measured = graph = None
-    if (ctx.layout / "model.onnx").exists():  # the build's export: read its own cost off the graph, and time it
+    if (ctx.stage_dirs()[0] / "model.onnx").exists():  # the build's export: read its own cost off the graph, time it
         graph = graph_cost.compare(ctx.layout.root)
-        if ctx.checkpoint_dir.is_dir():
-            runnable = GraphIO.load(ctx.layout / "io.json").cache_dtype == "float32"  # ONNX Runtime on CPU
+        if ctx.checkpoint_dir.is_dir() and eager_unavailable(ctx) is None:
+            runnable = GraphIO.load(ctx.stage_dirs()[0] / "io.json").cache_dtype == "float32"  # ONNX Runtime, CPU
             measured = measure_decode(ctx.model(), ctx.layout.root if runnable else None, label=str(ctx.checkpoint_dir),
                                       extra_backends=extra_backends(ctx))
     report = write_cost_report(modelled, ctx.target, ctx.layout / Layout.cost, o.price, o.assumptions, measured, graph)
@@ -287,10 +311,11 @@ def run_deploy(ctx: BuildContext) -> dict:
     from dsa_export.exporter.graph_io import GraphIO
 
     written = write_repository(ctx.layout.root, ctx.layout / Layout.model_repository)
-    note = f"dsa_generate steps by {written['step_model']}; serve: dsa-export serve {ctx.layout.root}"
-    dtype = GraphIO.load(ctx.layout / "io.json").cache_dtype
+    steps = " -> ".join(written["step_models"])
+    note = f"dsa_generate steps by {steps}; serve: dsa-export serve {ctx.layout.root}"
+    dtype = GraphIO.load(ctx.stage_dirs()[0] / "io.json").cache_dtype
     if not written["engine"] and dtype != "float32":
-        note = (f"dsa_generate steps by {written['step_model']}, which runs float32 exports only: serve this {dtype} "
+        note = (f"dsa_generate steps by {steps}, which runs float32 exports only: serve this {dtype} "
                 f"build on a GPU once its engine is built (then deploy again)")
     return {**written, "note": note}
 

@@ -16,10 +16,9 @@ import torch
 
 from dsa_export.contracts import LIGHTNING_INDEXER
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.kernels import CUSTOM_OPS
 from dsa_export.models import inputs
-from dsa_export.models.cache import KVCache, check_room, default_capacity
+from dsa_export.models.cache import KVCache, cache_order, check_room, default_capacity
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
 
@@ -96,48 +95,58 @@ class EagerBackend:
 class OnnxRuntimeBackend:
     """An ONNX Runtime session over `model.onnx` (CPU; CUDA when onnxruntime-gpu and a GPU are present), through
     runtime/ort_graph.py: each cache bound once, as the input and the output of its TensorScatter, so no step copies
-    a cache. record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph,
-    in memory; the export directory is never written)."""
+    a cache. A build cut into pipeline stages (stage-*/) runs as a chain, each stage's hidden state feeding the next,
+    each with its own caches. record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified
+    copy of the graph, in memory; the export directory is never written)."""
 
     name = "onnxruntime"
 
     def __init__(self, onnx_dir: str | Path, providers: list[str] | None = None, record_indexer: bool = False):
         from dsa_export.exporter.checks import check_export_dir
+        from dsa_export.exporter.graph_io import stage_dirs
         from dsa_export.runtime.ort_graph import OrtGraph
 
-        onnx_dir = Path(onnx_dir)
-        if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "io.json").is_file():
-            raise DSAExportError(f"{onnx_dir}: no exported model (model.onnx + io.json); run `dsa-export export` first")
-        self.io = GraphIO.load(onnx_dir / "io.json")
-        check_export_dir(onnx_dir)
-        register_schemas()
-        model_bytes, extra = None, []
-        if record_indexer:
-            import onnx
+        self.graphs, self.ios = [], []
+        for stage_dir in stage_dirs(Path(onnx_dir)):
+            io = check_export_dir(stage_dir)
+            register_schemas()
+            model_bytes, extra = None, []
+            if record_indexer:
+                import onnx
 
-            graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
-            extra = [n.output[0] for n in graph.graph.node
-                     if n.domain == DSA_DOMAIN and n.op_type == LIGHTNING_INDEXER.onnx_name]
-            graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
-            model_bytes = graph.SerializeToString()
-        try:
-            self.graph = OrtGraph(onnx_dir, providers, model_bytes, extra)
-        except ValueError as e:  # OrtGraph's own refusal
-            raise DSAExportError(f"{onnx_dir}: {e}") from None
-        except Exception as e:  # ONNX Runtime raises its own types for unreadable or mismatched files
-            raise DSAExportError(f"{onnx_dir}: ONNX Runtime cannot load model.onnx "
-                                 f"({str(e).splitlines()[0][:300]})") from None
-        self.providers = self.graph.providers
+                graph = onnx.load(stage_dir / "model.onnx", load_external_data=False)
+                extra = [n.output[0] for n in graph.graph.node
+                         if n.domain == DSA_DOMAIN and n.op_type == LIGHTNING_INDEXER.onnx_name]
+                graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
+                model_bytes = graph.SerializeToString()
+            try:
+                self.graphs.append(OrtGraph(stage_dir, providers, model_bytes, extra))
+            except ValueError as e:  # OrtGraph's own refusal
+                raise DSAExportError(f"{stage_dir}: {e}") from None
+            except Exception as e:  # ONNX Runtime raises its own types for unreadable or mismatched files
+                raise DSAExportError(f"{stage_dir}: ONNX Runtime cannot load model.onnx "
+                                     f"({str(e).splitlines()[0][:300]})") from None
+            self.ios.append(io)
+        self.io = self.ios[0]
+        self.providers = self.graphs[0].providers
         self.capacity = self.io.capacity
         self.cache_dtype = torch.float32
-        self.vocab_size = self.graph.vocab_size
+        self.vocab_size = self.graphs[0].vocab_size
 
-    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None):
-        shapes = [self.io.cache_shape(t, batch) for t in self.io.cache_inputs]
-        check_contents(contents, shapes)
-        return self.graph.new_caches(batch, [c.numpy() for c in contents] if contents else None)
+    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> list:
+        """One OrtCaches per stage; contents: every layer's caches in the model's layout order (models/cache.py)."""
+        names = [t.name for io in self.ios for t in io.cache_inputs]
+        shapes = [io.cache_shape(t, batch) for io in self.ios for t in io.cache_inputs]
+        order = sorted(range(len(names)), key=lambda i: cache_order(names[i]))
+        check_contents(contents, [shapes[i] for i in order])
+        by_name = {names[i]: c for i, c in zip(order, contents)} if contents else {}
+        return [graph.new_caches(batch, [by_name[t.name].numpy() for t in io.cache_inputs] if contents else None)
+                for graph, io in zip(self.graphs, self.ios)]
 
     def step(self, input_ids, positions, caches) -> StepResult:
-        input_ids, positions = check_step(self, input_ids, positions, caches.arrays[0].shape[0])
-        logits, *selections = self.graph.run(input_ids.numpy(), positions.numpy(), caches)
-        return StepResult(torch.from_numpy(logits), [torch.from_numpy(s) for s in selections])
+        input_ids, positions = check_step(self, input_ids, positions, caches[0].arrays[0].shape[0])
+        out, selections = input_ids.numpy(), []
+        for graph, stage_caches in zip(self.graphs, caches):
+            out, *stage_selections = graph.run(out, positions.numpy(), stage_caches)
+            selections += stage_selections
+        return StepResult(torch.from_numpy(out), [torch.from_numpy(s) for s in selections])

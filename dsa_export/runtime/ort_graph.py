@@ -31,7 +31,9 @@ class OrtGraph:
         onnx_dir = Path(onnx_dir)
         self.io = json.loads((onnx_dir / "io.json").read_text(encoding="utf-8"))
         self.capacity = self.io["capacity"]
-        self.vocab_size = self.io["outputs"][0]["dims"][-1]
+        self.vocab_size = json.loads((onnx_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+        # input_ids → logits; a pipeline stage may take the previous stage's hidden_in and return hidden_out
+        self.first_input, self.output = self.io["inputs"][0]["name"], self.io["outputs"][0]["name"]
         self.cache_inputs = [t for t in self.io["inputs"][2:]]
         self.cache_outputs = [t["name"] for t in self.io["outputs"][1:]]
         self.extra_outputs = list(extra_outputs or [])
@@ -67,13 +69,15 @@ class OrtGraph:
             values = [ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0) for a in arrays]
         return OrtCaches(arrays, values)
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, caches: OrtCaches) -> list[np.ndarray]:
-        """[logits, *extra outputs] of one step over input_ids/positions [B,S] int64; the caches are written in place.
-        The caller checks its inputs (ids in the vocabulary, consecutive positions within the capacity)."""
+    def run(self, first: np.ndarray, positions: np.ndarray, caches: OrtCaches) -> list[np.ndarray]:
+        """[logits (or hidden_out), *extra outputs] of one step over input_ids (or hidden_in [B,S,H]) and positions
+        [B,S] int64; the caches are written in place. The caller checks its inputs (ids in the vocabulary,
+        consecutive positions within the capacity)."""
         binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        dtype = np.int64 if self.first_input == "input_ids" else np.float32
+        binding.bind_cpu_input(self.first_input, np.ascontiguousarray(first, dtype=dtype))
         binding.bind_cpu_input("positions", np.ascontiguousarray(positions, dtype=np.int64))
-        binding.bind_output("logits", self.device)
+        binding.bind_output(self.output, self.device)
         for cache_in, cache_out, value in zip(self.cache_inputs, self.cache_outputs, caches.values):
             binding.bind_ortvalue_input(cache_in["name"], value)
             binding.bind_ortvalue_output(cache_out, value)  # the same buffer: TensorScatter writes in place

@@ -26,8 +26,10 @@ class TrtGraph:
         # the optimisation profiles in the engine's order, as its build recorded them ("prefill", "decode")
         self.profiles = json.loads((build_dir / "engine" / "engine.json").read_text(encoding="utf-8"))["profiles"]
         self.capacity = self.io["capacity"]
-        self.vocab_size = self.io["outputs"][0]["dims"][-1]
-        self.last_logits_only = self.io["last_logits_only"]
+        self.vocab_size = json.loads((build_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+        # input_ids → logits; a pipeline stage may take the previous stage's hidden_in and return hidden_out
+        self.first_spec, self.output_spec = self.io["inputs"][0], self.io["outputs"][0]
+        self.first_input, self.output = self.first_spec["name"], self.output_spec["name"]
         self.cache_inputs = self.io["inputs"][2:]
         self.cache_outputs = [t["name"] for t in self.io["outputs"][1:]]
         self.cache_dtype = getattr(torch, self.io["cache_dtype"])
@@ -55,26 +57,30 @@ class TrtGraph:
             cache.copy_(torch.as_tensor(value))
         return caches
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, caches: list[torch.Tensor]) -> list[np.ndarray]:
-        """[logits] (float32, on the host) of one step over input_ids/positions [B,S] int64; the caches are written
-        in place. The caller checks its inputs (ids in the vocabulary, consecutive positions within the capacity)."""
-        profile = self.profiles.index("prefill" if input_ids.shape[1] > 1 else "decode")
+    def run(self, first: np.ndarray, positions: np.ndarray, caches: list[torch.Tensor]) -> list[np.ndarray]:
+        """[logits (or hidden_out)] (float32, on the host) of one step over input_ids (or hidden_in [B,S,H]) and
+        positions [B,S] int64; the caches are written in place. The caller checks its inputs (ids in the
+        vocabulary, consecutive positions within the capacity)."""
+        batch, seq = positions.shape
+        profile = self.profiles.index("prefill" if seq > 1 else "decode")
         if profile != self.profile:
             self.context.set_optimization_profile_async(profile, self.stream.cuda_stream)
             self.profile = profile
-        feeds = {"input_ids": torch.as_tensor(np.ascontiguousarray(input_ids, dtype=np.int64), device=self.device),
+        first_dtype = getattr(torch, self.first_spec["dtype"])
+        feeds = {self.first_input: torch.as_tensor(np.ascontiguousarray(first)).to(self.device, first_dtype),
                  "positions": torch.as_tensor(np.ascontiguousarray(positions, dtype=np.int64), device=self.device)}
         feeds.update((t["name"], cache) for t, cache in zip(self.cache_inputs, caches))
         for name, tensor in feeds.items():
             self.context.set_input_shape(name, tuple(tensor.shape))
             self.context.set_tensor_address(name, tensor.data_ptr())
-        batch, seq = input_ids.shape
-        logits = torch.empty(batch, 1 if self.last_logits_only else seq, self.vocab_size, device=self.device)
-        self.context.set_tensor_address("logits", logits.data_ptr())
+        dims = self.output_spec["dims"]  # [batch, seq | 1, vocab | hidden]
+        out = torch.empty(batch, dims[1] if isinstance(dims[1], int) else seq, dims[2],
+                          dtype=getattr(torch, self.output_spec["dtype"]), device=self.device)
+        self.context.set_tensor_address(self.output, out.data_ptr())
         for name, source in self.aliases.items():  # each cache output is its input's buffer, written in place
             self.context.set_tensor_address(name, feeds[source].data_ptr())
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the input copies above
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT failed to run the engine")
         self.stream.synchronize()
-        return [logits.float().cpu().numpy()]
+        return [out.float().cpu().numpy()]

@@ -1,0 +1,188 @@
+"""Pipeline stages across GPUs: the model's layers cut into contiguous ranges, one per GPU, balanced by memory.
+
+What one stage's GPU holds (`stage_memory`, also the engine build's memory check):
+- weights: the tensors its graph reads, as the export stores them (FP8 routed experts one byte per parameter plus
+  fp32 block scales, the fp32 parameters in fp32, the rest in the export dtype); the first stage also holds the
+  embedding, the last the final norm and the LM head;
+- caches: its layers' latent and index-key caches at the export's capacity for the largest batch of either profile;
+- activations: a working budget for the largest step, plus the logits on the last stage;
+- the TensorRT builder's workspace.
+Weights are counted from the model's skeleton on the meta device (`weight_bytes`: no checkpoint is read, so the
+671B model is planned in seconds); an export on disk is priced by its data files instead. The layers are split to
+minimise the largest stage (an exact search over the cut points); the default number of GPUs is the fewest whose
+largest stage fits the target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from dsa_export.errors import DSAExportError
+from dsa_export.exporter.graph_io import GraphIO, graph_io
+from dsa_export.models.config import DSAConfig
+from dsa_export.targets import GPUTarget
+
+if TYPE_CHECKING:
+    from dsa_export.exporter.engine import EngineShapes
+
+ACTIVATION_BUDGET = 256 << 20  # a tile budget for the largest step's working set (a fused engine keeps most on chip)
+MAX_GPUS = 64
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    layers: tuple[int, int]
+    weights: int
+    caches: int
+    activations: int
+    workspace: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.caches + self.activations + self.workspace
+
+
+def stage_memory(io: GraphIO, weights: int, shapes: "EngineShapes", workspace_gb: float) -> StageMemory:
+    """Bytes the engine of the graph `io` (holding `weights` bytes of weights) needs at its largest shapes."""
+    itemsize = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
+    batch = max(shapes.max_batch, shapes.prefill_batch)
+    caches = batch * sum(io.cache_shape(t, 1)[-2] * io.cache_shape(t, 1)[-1] for t in io.cache_inputs) * itemsize
+    tokens = max(shapes.max_batch, shapes.prefill_batch * min(shapes.max_prefill, io.capacity))
+    logits = 0
+    if io.last:
+        vocab = io.outputs[0].dims[-1]
+        logits = (batch if io.last_logits_only else tokens) * vocab * 4
+    return StageMemory(io.layers, weights, caches, ACTIVATION_BUDGET + logits, int(workspace_gb * 2**30))
+
+
+def weight_bytes(config: DSAConfig, dtype: torch.dtype, fp8_experts: bool) -> tuple[int, list[int], int]:
+    """(embedding, each layer, final norm + LM head) bytes, as the export stores the weights."""
+    from dsa_export.models.checkpoint import model_skeleton
+
+    model = model_skeleton(config).cast(dtype)
+    if fp8_experts:
+        for experts in model.routed_experts():
+            experts.keep_fp8(config.fp8_block or (128, 128))
+
+    def size(module: torch.nn.Module) -> int:
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    return (size(model.model.embed_tokens), [size(layer) for layer in model.model.layers],
+            size(model.model.norm) + size(model.lm_head))
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    target: str
+    gpu_bytes: int
+    stages: tuple[StageMemory, ...]
+
+    @property
+    def gpus(self) -> int:
+        return len(self.stages)
+
+    @property
+    def largest(self) -> StageMemory:
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def fits(self) -> bool:
+        return self.largest.total <= self.gpu_bytes
+
+    @property
+    def shortfall(self) -> int:
+        return max(0, self.largest.total - self.gpu_bytes)
+
+    def to_json(self) -> dict:
+        return {"target": self.target, "gpus": self.gpus, "gpu_gb": self.gpu_bytes / GB, "fits": self.fits,
+                "shortfall_gb": self.shortfall / GB,
+                "stages": [{**asdict(s), "layers": list(s.layers), "total": s.total,
+                            "headroom_gb": (self.gpu_bytes - s.total) / GB} for s in self.stages]}
+
+    def table(self) -> str:
+        rows = [("stage", "layers", "weights GB", "caches GB", "activations GB", "workspace GB", "total GB",
+                 "GPU GB", "headroom GB")]
+        for i, s in enumerate(self.stages):
+            rows.append((str(i), f"{s.layers[0]}-{s.layers[1] - 1}",
+                         *(f"{b / GB:.2f}" for b in (s.weights, s.caches, s.activations, s.workspace, s.total)),
+                         f"{self.gpu_bytes / GB:.0f}", f"{(self.gpu_bytes - s.total) / GB:.2f}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+def split_layers(costs: list[int], first: int, last: int, parts: int) -> list[tuple[int, int]]:
+    """Cut layers with these costs into `parts` contiguous ranges minimising the largest range's cost, where the
+    first range also costs `first` and the last `last`."""
+    n = len(costs)
+    prefix = [0, *[sum(costs[:i + 1]) for i in range(n)]]
+
+    def cost(a: int, b: int) -> int:
+        return prefix[b] - prefix[a] + (first if a == 0 else 0) + (last if b == n else 0)
+
+    # best[k][j]: the smallest largest cost of splitting layers 0:j into k ranges; cut[k][j]: where the last starts
+    best = [[math.inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], cost(i, j))
+                if value < best[k][j]:
+                    best[k][j], cut[k][j] = value, i
+    ranges, j = [], n
+    for k in range(parts, 0, -1):
+        ranges.append((cut[k][j], j))
+        j = cut[k][j]
+    return ranges[::-1]
+
+
+def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_experts: bool, capacity: int | None,
+                  shapes: "EngineShapes", workspace_gb: float, last_logits_only: bool = False,
+                  gpus: int | None = None) -> PipelinePlan:
+    """The stages for `gpus` GPUs (default: the fewest that fit, up to MAX_GPUS), balanced by memory. The plan may
+    not fit (see `check_plan`)."""
+    layers = config.num_hidden_layers
+    if gpus is not None and not 1 <= gpus <= layers:
+        raise DSAExportError(f"--gpus {gpus}: the model has {layers} layers, so 1 to {layers} stages")
+    embed, per_layer, head = weight_bytes(config, dtype, fp8_experts)
+    cache_dtype = str(dtype).removeprefix("torch.")
+    whole = graph_io(config, cache_dtype, last_logits_only, capacity)
+    per_layer_fixed = stage_memory(graph_io(config, cache_dtype, False, capacity, (0, 1)), 0, shapes, 0).caches
+    fixed = stage_memory(whole, 0, shapes, workspace_gb)
+    logits = fixed.activations - ACTIVATION_BUDGET  # carried by the last stage only
+
+    def plan(n: int) -> PipelinePlan:
+        ranges = split_layers([w + per_layer_fixed for w in per_layer], embed, head + logits, n)
+        stages = []
+        for start, stop in ranges:
+            io = graph_io(config, cache_dtype, last_logits_only, capacity, (start, stop))
+            weights = sum(per_layer[start:stop]) + (embed if start == 0 else 0) + (head if stop == layers else 0)
+            stages.append(stage_memory(io, weights, shapes, workspace_gb))
+        return PipelinePlan(target.name, int(target.memory_gb * GB), tuple(stages))
+
+    if gpus is not None:
+        return plan(gpus)
+    for n in range(1, min(MAX_GPUS, layers) + 1):
+        candidate = plan(n)
+        if candidate.fits:
+            return candidate
+    return candidate
+
+
+def check_plan(plan: PipelinePlan) -> None:
+    """Refuse a plan whose largest stage does not fit its GPU, saying by how much."""
+    if not plan.fits:
+        s = plan.largest
+        raise DSAExportError(
+            f"{plan.gpus} x {plan.target}: stage {plan.stages.index(s)} (layers {s.layers[0]}-{s.layers[1] - 1}) needs "
+            f"{s.total / GB:.1f} GB (weights {s.weights / GB:.1f}, caches {s.caches / GB:.1f}, activations "
+            f"{s.activations / GB:.1f}, workspace {s.workspace / GB:.1f}) of the GPU's {plan.gpu_bytes / GB:.0f} GB: "
+            f"{plan.shortfall / GB:.1f} GB short; use more GPUs (--gpus), FP8 experts, a smaller --capacity or "
+            f"--max-batch")

@@ -1,0 +1,181 @@
+"""The export's weights, streamed into ONNX external data one tensor, or one row block, at a time.
+
+The graph is traced without weights (exporter/onnx_export.py); each of its initializers is a model tensor (a
+`DSAForCausalLM` state-dict name, or a buffer computed from the config), written here straight from where it lives:
+- `CheckpointWeights`: an HF-layout checkpoint's safetensors, read by row blocks (stacked experts from their
+  per-expert projections, in order); FP8 routed experts kept as their e4m3 codes with their block scales when the
+  graph holds them so, every other FP8 weight dequantised block row by block row to the export dtype;
+- `ModelWeights`: a model already in memory (the Python API, tests), cast block by block, never copied whole.
+Memory stays at one row block (CHUNK_BYTES) plus what safetensors maps (checkpoint.TensorReader bounds that), whatever
+the checkpoint's size. Data files are bounded (`max_file_bytes`; a single tensor larger than that gets a file of its
+own, since ONNX cannot split one), named model.onnx.data, model.onnx.data.1, ...; tensors start 4 KiB-aligned, so
+runtimes can map them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import onnx
+import torch
+from tqdm import tqdm
+
+from dsa_export.errors import DSAExportError
+from dsa_export.models.checkpoint import SCALE_SUFFIX, TensorReader, check_finite, open_checkpoint, tensor_sources
+from dsa_export.models.fp8 import dequantize_weight
+from dsa_export.models.model import DSAForCausalLM, RoutedExperts
+
+DATA_FILE = "model.onnx.data"
+CHUNK_BYTES = 64 << 20
+ALIGN = 4096
+DEFAULT_MAX_FILE_BYTES = 4 << 30
+ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.bfloat16: onnx.TensorProto.BFLOAT16,
+               torch.float16: onnx.TensorProto.FLOAT16, torch.uint8: onnx.TensorProto.UINT8}
+TORCH_DTYPES = {v: k for k, v in ONNX_DTYPES.items()}
+
+
+def data_file_name(index: int) -> str:
+    return DATA_FILE if index == 0 else f"{DATA_FILE}.{index}"
+
+
+def data_files(onnx_dir: Path) -> list[Path]:
+    """The external data files of an export, in order."""
+    files, i = [], 0
+    while (onnx_dir / data_file_name(i)).exists():
+        files.append(onnx_dir / data_file_name(i))
+        i += 1
+    return files
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    name: str  # the model tensor (state-dict or buffer name)
+    shape: tuple[int, ...]
+    dtype: torch.dtype  # as the graph holds it
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class WeightSource(Protocol):
+    def chunks(self, spec: WeightSpec) -> Iterator[torch.Tensor]:
+        """The tensor `spec.name` in `spec.dtype`, as consecutive row blocks that together make it."""
+        ...
+
+
+def _row_blocks(rows: int, row_bytes: int, multiple: int = 1) -> Iterator[tuple[int, int]]:
+    step = max(multiple, CHUNK_BYTES // max(row_bytes, 1) // multiple * multiple)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+class CheckpointWeights:
+    """Model tensors read from an HF-layout checkpoint (headers checked up front: see checkpoint.open_checkpoint)."""
+
+    def __init__(self, path: str | Path):
+        self.checkpoint = open_checkpoint(path)
+        self.config = self.checkpoint.config
+        self.block = self.config.fp8_block or (128, 128)
+        self.buffers = self.checkpoint.skeleton.computed_buffers()
+        self.reader = TensorReader(self.checkpoint.stored)
+
+    @property
+    def experts_fp8(self) -> bool:
+        return self.checkpoint.experts_fp8
+
+    def chunks(self, spec: WeightSpec) -> Iterator[torch.Tensor]:
+        if spec.name in self.buffers:
+            yield self.buffers[spec.name].to(spec.dtype)
+            return
+        for source, _ in tensor_sources(spec.name, self.config.n_routed_experts):
+            yield from self._stored(source, spec.dtype)
+
+    def _stored(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        stored = self.checkpoint.stored[name]
+        rows, row_elems = (stored.shape[0], math.prod(stored.shape[1:])) if stored.shape else (1, 1)
+        fp8 = stored.dtype == "F8_E4M3"
+        dequantize = fp8 and dtype != torch.uint8  # uint8 in the graph: the FP8 codes themselves
+        multiple = self.block[0] if dequantize else 1  # whole block rows, so each block meets its scale
+        for start, stop in _row_blocks(rows, row_elems * 4, multiple):
+            tensor = self.reader.rows(name, start, stop) if stored.shape else self.reader.rows(name)
+            check_finite(name, tensor)
+            if dequantize:
+                bo = self.block[0]
+                scale = self.reader.rows(name.removesuffix(".weight") + SCALE_SUFFIX, start // bo, -(-stop // bo))
+                tensor = dequantize_weight(tensor, scale, self.block, dtype)
+            elif fp8:
+                tensor = tensor.view(torch.uint8)
+            yield tensor.to(dtype)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class ModelWeights:
+    """Model tensors from a model in memory."""
+
+    def __init__(self, model: DSAForCausalLM):
+        self.tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+        self.fp8_experts = {name: module for name, module in model.named_modules()
+                            if isinstance(module, RoutedExperts) and module.fp8_block is not None}
+
+    def chunks(self, spec: WeightSpec) -> Iterator[torch.Tensor]:
+        tensor = self.tensors[spec.name].detach()
+        experts, _, weight = spec.name.rpartition(".")
+        if experts in self.fp8_experts and tensor.dtype == torch.uint8 and spec.dtype != torch.uint8:
+            for e in range(tensor.shape[0]):  # the graph wants them dequantised: expert by expert
+                yield self.fp8_experts[experts].dequantized(weight, spec.dtype, slice(e, e + 1))
+            return
+        if tensor.dim() == 0:
+            yield tensor.to(spec.dtype)
+            return
+        for start, stop in _row_blocks(tensor.shape[0], tensor[0].numel() * 4):
+            yield tensor[start:stop].to(spec.dtype)
+
+    def close(self) -> None:
+        pass
+
+
+def write_weights(specs: list[tuple[str, WeightSpec]], source: WeightSource, out_dir: Path,
+                  max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False) -> list[onnx.TensorProto]:
+    """Write every (initializer name, spec) into data files in `out_dir`; the initializers that point at them."""
+    if max_file_bytes < 1:
+        raise DSAExportError(f"the data file size must be > 0 bytes, got {max_file_bytes}")
+    initializers, index, offset = [], 0, 0
+    handle = open(out_dir / data_file_name(0), "wb")
+    total = sum(spec.nbytes for _, spec in specs)
+    try:
+        with tqdm(total=total, desc="writing weights", unit="B", unit_scale=True, disable=None if progress else True,
+                  leave=False) as bar:
+            for onnx_name, spec in specs:
+                offset = -(-offset // ALIGN) * ALIGN
+                if offset and offset + spec.nbytes > max_file_bytes:  # next file (a lone tensor may exceed it)
+                    handle.close()
+                    index, offset = index + 1, 0
+                    handle = open(out_dir / data_file_name(index), "wb")
+                handle.seek(offset)
+                written = 0
+                for chunk in source.chunks(spec):
+                    data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    handle.write(data)
+                    written += data.size
+                    bar.update(data.size)
+                if written != spec.nbytes:
+                    raise DSAExportError(f"tensor '{spec.name}': wrote {written:,} bytes, the graph expects "
+                                         f"{spec.nbytes:,} ({list(spec.shape)} {spec.dtype})")
+                tensor = onnx.TensorProto(name=onnx_name, dims=spec.shape, data_type=ONNX_DTYPES[spec.dtype],
+                                          data_location=onnx.TensorProto.EXTERNAL)
+                for key, value in (("location", data_file_name(index)), ("offset", offset),
+                                   ("length", spec.nbytes)):
+                    tensor.external_data.add(key=key, value=str(value))
+                initializers.append(tensor)
+                offset += spec.nbytes
+    finally:
+        handle.close()
+        source.close()
+    return initializers
+

@@ -1,0 +1,106 @@
+"""Pipeline stages across GPUs (exporter/partition.py): the 671B plan checked against a hand computation, the split
+against brute force, refusals with the shortfall, and `dsa-export plan` as a user runs it."""
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from dsa_export.cli import main
+from dsa_export.errors import DSAExportError
+from dsa_export.exporter.engine import EngineShapes
+from dsa_export.exporter.partition import check_plan, plan_pipeline, split_layers
+from dsa_export.models import get_preset
+from dsa_export.targets import get_target
+
+GiB = 2**30
+
+
+def hand_weights(c, bf16=2, fp32=4):
+    """DeepSeek-V3.2-Exp's bytes per layer, written out from the config (bf16, FP8 experts with fp32 scales)."""
+    H, heads, nope, rope, v = c.hidden_size, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+    attention = bf16 * (H * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * heads * (nope + rope)
+                        + H * (c.kv_lora_rank + rope) + c.kv_lora_rank + c.kv_lora_rank * heads * (nope + v)
+                        + heads * v * H)
+    indexer = bf16 * (c.q_lora_rank * c.index_n_heads * c.index_head_dim + H * c.index_head_dim
+                      + 2 * c.index_head_dim) + fp32 * H * c.index_n_heads  # weights_proj stays fp32
+    norms = bf16 * 2 * H
+    dense = bf16 * 3 * H * c.intermediate_size
+    E, inter = c.n_routed_experts, c.moe_intermediate_size
+    scales = fp32 * E * (2 * math.ceil(inter / 128) * math.ceil(H / 128) + math.ceil(H / 128) * math.ceil(inter / 128))
+    moe = (bf16 * E * H + fp32 * E  # gate + its correction bias
+           + E * 3 * inter * H + scales  # routed experts, one byte per parameter
+           + bf16 * 3 * H * inter * c.n_shared_experts)
+    layers = [attention + indexer + norms + (moe if c.is_moe_layer(i) else dense) for i in range(c.num_hidden_layers)]
+    return bf16 * c.vocab_size * H, layers, bf16 * (H + c.vocab_size * H)
+
+
+def test_the_671b_plan_on_8_h200_matches_a_hand_computation(capsys):
+    config = get_preset("v3.2-exp")
+    shapes = EngineShapes()  # decode batch 8, prefill 1 x 8192
+    plan = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, shapes, 4.0, gpus=8)
+    embed, layers, head = hand_weights(config)
+    cache_row = (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim) * 2  # bf16 latent + key
+    capacity = 131072  # min(max_position_embeddings, 128K)
+    logits = 8192 * config.vocab_size * 4  # the largest prefill's fp32 logits, on the last stage
+    assert plan.gpus == 8 and plan.fits
+    assert [s.layers for s in plan.stages] == [(0, 10), (10, 17), (17, 24), (24, 31), (31, 38), (38, 46), (46, 54),
+                                               (54, 61)]
+    for i, stage in enumerate(plan.stages):
+        start, stop = stage.layers
+        weights = sum(layers[start:stop]) + (embed if i == 0 else 0) + (head if i == 7 else 0)
+        assert stage.weights == weights
+        assert stage.caches == (stop - start) * cache_row * capacity * 8
+        assert stage.activations == 256 * 2**20 + (logits if i == 7 else 0)
+        assert stage.workspace == 4 * GiB
+        assert stage.total == weights + stage.caches + stage.activations + stage.workspace
+    # the whole model: 671B parameters in about 690 GB as DeepSeek ships them (FP8 experts)
+    assert 650e9 < embed + sum(layers) + head < 700e9
+    # no other cut into 8 has a smaller largest stage (7 or 8 MoE layers per GPU: 8 somewhere)
+    assert plan.largest.total / 1e9 == pytest.approx(110.55, abs=0.01)
+
+    assert main(["plan", "--preset", "v3.2-exp", "--gpu", "h200", "--gpus", "8", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "61 layers on 8 x h200 (141 GB each); bf16 weights and caches, FP8 routed experts" in out
+    for i, stage in enumerate(plan.stages):
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(i)])
+        assert row[1] == f"{stage.layers[0]}-{stage.layers[1] - 1}"
+        assert row[2] == f"{stage.weights / 1e9:.2f}" and row[6] == f"{stage.total / 1e9:.2f}"
+        assert row[8] == f"{(141e9 - stage.total) / 1e9:.2f}"
+
+
+def test_bf16_experts_on_8_h100_are_refused_with_the_shortfall():
+    plan = plan_pipeline(get_preset("v3.2-exp"), get_target("h100"), torch.bfloat16, False, None, EngineShapes(),
+                         4.0, gpus=8)
+    assert not plan.fits and plan.shortfall / 1e9 == pytest.approx(plan.largest.total / 1e9 - 80)
+    with pytest.raises(DSAExportError, match=rf"8 x h100: .* {plan.shortfall / 1e9:.1f} GB short"):
+        check_plan(plan)
+
+
+def test_the_default_is_the_fewest_gpus_that_fit():
+    config, target = get_preset("v3.2-exp"), get_target("h100")
+    plan = plan_pipeline(config, target, torch.bfloat16, True, None, EngineShapes(), 4.0)
+    assert plan.fits
+    fewer = plan_pipeline(config, target, torch.bfloat16, True, None, EngineShapes(), 4.0, gpus=plan.gpus - 1)
+    assert not fewer.fits
+    assert plan_pipeline(get_preset("tiny"), target, torch.float32, False, 64, EngineShapes(), 4.0).gpus == 1
+
+
+def test_the_split_is_the_best_contiguous_one():
+    rng = random.Random(0)
+    for _ in range(30):
+        costs = [rng.randrange(1, 100) for _ in range(rng.randrange(2, 9))]
+        first, last, parts = rng.randrange(0, 150), rng.randrange(0, 150), rng.randrange(1, 4)
+        parts = min(parts, len(costs))
+
+        def worst(cuts):
+            bounds = [0, *cuts, len(costs)]
+            return max(sum(costs[a:b]) + (first if a == 0 else 0) + (last if b == len(costs) else 0)
+                       for a, b in zip(bounds, bounds[1:]))
+
+        best = min(worst(c) for c in itertools.combinations(range(1, len(costs)), parts - 1))
+        ranges = split_layers(costs, first, last, parts)
+        assert [a for a, _ in ranges][1:] == [b for _, b in ranges][:-1] and ranges[0][0] == 0
+        assert worst([a for a, _ in ranges][1:]) == best

@@ -1,0 +1,111 @@
+"""The export streams its weights (exporter/weights.py): from a checkpoint it writes exactly what exporting the loaded
+model writes, in bounded data files, without folding a weight into a new constant, in pipeline stages that chain to
+the whole model, and in a child process whose peak resident memory stays under the checkpoint's own size."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from dsa_export.exporter.checks import check_export_dir
+from dsa_export.exporter.onnx_export import export_onnx
+from dsa_export.exporter.weights import data_files
+from dsa_export.models import get_preset, init_checkpoint, load_checkpoint
+from dsa_export.models.config import load_config
+from dsa_export.runtime import OnnxRuntimeBackend, Session
+
+CAPACITY = 64
+TINY_CAPACITY = 256  # conftest's tiny_onnx
+
+
+def data_bytes(onnx_dir):
+    return b"".join(f.read_bytes() for f in data_files(onnx_dir))
+
+
+@pytest.mark.parametrize("fp8, dequantize", [(True, False), (True, True)])
+def test_a_streamed_export_equals_the_export_of_the_loaded_model(tmp_path, fp8, dequantize):
+    """FP8 checkpoints: experts kept as codes + scales, or dequantised; the other weights dequantised block by block
+    (a bf16 checkpoint's streamed export is the `tiny_onnx` every other test runs)."""
+    checkpoint = init_checkpoint(get_preset("tiny"), tmp_path / "ckpt", seed=3, fp8=fp8)
+    streamed = export_onnx(checkpoint, tmp_path / "streamed", capacity=CAPACITY, dequantize_experts=dequantize)
+    loaded = export_onnx(load_checkpoint(checkpoint, progress=False), tmp_path / "loaded", capacity=CAPACITY,
+                         dequantize_experts=dequantize)
+    assert streamed.read_bytes() == loaded.read_bytes()
+    assert data_bytes(streamed.parent) == data_bytes(loaded.parent)
+    experts = [t for t in onnx.load(streamed, load_external_data=False).graph.initializer
+               if t.name.endswith("experts.gate_up_proj")]
+    assert {t.data_type for t in experts} == {onnx.TensorProto.UINT8 if fp8 and not dequantize
+                                              else onnx.TensorProto.FLOAT}
+
+
+def test_every_weight_is_a_model_tensor_as_stored_not_a_folded_copy(tiny_onnx, tiny_model):
+    path = tiny_onnx / "model.onnx"
+    tensors = dict(tiny_model.named_parameters()) | dict(tiny_model.named_buffers())
+    for init in onnx.load(path, load_external_data=False).graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            name = init.name.removeprefix("model.")
+            assert name in tensors and tuple(init.dims) == tuple(tensors[name].shape), init.name
+        else:  # what the optimizer folded: shapes and scalars, never a weight
+            assert np.prod(init.dims) <= 64, init.name
+
+
+def test_bounded_data_files_run_the_same(tiny_checkpoint, tiny_onnx, tmp_path):
+    limit = 120_000
+    export_onnx(tiny_checkpoint, tmp_path / "split", capacity=CAPACITY, max_data_file_bytes=limit)
+    files = data_files(tmp_path / "split")
+    graph = onnx.load(tmp_path / "split" / "model.onnx", load_external_data=False).graph
+    by_file: dict[str, list[int]] = {}
+    for init in graph.initializer:
+        where = {e.key: e.value for e in init.external_data}
+        if where:
+            by_file.setdefault(where["location"], []).append(int(where["length"]))
+    assert len(files) >= 3 and sorted(by_file) == sorted(f.name for f in files)
+    for f in files:  # within the limit, unless one tensor alone is larger
+        assert f.stat().st_size <= limit or len(by_file[f.name]) == 1
+    check_export_dir(tmp_path / "split")
+    prompts = [[5, 9, 13, 200, 7], [3, 4]]
+    expected = Session(OnnxRuntimeBackend(tiny_onnx)).generate(prompts, 6)
+    assert Session(OnnxRuntimeBackend(tmp_path / "split")).generate(prompts, 6) == expected
+
+
+def test_pipeline_stages_chain_to_the_whole_model(tiny_checkpoint, tiny_onnx, tmp_path):
+    whole = tiny_onnx
+    for i, layers in enumerate([(0, 1), (1, 3)]):
+        export_onnx(tiny_checkpoint, tmp_path / "staged" / f"stage-{i}", capacity=TINY_CAPACITY, layers=layers)
+    first, last = (json.loads((tmp_path / "staged" / f"stage-{i}" / "io.json").read_text()) for i in (0, 1))
+    assert [t["name"] for t in first["inputs"]][:3] == ["input_ids", "positions", "latent_cache.0"]
+    assert [t["name"] for t in first["outputs"]][:1] == ["hidden_out"]
+    assert [t["name"] for t in last["inputs"]][:3] == ["hidden_in", "positions", "latent_cache.1"]
+    assert [t["name"] for t in last["outputs"]][:1] == ["logits"]
+    dsa = [sum(n.domain == "dsa" for n in onnx.load(tmp_path / "staged" / f"stage-{i}" / "model.onnx",
+                                                    load_external_data=False).graph.node) for i in (0, 1)]
+    assert dsa == [2, 6]  # layer 0 (dense): indexer + MLA; layers 1-2: those and their RoutedExperts
+    one, two = OnnxRuntimeBackend(whole), OnnxRuntimeBackend(tmp_path / "staged")
+    ids, positions = torch.tensor([[5, 9, 13, 200, 7]]), torch.arange(5)[None]
+    caches_one, caches_two = one.new_caches(1), two.new_caches(1)
+    for step in (slice(0, 4), slice(4, 5)):  # prefill, then a decode step on the caches
+        a = one.step(ids[:, step], positions[:, step], caches_one).logits
+        b = two.step(ids[:, step], positions[:, step], caches_two).logits
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+def test_an_export_over_2_gib_peaks_below_the_checkpoint_size(tmp_path):
+    """DeepSeek-V3.2-Exp's dimensions (one dense layer, a 40K vocabulary): 2.3 GB of bf16 weights, exported by
+    `dsa-export export` in a child process. Its peak resident memory, as the runner records it (VmHWM), stays under
+    the checkpoint's size: the weights are streamed, never held."""
+    config = get_preset("v3.2-exp").replace(num_hidden_layers=1, first_k_dense_replace=1, vocab_size=40_000)
+    checkpoint = init_checkpoint(config, tmp_path / "ckpt", max_shard_bytes=1 << 30)
+    size = sum(f.stat().st_size for f in checkpoint.glob("*.safetensors"))
+    assert size > 2 * 2**30
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "dsa_export.cli", "export", "--checkpoint", str(checkpoint), "--out",
+                    str(out), "--dtype", "bf16", "--capacity", "256", "--data-file-gb", "1"], check=True,
+                   capture_output=True, timeout=600)
+    peak = json.loads((out / "manifest.json").read_text())["stages"]["export"]["peak_rss_gb"] * 1e9
+    assert peak < size, f"peak {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
+    check_export_dir(out, load_config(checkpoint))  # the model exported is the checkpoint's
+    assert len(data_files(out)) >= 3 and sum(f.stat().st_size for f in data_files(out)) >= size
