@@ -1,6 +1,7 @@
 """The model repository and the generation helpers, without a server: every config parses with Triton's own schema
 and says what io.json says; the tokenizer `init` writes; text decoded incrementally; token picking; request checks."""
 
+import json
 import random
 
 import numpy as np
@@ -138,9 +139,14 @@ def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, 
 
     from tritonclient.grpc import model_config_pb2 as mc
 
+    from dsa_export.exporter.graph_io import graph_io
+    from dsa_export.models import get_preset
+
     build = tmp_path / "staged"
-    for i in range(3):  # three copies stand in for three stages: the repository reads only io.json per stage
+    for i in range(3):  # a bf16 build of three stages: the repository reads only each stage's io.json
         shutil.copytree(export_dir, build / f"stage-{i}", ignore=shutil.ignore_patterns("model_repository"))
+        io = graph_io(get_preset("tiny"), "bfloat16", capacity=64, layers=(i, i + 1))
+        (build / f"stage-{i}" / "io.json").write_text(json.dumps(io.to_json()))
         (build / f"stage-{i}" / "engine").mkdir()
         (build / f"stage-{i}" / "engine" / "model.plan").write_bytes(b"plan")
     written = write_repository(build)
@@ -153,6 +159,10 @@ def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, 
         assert (repository / f"{STEP_ENGINE}_{i}" / engine.parameters["build_dir"].string_value).resolve() == \
             (build / f"stage-{i}").resolve()
         assert (repository / f"{STEP_ONNX}_{i}" / "config.pbtxt").is_file()
+        # the hidden state crosses between stages in float32 (numpy has no bfloat16; the step model casts it)
+        wire = {t.name: mc.DataType.Name(t.data_type) for t in (*engine.input, *engine.output)}
+        assert wire == {"input_ids" if i == 0 else "hidden_in": "TYPE_INT64" if i == 0 else "TYPE_FP32",
+                        "positions": "TYPE_INT64", "logits" if i == 2 else "hidden_out": "TYPE_FP32"}
     generate = read_config(repository / GENERATE / "config.pbtxt")
     assert generate.parameters["step_models"].string_value == ",".join(written["step_models"])
 

@@ -109,3 +109,22 @@ def test_an_export_over_2_gib_peaks_below_the_checkpoint_size(tmp_path):
     assert peak < size, f"peak {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
     check_export_dir(out, load_config(checkpoint))  # the model exported is the checkpoint's
     assert len(data_files(out)) >= 3 and sum(f.stat().st_size for f in data_files(out)) >= size
+
+
+def test_an_export_into_other_stages_removes_the_old_ones(tmp_path):
+    """What an export with another number of stages left is removed first, so that no old graph passes for new."""
+    from dsa_export.exporter.graph_io import stage_dirs
+    from dsa_export.exporter.onnx_export import remove_other_exports
+
+    build = tmp_path / "b"
+    for name in ("model.onnx", "model.onnx.data", "model.onnx.data.1", "io.json", "config.json", "tokenizer.json"):
+        (build / name).parent.mkdir(parents=True, exist_ok=True)
+        (build / name).write_text("old")
+    for i in range(3):
+        (build / f"stage-{i}").mkdir()
+    assert stage_dirs(build) == [build]  # a graph at the root hides any stage directories
+    remove_other_exports(build, 2)
+    assert sorted(p.name for p in build.iterdir()) == ["stage-0", "stage-1", "tokenizer.json"]
+    assert stage_dirs(build) == [build / "stage-0", build / "stage-1"]
+    remove_other_exports(build, 1)
+    assert sorted(p.name for p in build.iterdir()) == ["tokenizer.json"]

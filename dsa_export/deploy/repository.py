@@ -39,7 +39,7 @@ from pathlib import Path
 
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.engine import PLAN
-from dsa_export.exporter.graph_io import GraphIO, IOTensor
+from dsa_export.exporter.graph_io import HIDDEN_IN, HIDDEN_OUT, GraphIO, IOTensor
 from dsa_export.files import atomic_dir, write_atomic
 
 GENERATE, STEP_ONNX, STEP_ENGINE = "dsa_generate", "dsa_onnx", "dsa_engine"
@@ -56,10 +56,14 @@ IDLE_SECONDS = 600  # a step model drops a sequence whose steps stopped this lon
 
 
 def _tensors(message_type, tensors: list[IOTensor]):
-    """io.json tensors as Triton's (named dims are -1)."""
+    """io.json tensors as Triton's (named dims are -1). The hidden state between pipeline stages crosses in float32
+    whatever the export dtype (numpy, which the Python models use, has no bfloat16; the step model casts it)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    return [message_type(name=t.name, data_type=mc.DataType.Value(TRITON_DTYPES[t.dtype]),
+    def dtype(t: IOTensor) -> str:
+        return TRITON_DTYPES["float32" if t.name in (HIDDEN_IN, HIDDEN_OUT) else t.dtype]
+
+    return [message_type(name=t.name, data_type=mc.DataType.Value(dtype(t)),
                          dims=[d if isinstance(d, int) else -1 for d in t.dims]) for t in tensors]
 
 

@@ -3,10 +3,11 @@ new token out, as each is made.
 
 Copied into the model repository as `dsa_generate/1/model.py`, beside generation.py (the request contract, its
 checks, token picking and text decoding, shared with dsa-export's client). execute() reads and checks each request
-and hands it to a thread, which runs the sequence through the step model by BLS: the prefill flagged
-SEQUENCE_START, then one decode step per token; the step after which no more are needed carries SEQUENCE_END, and a
-sequence that stops early (stop id, cancelled client, error) is closed by one more step flagged END, so the step
-model always frees the sequence's caches. A bad request gets one error response; the model keeps serving.
+and hands it to a thread, which runs the sequence through the step models by BLS (one per pipeline stage, in
+order): the prefill flagged SEQUENCE_START, then one decode step per token; the step after which no more are needed
+carries SEQUENCE_END, and a sequence that stops early (stop id, cancelled client, a failed step) is closed by a step
+flagged END sent to every stage, so the step models always free the sequence's caches. A bad request gets one error
+response; the model keeps serving.
 """
 
 import itertools
@@ -48,7 +49,7 @@ class TritonPythonModel:
         io = json.loads((export_dir / "io.json").read_text(encoding="utf-8"))
         model_config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
         self.capacity = io["capacity"]
-        self.vocab_size = model_config["vocab_size"]
+        self.vocab_size, self.hidden_size = model_config["vocab_size"], model_config["hidden_size"]
         self.codec = TextCodec(build_dir) if TextCodec.exists(build_dir) else None
         eos = model_config.get("eos_token_id")
         if eos is None and self.codec is not None:
@@ -109,22 +110,41 @@ class TritonPythonModel:
             seed=int(_scalar(request, "SEED", 0)),
             stop_ids=self.default_stop_ids if stop_ids is None else [int(t) for t in stop_ids])
 
+    def _step_request(self, stage, sequence, first, positions, flags):
+        """One step of one pipeline stage; the response's output (logits from the last stage, else the hidden
+        state), or a RuntimeError with the stage model's error."""
+        model = self.step_models[stage]
+        output = "logits" if stage == len(self.step_models) - 1 else "hidden_out"
+        response = pb_utils.InferenceRequest(
+            model_name=model, inputs=[first, positions], requested_output_names=[output], correlation_id=sequence,
+            flags=flags, preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
+        if response.has_error():
+            raise RuntimeError(f"{model}: {response.error().message()}")
+        return pb_utils.get_output_tensor_by_name(response, output).as_numpy()
+
     def step(self, sequence, ids, position, flags):
         """The next-token logits [vocab] after feeding `ids` at position..; a step model's error as RuntimeError.
-        Through every pipeline stage in turn: each takes the previous one's hidden state (in host memory, [1, S, H]
-        per step) and keeps its own layers' caches under the same correlation id and flags."""
+        Through every pipeline stage in turn: each takes the previous one's hidden state (in host memory, float32
+        [1, S, H] per step) and keeps its own layers' caches under the same correlation id and flags."""
         positions = pb_utils.Tensor("positions", np.arange(position, position + len(ids), dtype=np.int64)[None])
-        first = pb_utils.Tensor("input_ids", np.asarray(ids, dtype=np.int64)[None])
-        for i, model in enumerate(self.step_models):
-            output = "logits" if i == len(self.step_models) - 1 else "hidden_out"
-            response = pb_utils.InferenceRequest(
-                model_name=model, inputs=[first, positions], requested_output_names=[output],
-                correlation_id=sequence, flags=flags,
-                preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
-            if response.has_error():
-                raise RuntimeError(f"{model}: {response.error().message()}")
-            first = pb_utils.Tensor("hidden_in", pb_utils.get_output_tensor_by_name(response, output).as_numpy())
-        return first.as_numpy()[0, -1]
+        out = np.asarray(ids, dtype=np.int64)[None]
+        for stage in range(len(self.step_models)):
+            first = pb_utils.Tensor("input_ids" if stage == 0 else "hidden_in", out)
+            out = self._step_request(stage, sequence, first, positions, flags)
+        return out[0, -1]
+
+    def close(self, sequence):
+        """Free `sequence`'s caches in every stage that may hold them: a one-token step flagged END sent to each
+        stage on its own (zeros at position 0, the result dropped). A stage that holds none answers with an error,
+        as expected when a step failed before reaching it."""
+        positions = pb_utils.Tensor("positions", np.zeros((1, 1), dtype=np.int64))
+        for stage in range(len(self.step_models)):
+            first = pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int64)) if stage == 0 else \
+                pb_utils.Tensor("hidden_in", np.zeros((1, 1, self.hidden_size), dtype=np.float32))
+            try:
+                self._step_request(stage, sequence, first, positions, END)
+            except RuntimeError as e:
+                pb_utils.Logger.log_info(f"dsa_generate: sequence {sequence}: closing: {e}")
 
     def generate(self, sender, request: GenerationRequest):
         with self.lock:
@@ -133,10 +153,11 @@ class TritonPythonModel:
         rng = np.random.default_rng(request.seed)
         last = request.max_new_tokens - 1
         started = ended = False
-        token = position = None
+        position = None
         try:
+            started = True  # from here a stage may hold caches for the sequence, until a step flagged END succeeds
             logits = self.step(sequence, request.prompt_ids, 0, START | (END if last == 0 else 0))
-            started, ended, position = True, last == 0, len(request.prompt_ids)
+            ended, position = last == 0, len(request.prompt_ids)
             for index in range(request.max_new_tokens):
                 token = pick_token(logits, request.temperature, request.top_k, rng)
                 done = index == last or token in request.stop_ids
@@ -161,11 +182,11 @@ class TritonPythonModel:
             except Exception as e2:
                 pb_utils.Logger.log_error(f"dsa_generate: sequence {sequence}: cannot send the error: {e2}")
         finally:
-            if started and not ended:  # stopped early: one more step, flagged END, frees the step model's caches
+            if started and not ended:  # stopped early, or a step failed: free what the stages hold
                 try:
-                    self.step(sequence, [token], position, END)
+                    self.close(sequence)
                 except Exception as e:
-                    pb_utils.Logger.log_warn(f"dsa_generate: sequence {sequence}: closing step failed: {e}")
+                    pb_utils.Logger.log_warn(f"dsa_generate: sequence {sequence}: closing failed: {e}")
             with self.lock:
                 self.running -= 1
                 self.idle.notify_all()

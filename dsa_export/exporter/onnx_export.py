@@ -77,10 +77,11 @@ def sample_inputs(io: GraphIO, config, batch: int = 2, seq: int = 3, seed: int =
     return tuple(values)
 
 
-def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype,
-                fp8_block: tuple[int, int] | None) -> tuple[onnx.ModelProto, list[tuple[str, WeightSpec]]]:
+def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: tuple[int, int] | None,
+                indexer_fp8_sim: bool = False) -> tuple[onnx.ModelProto, list[tuple[str, WeightSpec]]]:
     """The optimised graph without its weights, and (initializer name, model tensor) for each weight it reads.
-    fp8_block: routed experts held as FP8 codes with scales of this block (None: in `dtype`)."""
+    fp8_block: routed experts held as FP8 codes with scales of this block (None: in `dtype`); indexer_fp8_sim: the
+    indexer's FP8 simulation on (DSAForCausalLM.set_indexer_fp8_sim)."""
     mode = FakeTensorMode()
     with mode:  # parameters and inputs are fake: shapes and dtypes only
         model = DSAForCausalLM(config).cast(dtype)
@@ -88,6 +89,7 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype,
             for experts in model.routed_experts():
                 experts.keep_fp8(fp8_block)
         model.init_buffers().eval()
+        model.set_indexer_fp8_sim(indexer_fp8_sim)
         args = sample_inputs(io, config)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     dims = {BATCH: torch.export.Dim(BATCH), SEQ: torch.export.Dim(SEQ)}
@@ -131,12 +133,13 @@ def export_onnx(source: DSAForCausalLM | str | Path, out_dir: str | Path, dtype:
     layers: export only layers start:stop, a pipeline stage (exporter/graph_io.py), with only their weights."""
     if dtype not in TORCH_DTYPES.values() or dtype == torch.uint8:
         raise DSAExportError(f"cannot export in {dtype}")
-    if isinstance(source, DSAForCausalLM):
+    if isinstance(source, DSAForCausalLM):  # traced as built from its config, with its switches
         config, weights = source.config, ModelWeights(source)
         fp8_experts = any(e.fp8_block is not None for e in source.routed_experts())
+        fp8_sim = any(layer.self_attn.indexer.fp8_sim for layer in source.model.layers)
     else:
         weights = CheckpointWeights(source)
-        config, fp8_experts = weights.config, weights.experts_fp8
+        config, fp8_experts, fp8_sim = weights.config, weights.experts_fp8, False
     io = graph_io(config, str(dtype).removeprefix("torch."), last_logits_only, capacity, layers)
     if io.capacity < 4:
         raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
@@ -145,7 +148,7 @@ def export_onnx(source: DSAForCausalLM | str | Path, out_dir: str | Path, dtype:
     existed = Path(out_dir).exists()
     out_dir = ensure_output_dir(out_dir)  # after the checks: bad input leaves nothing behind
     try:
-        return _export(config, weights, io, out_dir, dtype, fp8_experts and not dequantize_experts,
+        return _export(config, weights, io, out_dir, dtype, fp8_experts and not dequantize_experts, fp8_sim,
                        max_data_file_bytes, progress)
     except BaseException:
         if not existed:  # a weight found bad while streaming (NaN), or an interruption: no empty directory left
@@ -154,9 +157,9 @@ def export_onnx(source: DSAForCausalLM | str | Path, out_dir: str | Path, dtype:
 
 
 def _export(config: DSAConfig, weights, io: GraphIO, out_dir: Path, dtype: torch.dtype, fp8_experts: bool,
-            max_data_file_bytes: int, progress: bool) -> Path:
+            fp8_sim: bool, max_data_file_bytes: int, progress: bool) -> Path:
     fp8_block = (config.fp8_block or (128, 128)) if fp8_experts else None
-    proto, specs = trace_graph(config, io, dtype, fp8_block)
+    proto, specs = trace_graph(config, io, dtype, fp8_block, fp8_sim)
     proto = add_decompositions(proto)
     name_graph_dims(proto, io)
     proto.doc_string = (f"dsa-export {dsa_export.__version__}; {str(dtype).removeprefix('torch.')}, "
@@ -179,3 +182,17 @@ def _export(config: DSAConfig, weights, io: GraphIO, out_dir: Path, dtype: torch
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir / MODEL_FILE
+
+
+def remove_other_exports(build_dir: Path, stages: int) -> None:
+    """Before exporting `stages` pipeline stages into build_dir: remove what an export into other stages left there
+    (a single graph at the root, or stage-*/ directories beyond these), so that no old graph is taken for the new."""
+    build_dir = Path(build_dir)
+    if stages > 1:
+        (build_dir / MODEL_FILE).unlink(missing_ok=True)  # first: without it, the rest is no export
+        for path in [*data_files(build_dir), build_dir / IO_FILE, build_dir / CONFIG_FILE]:
+            path.unlink(missing_ok=True)
+    stage = stages if stages > 1 else 0
+    while (build_dir / f"stage-{stage}").is_dir():
+        shutil.rmtree(build_dir / f"stage-{stage}")
+        stage += 1

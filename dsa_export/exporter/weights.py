@@ -160,7 +160,7 @@ def write_weights(specs: list[tuple[str, WeightSpec]], source: WeightSource, out
                 handle.seek(offset)
                 written = 0
                 for chunk in source.chunks(spec):
-                    data = chunk.contiguous().reshape(-1).view(torch.uint8).numpy()
+                    data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                     handle.write(data)
                     written += data.size
                     bar.update(data.size)

@@ -254,35 +254,37 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
 
 class TensorReader:
     """Stored tensors, whole or by row block, through safetensors. safetensors memory-maps each file, and every page
-    read stays in the process's resident set while the map is open: a file is re-opened after RELEASE_BYTES have been
-    read from it, so that streaming a checkpoint larger than RAM keeps a bounded resident set."""
+    read stays in the process's resident set while the map is open: at most OPEN files are mapped at once (a weight
+    and its scale may sit in two shards), and a file is re-opened after RELEASE_BYTES have been read from it, so that
+    streaming a checkpoint larger than RAM keeps a bounded resident set."""
 
-    RELEASE_BYTES = 256 << 20
+    OPEN, RELEASE_BYTES = 2, 128 << 20
 
     def __init__(self, stored: dict[str, StoredTensor]):
         self.stored = stored
-        self._file: Path | None = None
-        self._handle = None
-        self._read = 0  # bytes read through the open handle
+        self._open: dict[Path, list] = {}  # file → [handle, bytes read through it], least recently used first
 
     def rows(self, name: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows start:stop of tensor `name` (all of it by default)."""
         file = self.stored[name].file
-        if file != self._file or self._read > self.RELEASE_BYTES:  # one file mapped at a time
-            self._handle, self._file, self._read = None, None, 0
-            self._handle, self._file = safe_open(file, framework="pt"), file
+        entry = self._open.pop(file, None)
+        if entry is None or entry[1] > self.RELEASE_BYTES:
+            entry = [safe_open(file, framework="pt"), 0]
+        self._open[file] = entry
+        while len(self._open) > self.OPEN:
+            self._open.pop(next(iter(self._open)))
         try:
             if start is None and stop is None:
-                tensor = self._handle.get_tensor(name)
+                tensor = entry[0].get_tensor(name)
             else:
-                tensor = self._handle.get_slice(name)[start:stop]
+                tensor = entry[0].get_slice(name)[start:stop]
         except SafetensorError as e:
             raise CheckpointError(f"{file}: failed reading tensor '{name}' ({e})") from None
-        self._read += tensor.numel() * tensor.element_size()
+        entry[1] += tensor.numel() * tensor.element_size()
         return tensor
 
     def close(self) -> None:
-        self._handle, self._file = None, None
+        self._open.clear()
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,

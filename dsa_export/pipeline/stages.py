@@ -92,12 +92,13 @@ KERNELS = Stage("kernels", run_kernels, lambda ctx: [Layout.kernels(ctx.target.k
 # ---- export: ONNX ---------------------------------------------------------------------------------------------------
 def run_export(ctx: BuildContext) -> dict:
     from dsa_export.exporter.graph_io import GraphIO, stage_dir
-    from dsa_export.exporter.onnx_export import export_onnx
+    from dsa_export.exporter.onnx_export import export_onnx, remove_other_exports
     from dsa_export.models.tokenizer import copy_tokenizer
 
     o, plan = ctx.options, ctx.plan
     if plan.gpus > 1:
         ctx.log(f"{plan.gpus} pipeline stages on {plan.gpus} x {plan.target}:\n{plan.table()}")
+    remove_other_exports(ctx.layout.root, plan.gpus)
     for i, stage in enumerate(plan.stages):  # weights streamed from the checkpoint: the model is never loaded
         export_onnx(ctx.checkpoint_dir, stage_dir(ctx.layout.root, i, plan.gpus), dtype=ctx.dtype,
                     last_logits_only=o.last_logits_only, capacity=o.capacity, dequantize_experts=o.dequantize_experts,
@@ -113,12 +114,12 @@ def export_outputs(ctx: BuildContext) -> list[Path]:
     from dsa_export.exporter.weights import DATA_FILE, data_files
     from dsa_export.models.tokenizer import tokenizer_files
 
-    tokenizer = [Path(p.name) for p in tokenizer_files(ctx.checkpoint_dir)]
-    dirs = ctx.stage_dirs()
-    if dirs != [ctx.layout.root]:
-        return [d.relative_to(ctx.layout.root) for d in dirs] + tokenizer
-    data = [Path(p.name) for p in data_files(ctx.layout.root)] or [Path(DATA_FILE)]
-    return [Path(f) for f in Layout.onnx] + data + tokenizer
+    outputs = []
+    for stage_dir in ctx.stage_dirs():  # every file of every stage: reuse needs them all
+        relative = stage_dir.relative_to(ctx.layout.root)
+        data = [p.name for p in data_files(stage_dir)] or [DATA_FILE]
+        outputs += [relative / name for name in (*Layout.onnx, *data)]
+    return outputs + [Path(p.name) for p in tokenizer_files(ctx.checkpoint_dir)]
 
 
 EXPORT = Stage("export", run_export, export_outputs, after=("checkpoint",),
@@ -211,8 +212,13 @@ def extra_backends(ctx: BuildContext) -> list:
     """The TensorRT engine as a backend, where there is one and this machine can run it."""
     from dsa_export.exporter.engine import unavailable
 
-    # a single graph's engine (pipeline stages on several GPUs are chained by the server, not by this backend)
-    if (ctx.layout / Layout.engine / "model.plan").exists() and unavailable(ctx.target) is None:
+    if unavailable(ctx.target) is not None:
+        return []
+    if len(ctx.stage_dirs()) > 1:
+        ctx.log("TensorRT: the engines of pipeline stages run chained in the Triton repository; parity and measured "
+                "cost here compare ONNX Runtime only")
+        return []
+    if (ctx.layout / Layout.engine / "model.plan").exists():
         from dsa_export.runtime.tensorrt import TensorRTBackend
 
         return [TensorRTBackend(ctx.layout.root)]
