@@ -91,14 +91,15 @@ def prefill_peak_rss(tmp: Path) -> list[dict]:
 
 
 def prefill_child(onnx_dir: str, tokens: int) -> None:
-    """Run one prefill and print this process's peak RSS in GB (ru_maxrss counts resident pages, not the mmap)."""
-    import resource
+    """Run one prefill and print this process's peak RSS in GB (VmHWM: its own resident pages; ru_maxrss would
+    keep the high-water mark of the parent, which holds models and exports, across exec)."""
+    from dsa_export.pipeline.runner import peak_rss
 
     backend = OnnxRuntimeBackend(onnx_dir)
     caches = backend.new_caches(1)
     ids = torch.randint(0, 320, (1, tokens), generator=torch.Generator().manual_seed(0))
     backend.step(ids, torch.arange(tokens)[None], caches)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9)
+    print(peak_rss() / 1e9)
 
 
 def main() -> None:

@@ -139,6 +139,15 @@ def check_io(graph: onnx.GraphProto, io: GraphIO) -> None:
                 raise GraphCheckError(f"graph {kind} '{name}' has dims {dims}, io.json says {list(spec.dims)}")
 
 
+def load_graph(onnx_dir: Path) -> onnx.ModelProto:
+    """An export's model.onnx without its weights; one line naming the file if it does not parse."""
+    try:
+        return onnx.load(Path(onnx_dir) / "model.onnx", load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise DSAExportError(f"{Path(onnx_dir) / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") \
+            from None
+
+
 def check_export_dir(onnx_dir: Path, config=None) -> GraphIO:
     """A directory holding a readable export of dsa-export, checked without loading its weights: io.json and
     config.json parse (and match `config` if given), model.onnx parses, every external tensor lies inside its data
@@ -156,10 +165,7 @@ def check_export_dir(onnx_dir: Path, config=None) -> GraphIO:
         if differ:
             raise DSAExportError(f"{onnx_dir} was exported from a different model: "
                                  + ", ".join(f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in differ[:3]))
-    try:
-        model = onnx.load(onnx_dir / "model.onnx", load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise DSAExportError(f"{onnx_dir / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") from None
+    model = load_graph(onnx_dir)
     for tensor in model.graph.initializer:
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue

@@ -38,6 +38,7 @@ from dsa_export.exporter.weights import (DEFAULT_MAX_FILE_BYTES, TORCH_DTYPES, C
                                          WeightSpec, data_files, write_weights)
 from dsa_export.files import ensure_output_dir, make_readable
 from dsa_export.kernels import EXPORT_OPS
+from dsa_export.models.checkpoint import Checkpoint
 from dsa_export.models.config import DSAConfig
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import OPSET, add_decompositions, translation_table
@@ -121,13 +122,13 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
     return ir.serde.serialize_model(program.model), used
 
 
-def export_onnx(source: DSAForCausalLM | str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
+def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
                 last_logits_only: bool = False, capacity: int | None = None, dequantize_experts: bool = False,
                 max_data_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False,
                 layers: tuple[int, int] | None = None) -> Path:
     """Export, check and write `model.onnx`, its external data files and `io.json` into `out_dir`; returns the ONNX
-    path. source: a checkpoint directory (weights streamed from its safetensors; the model is never held in memory)
-    or a loaded model. capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (stored FP8
+    path. source: a checkpoint directory, or one opened by checkpoint.open_checkpoint (weights streamed from its
+    safetensors; the model is never held in memory), or a loaded model. capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (stored FP8
     in the checkpoint, or kept FP8 by the loaded model) stay FP8 with their block scales unless
     `dequantize_experts`, which stores them in `dtype`. max_data_file_bytes: the size of each external data file.
     layers: export only layers start:stop, a pipeline stage (exporter/graph_io.py), with only their weights."""

@@ -24,7 +24,8 @@ import torch
 from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
-from dsa_export.models.checkpoint import SCALE_SUFFIX, TensorReader, check_finite, open_checkpoint, tensor_sources
+from dsa_export.models.checkpoint import (SCALE_SUFFIX, Checkpoint, TensorReader, check_finite, open_checkpoint,
+                                          tensor_sources)
 from dsa_export.models.fp8 import dequantize_weight
 from dsa_export.models.model import DSAForCausalLM, RoutedExperts
 
@@ -76,8 +77,9 @@ def _row_blocks(rows: int, row_bytes: int, multiple: int = 1) -> Iterator[tuple[
 class CheckpointWeights:
     """Model tensors read from an HF-layout checkpoint (headers checked up front: see checkpoint.open_checkpoint)."""
 
-    def __init__(self, path: str | Path):
-        self.checkpoint = open_checkpoint(path)
+    def __init__(self, checkpoint: Checkpoint | str | Path):
+        """checkpoint: a directory, or one already opened (several stage exports read one checkpoint)."""
+        self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
         self.config = self.checkpoint.config
         self.block = self.config.fp8_block or (128, 128)
         self.buffers = self.checkpoint.skeleton.computed_buffers()

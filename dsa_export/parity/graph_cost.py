@@ -138,20 +138,14 @@ def _itemsizes(models: list[onnx.ModelProto], io: GraphIO) -> tuple[int, int, in
     return weight, cache, (_itemsize(experts[0]) if experts else weight)
 
 
-def _load(onnx_dir: Path) -> onnx.ModelProto:
-    try:
-        return onnx.load(onnx_dir / "model.onnx", load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise DSAExportError(f"{onnx_dir / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") from None
-
-
 def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSAConfig | None = None) -> dict:
     """Per point: the graph's cost per token, the closed form's, and their ratios (goal: within ±10%). A build cut
     into pipeline stages is priced as the sum of its stages' graphs."""
+    from dsa_export.exporter.checks import load_graph
     from dsa_export.exporter.graph_io import stage_dirs
 
     onnx_dir = Path(onnx_dir)
-    stages = [(d, GraphIO.load(d / "io.json"), _load(d)) for d in stage_dirs(onnx_dir)]
+    stages = [(d, GraphIO.load(d / "io.json"), load_graph(d)) for d in stage_dirs(onnx_dir)]
     config = config or load_config(stages[0][0] / "config.json")
     register_schemas()
     weight, cache, expert = _itemsizes([model for _, _, model in stages], stages[0][1])

@@ -93,14 +93,16 @@ KERNELS = Stage("kernels", run_kernels, lambda ctx: [Layout.kernels(ctx.target.k
 def run_export(ctx: BuildContext) -> dict:
     from dsa_export.exporter.graph_io import GraphIO, stage_dir
     from dsa_export.exporter.onnx_export import export_onnx, remove_other_exports
+    from dsa_export.models.checkpoint import open_checkpoint
     from dsa_export.models.tokenizer import copy_tokenizer
 
     o, plan = ctx.options, ctx.plan
     if plan.gpus > 1:
         ctx.log(f"{plan.gpus} pipeline stages on {plan.gpus} x {plan.target}:\n{plan.table()}")
     remove_other_exports(ctx.layout.root, plan.gpus)
+    checkpoint = open_checkpoint(ctx.checkpoint_dir)  # headers read and checked once for every stage
     for i, stage in enumerate(plan.stages):  # weights streamed from the checkpoint: the model is never loaded
-        export_onnx(ctx.checkpoint_dir, stage_dir(ctx.layout.root, i, plan.gpus), dtype=ctx.dtype,
+        export_onnx(checkpoint, stage_dir(ctx.layout.root, i, plan.gpus), dtype=ctx.dtype,
                     last_logits_only=o.last_logits_only, capacity=o.capacity, dequantize_experts=o.dequantize_experts,
                     progress=True, max_data_file_bytes=int(o.data_file_gb * 1e9), layers=stage.layers)
     tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.layout.root)  # serving reads the export only
