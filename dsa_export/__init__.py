@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path  # noqa: F401  (annotations)
 
-__version__ = "0.1.0"
+from dsa_export._version import __version__  # noqa: F401  (the package's version)
 
 
 def load_model(path_or_preset: str | Path, dtype="float32", seed: int = 0):
@@ -15,11 +15,11 @@ def load_model(path_or_preset: str | Path, dtype="float32", seed: int = 0):
     from dsa_export.errors import DSAExportError
     from dsa_export.kernels import use_custom_ops
     from dsa_export.models import load_checkpoint
-    from dsa_export.models.checkpoint import random_model
-    from dsa_export.models.config import model_dtype
+    from dsa_export.models.init import random_model
+    from dsa_export.formats import torch_dtype, model_dtype_name
     from dsa_export.models.presets import check_fits_in_memory, resolve_source
 
-    dtype = model_dtype(dtype)
+    dtype = torch_dtype(model_dtype_name(dtype))
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DSAExportError(f"seed must be an integer >= 0, got {seed!r}")
     config, checkpoint = resolve_source(path_or_preset)

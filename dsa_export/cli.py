@@ -1,5 +1,6 @@
-"""The `dsa-export` command. Thin: `build` runs every stage of the pipeline (dsa_export/pipeline), each stage
-command runs one, with the options declared once in pipeline/options.py; `init` and `inspect` are utilities.
+"""The `dsa-export` command. Thin: `build` runs every build step (dsa_export/build), each step command runs one,
+with the options declared once in build/options.py; `init`, `inspect`, `plan`, `serve` and `generate` are utilities.
+Registering the commands imports no torch (`--help` is instant); each command imports what it runs.
 Bad input → one line on stderr and exit code 2; a failed check → one line and exit code 1; interrupted → 130/143."""
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from pathlib import Path
 
 import click
 
-import dsa_export
-from dsa_export.errors import CheckFailure, DSAExportError
+from dsa_export._version import __version__
+from dsa_export.build.options import click_options, options_from
+from dsa_export.errors import CheckFailure, DSAExportError, Interrupted
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
-@click.version_option(dsa_export.__version__, prog_name="dsa-export")
+@click.version_option(__version__, prog_name="dsa-export")
 def cli():
     """DeepSeek-V3.2-Exp (DeepSeek Sparse Attention) from PyTorch to ONNX, TensorRT and Triton Inference Server.
 
@@ -25,17 +27,15 @@ def cli():
     """
 
 
-def _stage_command(name: str, summary: str, example: str, defaults: dict | None = None):
-    """A command that runs the pipeline stage `name` in the build directory --out, with that stage's options."""
-    from dsa_export.pipeline.options import click_options
+def _step_command(name: str, summary: str, example: str, defaults: dict | None = None):
+    """A command that runs the build step `name` in the build directory --out, with that step's options."""
 
     def command(**values):
-        from dsa_export.pipeline import PIPELINE, run_build
-        from dsa_export.pipeline.options import options_from
+        from dsa_export.build import STEPS, run_build
 
-        stage = next(s for s in PIPELINE if s.name == name)
-        # the checkpoint stage resolves (or writes, for a preset) the model the stage reads: cheap, and reused
-        only = ["checkpoint", name] if "checkpoint" in stage.after else [name]
+        step = next(s for s in STEPS if s.name == name)
+        # the checkpoint step resolves (or writes, for a preset) the model the step reads: cheap, and reused
+        only = ["checkpoint", name] if "checkpoint" in step.after else [name]
         run_build(options_from(values), only=only, log=click.echo)
 
     command.__doc__ = f"{summary}\n\n    \\b\n    Example: {example}\n    "
@@ -56,8 +56,8 @@ def init(preset: str, fp8: bool, seed: int, max_shard_mb: int, force: bool, out_
     \b
     Example: dsa-export init --preset tiny --fp8 ckpt/tiny-fp8
     """
-    from dsa_export.models import get_preset, init_checkpoint
-    from dsa_export.models.presets import check_fits_in_memory
+    from dsa_export.models.init import init_checkpoint
+    from dsa_export.models.presets import check_fits_in_memory, get_preset
 
     config = get_preset(preset)
     check_fits_in_memory(config, 2 * 2, f"preset '{preset}'")  # the bf16 weights, and their copy being written
@@ -185,14 +185,13 @@ def generate(url: str, prompt_ids: list[int] | None, prompt: str | None, chat: b
 
 
 def _build(**values):
-    """Run every stage this machine can run for one GPU target and write <out>/manifest.json; stages that cannot run
+    """Run every step this machine can run for one GPU target and write <out>/manifest.json; steps that cannot run
     here are recorded as skipped with the command that finishes them; inputs unchanged since the last run are reused.
 
     \b
     Example: dsa-export build --gpu h100
     """
-    from dsa_export.pipeline import run_build
-    from dsa_export.pipeline.options import options_from
+    from dsa_export.build import run_build
 
     run_build(options_from(values), log=click.echo)
 
@@ -205,10 +204,9 @@ def _plan(**values):
     \b
     Example: dsa-export plan --preset v3.2-exp --gpu h200 --gpus 8 --dtype bf16
     """
-    from dsa_export.exporter.partition import check_plan
+    from dsa_export.build import BuildContext
+    from dsa_export.exporter.plan import check_plan
     from dsa_export.models.cache import default_capacity
-    from dsa_export.pipeline import BuildContext
-    from dsa_export.pipeline.options import options_from
 
     ctx = BuildContext(options_from(values))
     plan = ctx.pipeline_plan()
@@ -223,31 +221,29 @@ def _plan(**values):
 
 
 def _register_commands() -> None:
-    from dsa_export.pipeline.options import click_options
-
     cli.command("build")(click_options(None)(_build))
     cli.command("plan")(click_options(("plan",))(_plan))
-    _stage_command("kernels", "Compile the DSA Triton kernels ahead of time for one GPU target (no GPU needed): per "
+    _step_command("kernels", "Compile the DSA Triton kernels ahead of time for one GPU target (no GPU needed): per "
                    "kernel the PTX, the cubin and a JSON of launch metadata, into <out>/kernels/<arch>; fails if a "
                    "kernel exceeds the target's shared-memory or register limits.",
                    "dsa-export kernels --gpu h100 --out build/h100")
-    _stage_command("export", "Export ONNX into <out>: per layer one dsa::LightningIndexer and one dsa::SparseMLA node, "
+    _step_command("export", "Export ONNX into <out>: per layer one dsa::LightningIndexer and one dsa::SparseMLA node, "
                    "per MoE layer one dsa::RoutedExperts node (with standard-op decompositions as model-local "
                    "functions), per-layer caches at a fixed capacity written in place (TensorScatter), dynamic batch "
                    "and sequence; then check the graph.", "dsa-export export --preset tiny --out build/onnx")
-    _stage_command("engine", "Build the TensorRT engine <out>/engine/model.plan from <out>'s export and AOT kernels, the "
+    _step_command("engine", "Build the TensorRT engine <out>/engine/model.plan from <out>'s export and AOT kernels, the "
                    "dsa:: ops as ahead-of-time Triton plugins (needs TensorRT >= 10.15 and a GPU of the target's "
-                   "architecture; elsewhere the stage is skipped, or refused with --require-engine).",
+                   "architecture; elsewhere the step is skipped, or refused with --require-engine).",
                    "dsa-export engine --gpu h100 --out build/h100")
-    _stage_command("parity", "Compare the eager model with ONNX Runtime on <out>'s export (logits, KL, top-1, greedy "
+    _step_command("parity", "Compare the eager model with ONNX Runtime on <out>'s export (logits, KL, top-1, greedy "
                    "tokens, indexer selections); write <out>/parity/parity.json and parity.md; exit 1 naming the "
                    "metric if a threshold is missed.", "dsa-export parity --preset tiny --out build/onnx")
-    _stage_command("cost", "Model the cost per million tokens by token position, prefill and decode, dense MLA vs DSA; "
+    _step_command("cost", "Model the cost per million tokens by token position, prefill and decode, dense MLA vs DSA; "
                    "calibrate against DeepSeek's H800 figure (for the 671B shapes); with an export in <out>, time its "
                    "decode steps here and read its own FLOPs and bytes off the graph. Writes <out>/cost/.",
                    "dsa-export cost --preset v3.2-exp --gpu h800 --price 2 --out build/cost",
                    defaults={"preset": "v3.2-exp", "gpu": "h800"})
-    _stage_command("deploy", "Write the Triton Inference Server model repository <out>/model_repository from "
+    _step_command("deploy", "Write the Triton Inference Server model repository <out>/model_repository from "
                    "<out>'s export: dsa_generate (decoupled, streams tokens), dsa_onnx (step model: ONNX Runtime on "
                    "the CPU) and dsa_engine (step model: the TensorRT engine on the GPU, caches kept there); every "
                    "config generated from io.json.", "dsa-export deploy --out build/h100")
@@ -261,8 +257,6 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dsa_export.pipeline.runner import Interrupted
-
     def terminated(signum, frame):
         raise Interrupted("SIGTERM")
 

@@ -2,15 +2,17 @@
 
 Every implementation is checked against these: the torch reference and the Triton kernels (tests), the torch.library
 schemas, the ONNX schemas and the TensorRT plugins (all generated from here). Each contract also says what its op
-costs for given shapes, so the exported graph's cost can be audited without running it. This module imports nothing
-from the package: it is the bottom layer, and every other layer may read it.
+costs for given shapes, so the exported graph's cost can be audited without running it. This module imports only the
+formats table: it is the bottom layer, and every other layer may read it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping, Sequence
+
+from dsa_export.formats import name_of
 
 FLOAT_TYPES = ("float32", "bfloat16")
 INDEX_TYPES = ("int32", "int64")
@@ -26,6 +28,16 @@ class TensorArg:
     dims: tuple[str, ...]  # named dims; an output dim may name an int attribute ("topk", "dv")
     dtypes: tuple[str, ...]  # allowed torch dtype names; "like:q" = same dtype as input q
     doc: str = ""
+
+    @property
+    def dtype_rule(self) -> tuple[str, str]:
+        """("like", input name): the dtype of that input; ("is", dtype name): that dtype (the first allowed)."""
+        first = self.dtypes[0]
+        return ("like", first.removeprefix("like:")) if first.startswith("like:") else ("is", first)
+
+    def allowed(self, input_dtypes: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The dtypes allowed, a "like:x" rule resolved to input x's dtype (in whatever form input_dtypes gives)."""
+        return tuple(input_dtypes[d.removeprefix("like:")] if d.startswith("like:") else d for d in self.dtypes)
 
 
 @dataclass(frozen=True)
@@ -87,19 +99,33 @@ class OpContract:
         args = [f"Tensor {t.name}" for t in self.inputs] + [f"{a.type} {a.name}" for a in self.attributes]
         return f"{self.torch_name}({', '.join(args)}) -> Tensor"
 
-    def input_dims(self, shapes: dict[str, tuple[int, ...]], attributes: dict) -> dict[str, int]:
-        """Named dims from the inputs' shapes and the int attributes (no checks: see `check`)."""
-        dims = {a.name: int(attributes[a.name]) for a in self.attributes if a.type == "int" and a.name in attributes}
+    def named_dims(self, shapes: Mapping[str, Sequence[Any]], attributes: Mapping[str, Any]) -> dict[str, Any]:
+        """The contract's dim names → sizes: from the inputs' shapes (the first input that has the dim; an input
+        missing from `shapes` is skipped) and the int attributes. Sizes of any kind: ints, ONNX dims, TensorRT
+        shape expressions (no checks: see `check`)."""
+        dims: dict[str, Any] = {}
         for spec in self.inputs:
-            dims.update((d, int(n)) for d, n in zip(spec.dims, shapes[spec.name]))
+            if spec.name in shapes:
+                for name, size in zip(spec.dims, shapes[spec.name]):
+                    dims.setdefault(name, size)
+        dims.update((a.name, attributes[a.name]) for a in self.attributes if a.type == "int" and a.name in attributes)
         return dims
 
-    def output_shape(self, dims: dict[str, int], output: int = 0) -> tuple[int, ...]:
-        return tuple(dims[d] for d in self.outputs[output].dims)
+    def input_dims(self, shapes: dict[str, tuple[int, ...]], attributes: dict) -> dict[str, int]:
+        """Named dims from the inputs' concrete shapes and the int attributes, as ints."""
+        return {name: int(size) for name, size in self.named_dims(shapes, attributes).items()}
 
-    def output_dtype(self, input_dtypes: dict[str, str], output: int = 0) -> str:
-        dtype = self.outputs[output].dtypes[0]
-        return input_dtypes[dtype[5:]] if dtype.startswith("like:") else dtype
+    def output_dims(self, named: Mapping[str, Any], output: int = 0) -> tuple[Any, ...]:
+        """The output's dims, each looked up by the name the contract gives it (ints or symbolic sizes alike)."""
+        return tuple(named[d] for d in self.outputs[output].dims)
+
+    def output_shape(self, dims: dict[str, int], output: int = 0) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.output_dims(dims, output))
+
+    def output_dtype(self, input_dtypes: Mapping[str, Any], output: int = 0) -> Any:
+        """The output's dtype by the contract's rule: an input's (in the form input_dtypes gives) or a name."""
+        kind, value = self.outputs[output].dtype_rule
+        return input_dtypes[value] if kind == "like" else value
 
     def cost(self, shapes: dict[str, tuple[int, ...]], attributes: dict, itemsize: dict[str, int],
              past: int = 0) -> OpCost:
@@ -129,9 +155,8 @@ class OpContract:
                     if dims.setdefault(dim, size) != size:
                         raise ValueError(f"{self.qualified_name}: '{spec.name}' dim {dim}={size} disagrees with "
                                          f"{dim}={dims[dim]} elsewhere")
-                dtype = str(tensor.dtype).removeprefix("torch.")
-                allowed = tuple(str(inputs[d[5:]].dtype).removeprefix("torch.") if d.startswith("like:") else d
-                                for d in spec.dtypes)
+                dtype = name_of(tensor.dtype)
+                allowed = spec.allowed({k: name_of(t.dtype) for k, t in inputs.items()})
                 if dtype not in allowed:
                     raise ValueError(f"{self.qualified_name}: '{spec.name}' must be {'/'.join(allowed)}, got {dtype}")
         return dims

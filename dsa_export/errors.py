@@ -1,4 +1,4 @@
-"""The exception types for bad input and failed checks.
+"""The exception types for bad input, failed checks and interruptions.
 
 DSAExportError is what the user gave us being wrong (config, checkpoint, options, arguments), stated in one line. It
 is a ValueError, so the Python API raises ValueErrors; the CLI turns it into one line on stderr and exit code 2.
@@ -13,3 +13,11 @@ class DSAExportError(ValueError):
 class CheckFailure(Exception):
     """A result check failed (a parity threshold, the build's smoke check): not bad input, so the CLI exits 1
     and names what failed."""
+
+
+class Interrupted(BaseException):
+    """The run was stopped by a signal (SIGTERM; SIGINT arrives as KeyboardInterrupt)."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -7,7 +7,7 @@ GB in bf16 (written once, by a child process, then reused). `dsa-export export` 
 child process; its peak resident memory is what the runner records in the manifest (VmHWM: resident pages, not the
 address space of the memory-mapped safetensors, and not the high-water mark that ru_maxrss would inherit from this
 process across exec), beside the goal: peak <= 0.25 x checkpoint bytes + 1.5 GB. The export is then checked as every
-consumer reads it (check_export_dir: io.json, config.json, every external tensor inside its data file). Results:
+consumer reads it (StageDir.check: io.json, config.json, every external tensor inside its data file). Results:
 benchmarks/export_memory.json and .md.
 
     python scripts/bench_export_memory.py [--work DIR] [--dtype bf16] [--data-file-gb 2]
@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 from benchlib import machine, write_results
-from dsa_export.exporter.checks import check_export_dir
-from dsa_export.exporter.weights import data_files
+from dsa_export.exporter.artifacts import StageDir
 
 GOAL_RATIO, GOAL_BASE = 0.25, 1.5e9
 
@@ -54,9 +53,9 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run(command, check=True)
     seconds = time.perf_counter() - start
-    peak = int(json.loads((out / "manifest.json").read_text())["stages"]["export"]["peak_rss_gb"] * 1e9)
-    check_export_dir(out)
-    files = data_files(out)
+    peak = int(json.loads((out / "manifest.json").read_text())["steps"]["export"]["peak_rss_gb"] * 1e9)
+    StageDir(out).check()
+    files = StageDir(out).data_files()
     goal = GOAL_RATIO * ckpt_bytes + GOAL_BASE
     results = {"machine": machine(), "config": "v3.2-exp dims, 2 layers (1 dense + 1 MoE), 16 routed experts",
                "command": " ".join(command), "checkpoint_bytes": ckpt_bytes, "peak_rss_bytes": peak,

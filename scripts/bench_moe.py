@@ -27,9 +27,9 @@ from benchlib import best_times, machine, write_results
 from dsa_export.exporter.onnx_export import export_onnx
 from dsa_export.kernels import use_custom_ops
 from dsa_export.models import get_preset
-from dsa_export.models.checkpoint import random_model
-from dsa_export.parity.cost_report import random_cache_contents
-from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
+from dsa_export.models.init import random_model
+from dsa_export.cost.report import random_cache_contents
+from dsa_export.runtime import EagerBackend, GraphBackend
 
 EXPERTS = (8, 16, 32, 64)  # routed experts; 8 of them active per token
 ACTIVE = 8
@@ -60,7 +60,7 @@ def by_experts(tmp: Path, repeat: int) -> list[dict]:
         model = use_custom_ops(random_model(config))
         export_onnx(model, tmp / f"e{experts}", capacity=1024)
         steps[("eager", experts)] = decode_step(EagerBackend(model, capacity=1024), config, 1024, PAST)
-        steps[("onnxruntime", experts)] = decode_step(OnnxRuntimeBackend(tmp / f"e{experts}"), config, 1024, PAST)
+        steps[("onnxruntime", experts)] = decode_step(GraphBackend.onnxruntime(tmp / f"e{experts}"), config, 1024, PAST)
     times = best_times(steps, repeat)
     return [{"backend": b, "experts": e, "active": ACTIVE, "ms": 1e3 * t} for (b, e), t in times.items()]
 
@@ -71,7 +71,7 @@ def by_context(tmp: Path, repeat: int) -> tuple[list[dict], list[dict]]:
     backends = {}
     for capacity in CAPACITIES:
         export_onnx(model, tmp / f"c{capacity}", capacity=capacity)
-        backends[capacity] = OnnxRuntimeBackend(tmp / f"c{capacity}")
+        backends[capacity] = GraphBackend.onnxruntime(tmp / f"c{capacity}")
     largest = CAPACITIES[-1]
     context = best_times({c: decode_step(backends[largest], config, largest, c) for c in CONTEXTS}, repeat)
     capacity = best_times({c: decode_step(backends[c], config, c, 1024) for c in CAPACITIES}, repeat)
@@ -93,9 +93,9 @@ def prefill_peak_rss(tmp: Path) -> list[dict]:
 def prefill_child(onnx_dir: str, tokens: int) -> None:
     """Run one prefill and print this process's peak RSS in GB (VmHWM: its own resident pages; ru_maxrss would
     keep the high-water mark of the parent, which holds models and exports, across exec)."""
-    from dsa_export.pipeline.runner import peak_rss
+    from dsa_export.build.runner import peak_rss
 
-    backend = OnnxRuntimeBackend(onnx_dir)
+    backend = GraphBackend.onnxruntime(onnx_dir)
     caches = backend.new_caches(1)
     ids = torch.randint(0, 320, (1, tokens), generator=torch.Generator().manual_seed(0))
     backend.step(ids, torch.arange(tokens)[None], caches)

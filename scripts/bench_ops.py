@@ -21,7 +21,7 @@ import sys
 import torch
 
 from benchlib import OUT_DIR, best_times
-from dsa_export.kernels import ops
+from dsa_export.kernels import registration as ops
 from dsa_export.models import get_preset
 
 
@@ -89,7 +89,7 @@ def prefill_peak_rss(tokens: int) -> dict:
     code = f"""
 import resource, time, torch
 from benchlib import OUT_DIR, best_times
-from dsa_export.kernels import ops
+from dsa_export.kernels import registration as ops
 from dsa_export.models import get_preset
 c = get_preset("tiny"); n = {tokens}
 g = torch.Generator().manual_seed(0)

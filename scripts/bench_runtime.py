@@ -17,8 +17,8 @@ import torch
 import dsa_export
 from benchlib import best_times, machine, write_results
 from dsa_export.exporter.onnx_export import export_onnx
-from dsa_export.parity.cost_report import random_cache_contents
-from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
+from dsa_export.cost.report import random_cache_contents
+from dsa_export.runtime import EagerBackend, GraphBackend
 
 
 def step_times(backends: dict, config, past: int, repeat: int) -> dict:
@@ -43,7 +43,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         capacity = max(args.pasts) + 1
         export_onnx(model, tmp, capacity=capacity)
-        eager, ort = EagerBackend(model, capacity=capacity), OnnxRuntimeBackend(tmp)
+        eager, ort = EagerBackend(model, capacity=capacity), GraphBackend.onnxruntime(tmp)
         rows = []
         for past in args.pasts:
             t = step_times({"eager": eager, "onnxruntime": ort}, model.config, past, args.repeat)

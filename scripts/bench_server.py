@@ -96,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         build = args.build
         if build is None:
-            from dsa_export.pipeline import Options, run_build
+            from dsa_export.build import Options, run_build
 
             build = Path(tmp) / "build"
             print("building the tiny preset (checkpoint, export, model repository) ...")

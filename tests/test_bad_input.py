@@ -20,10 +20,10 @@ from dsa_export.cli import main
 from dsa_export.exporter.onnx_export import export_onnx
 from dsa_export.models import KVCache, get_preset, init_checkpoint, load_checkpoint
 from dsa_export.parity.accuracy import Thresholds
-from dsa_export.parity.cost import Assumptions
+from dsa_export.cost.model import Assumptions
 from dsa_export.parity.run import run_parity
-from dsa_export.pipeline import Options, run_build
-from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend, Session
+from dsa_export.build import Options, run_build
+from dsa_export.runtime import EagerBackend, GraphBackend, Session
 
 NEW = "new_out"  # a fresh output path inside the sandbox
 LAYER = "model.layers.1.self_attn.indexer.wk.weight"
@@ -150,10 +150,10 @@ CLI_CASES = [
     ("build-nan-weights", ["build", "--checkpoint", "{s}/nan", "--out", "{s}/" + NEW],
      rf"tensor '{LAYER}' holds non-finite values"),
     ("build-require-engine-here", ["build", "--require-engine", "--out", "{s}/" + NEW],
-     r"stage 'engine' cannot run on this machine: (TensorRT is not installed|no CUDA GPU)"),
+     r"step 'engine' cannot run on this machine: (TensorRT is not installed|no CUDA GPU)"),
     ("engine-fp8-on-a100", ["engine", "--gpu", "a100", "--precision", "fp8", "--out", "{s}/export"],
      r"--precision fp8: a100 \(sm_80\) has no FP8"),
-    ("engine-without-kernels", ["engine", "--out", "{s}/export"], r"stage 'engine' needs 'kernels', which has not run"),
+    ("engine-without-kernels", ["engine", "--out", "{s}/export"], r"step 'engine' needs 'kernels', which has not run"),
     ("engine-zero-workspace", ["engine", "--workspace-gb", "0"], r"'--workspace-gb': 0.0 is not in the range x>0"),
     ("inspect-unknown-preset", ["inspect", "huge"], r"'huge' is neither a checkpoint directory nor a preset"),
     ("inspect-a-file", ["inspect", "{s}/afile"], r"afile: not a checkpoint directory"),
@@ -184,7 +184,7 @@ CLI_CASES = [
      r"8 x h100: stage \d+ \(layers [\d-]+\) needs [\d.]+ GB .* [\d.]+ GB short"),
     ("plan-unknown-gpu", ["plan", "--gpu", "v100"], r"Invalid value for '--gpu'"),
     ("parity-without-an-export", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/" + NEW],
-     r"stage 'parity' needs 'export', which has not run"),
+     r"step 'parity' needs 'export', which has not run"),
     ("parity-truncated-data", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/trunc_data"],
      r"model.onnx.data: missing or truncated"),
     ("parity-random-onnx", ["parity", "--checkpoint", "{s}/ckpt", "--out", "{s}/random_onnx"],
@@ -201,7 +201,7 @@ CLI_CASES = [
     ("cost-corrupt-io-json", ["cost", "--out", "{s}/bad_io"], r"not a readable io.json"),
     ("cost-random-onnx", ["cost", "--out", "{s}/random_onnx"], r"not a readable ONNX file"),
     ("cost-truncated-data", ["cost", "--out", "{s}/trunc_data"], r"missing or truncated"),
-    ("deploy-without-an-export", ["deploy", "--out", "{s}/" + NEW], r"stage 'deploy' needs 'export', which has not run"),
+    ("deploy-without-an-export", ["deploy", "--out", "{s}/" + NEW], r"step 'deploy' needs 'export', which has not run"),
     ("deploy-corrupt-io-json", ["deploy", "--out", "{s}/bad_io"], r"io.json: not a readable io.json"),
     ("serve-no-such-dir", ["serve", "/no/such/dir"], r"Directory '/no/such/dir' does not exist"),
     ("serve-not-a-repository", ["serve", "{s}/export"], r"no dsa_generate/config.pbtxt\); run `dsa-export deploy"),
@@ -234,7 +234,7 @@ def test_bad_command_line_input(sandbox, capsys, monkeypatch, argv, message):
     fresh = sandbox / NEW
     if fresh.exists():  # only the record of the failure
         assert [p.name for p in fresh.iterdir()] == ["manifest.json"]
-        failed = [r for r in json.loads((fresh / "manifest.json").read_text())["stages"].values()
+        failed = [r for r in json.loads((fresh / "manifest.json").read_text())["steps"].values()
                   if r["status"] == "failed"]
         assert len(failed) == 1 and re.search(message, failed[0]["error"])
         shutil.rmtree(fresh)
@@ -245,7 +245,7 @@ def _model():
 
 
 def _ort(sandbox):
-    return OnnxRuntimeBackend(sandbox / "export")
+    return GraphBackend.onnxruntime(sandbox / "export")
 
 
 # (id, call(sandbox), what the ValueError says)
@@ -297,8 +297,8 @@ API_CASES = [
     ("onnxruntime-negative-id", lambda s: (lambda b: b.step(torch.tensor([[-1]]), torch.tensor([[0]]),
                                                             b.new_caches(1)))(_ort(s)),
      r"token id -1 is outside the vocabulary"),
-    ("onnxruntime-no-export", lambda s: OnnxRuntimeBackend("/no/such/dir"), r"no exported model"),
-    ("onnxruntime-random-onnx", lambda s: OnnxRuntimeBackend(s / "random_onnx"), r"model.onnx: not a readable ONNX file"),
+    ("onnxruntime-no-export", lambda s: GraphBackend.onnxruntime("/no/such/dir"), r"no exported model"),
+    ("onnxruntime-random-onnx", lambda s: GraphBackend.onnxruntime(s / "random_onnx"), r"model.onnx: not a readable ONNX file"),
     ("export-capacity-too-small", lambda s: export_onnx(_model(), s / NEW / "x", capacity=2),
      r"capacity 2 is too small"),
     ("thresholds-negative", lambda s: Thresholds(max_kl=-1), r"max_kl must be a number >= 0"),

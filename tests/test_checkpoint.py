@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 import dsa_export
 from dsa_export.models import init_checkpoint, load_checkpoint
-from dsa_export.models.checkpoint import (CheckpointError, checkpoint_fingerprint, expected_tensors, read_headers,
-                                          save_checkpoint)
+from dsa_export.models.checkpoint import CheckpointError, checkpoint_fingerprint, expected_tensors, read_headers
+from dsa_export.models.init import save_checkpoint
 from dsa_export.models.fp8 import FP8, dequantize_weight, quantize_weight
 from conftest import random_ids
 

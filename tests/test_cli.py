@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from collections import Counter
 
 from dsa_export.cli import main
 
@@ -43,36 +44,68 @@ def test_init_fp8_then_inspect(capsys, tmp_path):
     assert code == 0 and "FP8 weights)" in out and "(0 FP8" not in out
 
 
-def test_build_writes_manifest_and_reuses_it(capsys, tmp_path):
+def count_reads(monkeypatch) -> Counter:
+    """Counts, per artifact, the reads that parse it: io.json (serving.io_spec.GraphIO.load, its one reader), the
+    graph (onnx.load), a safetensors header (models.checkpoint._header), an ONNX Runtime session over a graph."""
+    import onnx
+    import onnxruntime
+
+    from dsa_export.models import checkpoint
+    from dsa_export.serving.io_spec import GraphIO
+
+    counts: Counter = Counter()
+    load_io, load_graph, header, session = GraphIO.load.__func__, onnx.load, checkpoint._header, \
+        onnxruntime.InferenceSession.__init__
+
+    def counted(kind, real, key=lambda *a, **k: str(a[0])):
+        def wrapper(*args, **kwargs):
+            counts[(kind, key(*args, **kwargs))] += 1
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(GraphIO, "load", classmethod(counted("io.json", load_io, lambda cls, path: str(path))))
+    monkeypatch.setattr(onnx, "load", counted("graph", load_graph))
+    monkeypatch.setattr(checkpoint, "_header", counted("header", header))
+    monkeypatch.setattr(onnxruntime.InferenceSession, "__init__",
+                        counted("session", session, lambda self, model, *a, **k: str(model)[:200]))
+    return counts
+
+
+def test_build_writes_manifest_and_reuses_it(capsys, tmp_path, monkeypatch):
+    reads = count_reads(monkeypatch)
     code, out, _ = run_cli(capsys, "build", "--gpu", "h200", "--out", str(tmp_path / "b"), "--capacity", "256")
     assert code == 0
-    assert "stage" in out and "status" in out and "PASSED" in out  # the summary table
+    # one build, one process: every artifact parsed once at most (the export hands on what it wrote)
+    assert reads and max(reads.values()) == 1, reads.most_common(3)
+    assert {kind for kind, _ in reads} >= {"header", "session"}
+    monkeypatch.undo()
+    assert "step" in out and "status" in out and "PASSED" in out  # the summary table
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    stages = manifest["stages"]
-    assert [stages[s]["status"] for s in ("checkpoint", "smoke", "kernels", "export", "parity", "cost")] == ["ok"] * 6
-    assert stages["engine"]["status"] == "skipped" and stages["engine"]["command"].startswith("dsa-export engine")
-    assert stages["smoke"]["max_abs_diff"] < 1e-4
+    steps = manifest["steps"]
+    assert [steps[s]["status"] for s in ("checkpoint", "smoke", "kernels", "export", "parity", "cost")] == ["ok"] * 6
+    assert steps["engine"]["status"] == "skipped" and steps["engine"]["command"].startswith("dsa-export engine")
+    assert steps["smoke"]["max_abs_diff"] < 1e-4
     kernel_dir = tmp_path / "b" / "kernels" / "sm_90a"
-    for name in stages["kernels"]["kernels"]:
+    for name in steps["kernels"]["kernels"]:
         assert (kernel_dir / f"{name}.ptx").read_text().count(".target sm_90a") == 1
         assert (kernel_dir / f"{name}.cubin").read_bytes()[:4] == b"\x7fELF"
     for name in ("model.onnx", "model.onnx.data", "io.json", "config.json", "parity/parity.json", "parity/parity.md"):
         assert (tmp_path / "b" / name).stat().st_size > 0, name
-    assert stages["parity"]["metrics"]["onnxruntime"]["greedy_match"] == 1.0
+    assert steps["parity"]["metrics"]["onnxruntime"]["greedy_match"] == 1.0
     for name in ("cost.json", "cost.md", "cost_by_position.png", "measured_decode.png"):
         assert (tmp_path / "b" / "cost" / name).stat().st_size > 0, name
     cost = json.loads((tmp_path / "b" / "cost" / "cost.json").read_text())
     assert set(cost["measured"]["backends"]) == {"eager dense", "eager DSA", "onnxruntime DSA"}
     assert cost["graph"]["within_goal"]
     assert manifest["target"]["kernel_arch"] == "sm_90a" and manifest["options"]["capacity"] == 256
-    assert len(stages["checkpoint"]["checkpoint_fingerprint"]) == 64
-    assert all(len(r["fingerprint"]) == 64 for r in stages.values())
+    assert len(steps["checkpoint"]["checkpoint_fingerprint"]) == 64
+    assert all(len(r["fingerprint"]) == 64 for r in steps.values())
 
     code, out, _ = run_cli(capsys, "build", "--gpu", "h200", "--out", str(tmp_path / "b"), "--capacity", "256")
-    again = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
+    again = json.loads((tmp_path / "b" / "manifest.json").read_text())["steps"]
     assert code == 0 and {n: r["status"] for n, r in again.items()} == {
-        **dict.fromkeys(stages, "reused"), "engine": "skipped"}  # skipped again: no TensorRT here either
-    assert [r["fingerprint"] for r in again.values()] == [r["fingerprint"] for r in stages.values()]
+        **dict.fromkeys(steps, "reused"), "engine": "skipped"}  # skipped again: no TensorRT here either
+    assert [r["fingerprint"] for r in again.values()] == [r["fingerprint"] for r in steps.values()]
 
 
 def test_console_script_exit_code_and_no_traceback(tmp_path):
@@ -94,22 +127,22 @@ def test_stage_commands_run_one_stage_in_a_build_directory(capsys, tmp_path, tin
     code, _, err = run_cli(capsys, "parity", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                            "--new-tokens", "2", "--max-abs-logits", "0")
     assert code == 1 and err.startswith("dsa-export: check failed: parity: onnxruntime: max_abs_logits")
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
-    assert stages["export"]["status"] == "ok" and stages["parity"]["status"] == "failed"
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert steps["export"]["status"] == "ok" and steps["parity"]["status"] == "failed"
     # a new export makes the parity results of the old one stale: they are removed, not left looking current
     code, _, _ = run_cli(capsys, "export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capacity", "64")
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
-    assert code == 0 and "parity" not in stages and not (out / "parity").exists()
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert code == 0 and "parity" not in steps and not (out / "parity").exists()
 
 
 def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_path):
     code, _, err = run_cli(capsys, "build", "--gpu", "a100", "--dtype", "bfloat16", "--out", str(tmp_path / "b"),
                            "--capacity", "128")
     assert code == 0, err
-    stages = json.loads((tmp_path / "b" / "manifest.json").read_text())["stages"]
-    assert stages["parity"]["status"] == "ok" and stages["cost"]["status"] == "ok"
-    assert stages["smoke"]["tolerance"] == 0.25  # bf16 prefill+decode vs full forward
-    assert "sm_80" in stages["kernels"]["path"] and "lightning_indexer_fp8e4m3" not in stages["kernels"]["kernels"]
+    steps = json.loads((tmp_path / "b" / "manifest.json").read_text())["steps"]
+    assert steps["parity"]["status"] == "ok" and steps["cost"]["status"] == "ok"
+    assert steps["smoke"]["tolerance"] == 0.25  # bf16 prefill+decode vs full forward
+    assert "sm_80" in steps["kernels"]["path"] and "lightning_indexer_fp8e4m3" not in steps["kernels"]["kernels"]
     io = json.loads((tmp_path / "b" / "io.json").read_text())
     assert io["cache_dtype"] == "bfloat16"  # the export an engine is built from
 
@@ -134,10 +167,10 @@ def test_a_model_that_does_not_fit_in_memory_is_exported_and_its_eager_stages_sk
     code, stdout, err = run_cli(capsys, "build", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                                 "--capacity", "64")
     assert code == 0, err
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
     for name in ("smoke", "parity"):
-        assert stages[name]["status"] == "skipped"
-        assert "of weights in memory, this machine has 0 GB (the export streams its weights" in stages[name]["reason"]
-    assert stages["export"]["status"] == "ok" and (out / "model.onnx").exists()
-    assert stages["cost"]["status"] == "ok" and stages["cost"]["graph_vs_closed_form"] < 0.1
-    assert stages["export"]["peak_rss_gb"] > 0 and "peak memory" in stdout
+        assert steps[name]["status"] == "skipped"
+        assert "of weights in memory, this machine has 0 GB (the export streams its weights" in steps[name]["reason"]
+    assert steps["export"]["status"] == "ok" and (out / "model.onnx").exists()
+    assert steps["cost"]["status"] == "ok" and steps["cost"]["graph_vs_closed_form"] < 0.1
+    assert steps["export"]["peak_rss_gb"] > 0 and "peak memory" in stdout

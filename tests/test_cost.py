@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsa_export.cli import main
 from dsa_export.models import DSAForCausalLM, get_preset
-from dsa_export.parity.cost import Assumptions, calibration, cost_curves, token_components, token_cost
+from dsa_export.cost.model import Assumptions, calibration, cost_curves, token_components, token_cost
 from dsa_export.targets import get_target
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
-from dsa_export.deploy.generation import (GENERATE_INPUTS, GENERATE_OUTPUTS, GenerationRequest, RequestError,
+from dsa_export.serving.generation import (GENERATE_INPUTS, GENERATE_OUTPUTS, GenerationRequest, RequestError,
                                           TextCodec, check_request, pick_token)
-from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, STEP_ONNX, TRITON_DTYPES, read_config, write_repository
+from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, STEP_ONNX, read_config, write_repository
+from dsa_export.formats import of
 from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.models.tokenizer import BOS, EOS, TOKENIZER_FILES, copy_tokenizer
 
@@ -100,14 +101,17 @@ def test_repository_configs_parse_and_follow_io_json(export_dir):
     for name in (STEP_ONNX, STEP_ENGINE):
         config = configs[name]
         assert config.name == name and config.backend == "python" and config.max_batch_size == 0
-        expected = [(t.name, TRITON_DTYPES[t.dtype], [d if isinstance(d, int) else -1 for d in t.dims])
+        expected = [(t.name, of(t.dtype).server, [d if isinstance(d, int) else -1 for d in t.dims])
                     for t in (*io.inputs[:2], io.outputs[0])]
         actual = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in (*config.input, *config.output)]
         assert actual == expected
-        # the build directory, relative to the model's directory (the models read the export from there)
-        assert (repository / name / config.parameters["build_dir"].string_value).resolve() == export_dir.resolve()
+        # the export's files, relative to the model's directory (the models read the export from there)
+        assert (repository / name / config.parameters["io_file"].string_value).resolve() == \
+            (export_dir / "io.json").resolve()
+        assert (repository / name / config.parameters["model_file"].string_value).resolve() == \
+            (export_dir / "model.onnx").resolve()
         assert sorted(p.name for p in (repository / name / "1").iterdir()) == sorted(
-            ["model.py", "trt_graph.py" if name == STEP_ENGINE else "ort_graph.py"])
+            ["model.py", "io_spec.py", "trt_graph.py" if name == STEP_ENGINE else "ort_graph.py"])
     assert configs[STEP_ENGINE].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
     assert configs[STEP_ENGINE].parameters["runtime"].string_value == "tensorrt"
     assert configs[STEP_ONNX].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
@@ -118,7 +122,10 @@ def test_repository_configs_parse_and_follow_io_json(export_dir):
     assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in generate.output] == \
         [(name, dtype, dims) for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()]
     assert generate.parameters["step_models"].string_value == STEP_ONNX
-    assert (repository / GENERATE / generate.parameters["export_dir"].string_value).resolve() == export_dir.resolve()
+    assert (repository / GENERATE / generate.parameters["io_file"].string_value).resolve() == \
+        (export_dir / "io.json").resolve()
+    assert (repository / GENERATE / generate.parameters["tokenizer_dir"].string_value).resolve() == \
+        export_dir.resolve()
 
 
 def test_repository_steps_by_the_engine_where_the_build_has_one(export_dir, tmp_path):
@@ -128,6 +135,7 @@ def test_repository_steps_by_the_engine_where_the_build_has_one(export_dir, tmp_
     shutil.copytree(export_dir, build, ignore=shutil.ignore_patterns("model_repository"))
     (build / "engine").mkdir()
     (build / "engine" / "model.plan").write_bytes(b"plan")
+    (build / "engine" / "engine.json").write_text('{"profiles": ["prefill", "decode"]}')
     assert write_repository(build)["step_models"] == [STEP_ENGINE]
     assert read_config(build / "model_repository" / GENERATE / "config.pbtxt").parameters["step_models"] \
         .string_value == STEP_ENGINE
@@ -149,6 +157,7 @@ def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, 
         (build / f"stage-{i}" / "io.json").write_text(json.dumps(io.to_json()))
         (build / f"stage-{i}" / "engine").mkdir()
         (build / f"stage-{i}" / "engine" / "model.plan").write_bytes(b"plan")
+        (build / f"stage-{i}" / "engine" / "engine.json").write_text('{"profiles": ["prefill", "decode"]}')
     written = write_repository(build)
     assert written["step_models"] == [f"{STEP_ENGINE}_{i}" for i in range(3)] and written["stages"] == 3
     repository = build / "model_repository"
@@ -156,8 +165,8 @@ def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, 
         engine = read_config(repository / f"{STEP_ENGINE}_{i}" / "config.pbtxt")
         assert engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(engine.instance_group[0].gpus) \
             == [i]
-        assert (repository / f"{STEP_ENGINE}_{i}" / engine.parameters["build_dir"].string_value).resolve() == \
-            (build / f"stage-{i}").resolve()
+        assert (repository / f"{STEP_ENGINE}_{i}" / engine.parameters["plan_file"].string_value).resolve() == \
+            (build / f"stage-{i}" / "engine" / "model.plan").resolve()
         assert (repository / f"{STEP_ONNX}_{i}" / "config.pbtxt").is_file()
         # the hidden state crosses between stages in float32 (numpy has no bfloat16; the step model casts it)
         wire = {t.name: mc.DataType.Name(t.data_type) for t in (*engine.input, *engine.output)}

@@ -1,6 +1,6 @@
 import torch
 
-from dsa_export.models.dsa_ops import lightning_indexer, sparse_mla
+from dsa_export.models.semantics import lightning_indexer, sparse_mla
 
 
 def brute_force_indexer(q, k, w, positions, topk):

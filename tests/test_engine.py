@@ -9,7 +9,8 @@ import torch
 
 from dsa_export.cli import main
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter import engine
+from dsa_export.exporter import engine, plan
+from dsa_export.exporter.artifacts import StageDir
 from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.kernels import aot
 from dsa_export.targets import TARGETS, get_target
@@ -18,7 +19,7 @@ from conftest import TINY_CAPACITY
 
 def test_profiles_vary_batch_and_sequence_and_keep_the_cache_capacity(tiny_onnx):
     io = GraphIO.load(tiny_onnx / "io.json")
-    shapes = engine.EngineShapes(max_batch=16, prefill_batch=2, max_prefill=10_000)
+    shapes = plan.EngineShapes(max_batch=16, prefill_batch=2, max_prefill=10_000)
     profiles = engine.profiles(io, shapes)
     assert list(profiles) == list(engine.PROFILES) == ["prefill", "decode"]
     assert profiles["prefill"]["input_ids"] == ((1, 1), (1, min(512, TINY_CAPACITY)), (2, TINY_CAPACITY))
@@ -29,17 +30,16 @@ def test_profiles_vary_batch_and_sequence_and_keep_the_cache_capacity(tiny_onnx)
 
 
 def test_memory_plan_counts_weights_caches_and_refuses_what_does_not_fit(tiny_onnx):
-    io = GraphIO.load(tiny_onnx / "io.json")
     h100 = get_target("h100")
-    plan = engine.memory_plan(tiny_onnx, io, h100, engine.EngineShapes(max_batch=4), workspace_gb=1)
-    assert plan["weights_gb"] == pytest.approx((tiny_onnx / "model.onnx.data").stat().st_size / 1e9)
+    memory = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(max_batch=4), workspace_gb=1)
+    assert memory["weights_gb"] == pytest.approx((tiny_onnx / "model.onnx.data").stat().st_size / 1e9)
     per_sequence = 3 * TINY_CAPACITY * (40 + 16) * 4  # 3 layers × capacity × (latent + index key) × fp32
-    assert plan["caches_gb"] == pytest.approx(4 * per_sequence / 1e9)
-    assert plan["fits"] and plan["gpu_gb"] == 80
-    huge = engine.memory_plan(tiny_onnx, io, h100, engine.EngineShapes(max_batch=10**7), workspace_gb=1)
+    assert memory["caches_gb"] == pytest.approx(4 * per_sequence / 1e9)
+    assert memory["fits"] and memory["gpu_gb"] == 80
+    huge = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(max_batch=10**7), workspace_gb=1)
     assert not huge["fits"] and huge["shortfall_gb"] == pytest.approx(huge["total_gb"] - 80)
     with pytest.raises(DSAExportError, match=r"needs [\d.]+ GB on h100 .* which has 80 GB: [\d.]+ GB short"):
-        engine.check_fits(huge, h100)
+        plan.check_fits(huge, h100)
 
 
 def test_a_dsa_node_built_from_its_decomposition_is_refused():
@@ -84,7 +84,7 @@ def test_build_records_the_engine_as_skipped_with_the_command_that_finishes_it(c
     code = main(["engine", "--out", str(out), "--max-batch", "4"])
     stdout = capsys.readouterr().out
     assert code == 0 and "to finish engine: dsa-export engine --gpu h100 --out" in stdout
-    record = json.loads((out / "manifest.json").read_text())["stages"]["engine"]
+    record = json.loads((out / "manifest.json").read_text())["steps"]["engine"]
     assert record["status"] == "skipped" and record["reason"].startswith("TensorRT is not installed")
     assert re.match(rf"dsa-export engine --gpu h100 --out {out} --max-batch 4 +# with TensorRT >= 10.15 and a h100",
                     record["command"])
@@ -140,7 +140,7 @@ def test_engine_builds_on_this_gpu_and_matches_the_eager_model(capsys, tmp_path,
     code = main(["build", "--gpu", _gpu_target(), "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                  "--capacity", "128", "--require-engine"])
     assert code == 0, capsys.readouterr().err
-    stages = json.loads((out / "manifest.json").read_text())["stages"]
-    assert stages["engine"]["status"] == "ok" and (out / "engine" / "model.plan").stat().st_size > 0
-    assert stages["engine"]["engine"]["plugin_layers"] == 3 * 2 + 2  # indexer + sparse MLA per layer, 2 MoE layers
-    assert stages["parity"]["metrics"]["tensorrt"]["greedy_match"] == 1.0
+    steps = json.loads((out / "manifest.json").read_text())["steps"]
+    assert steps["engine"]["status"] == "ok" and (out / "engine" / "model.plan").stat().st_size > 0
+    assert steps["engine"]["engine"]["plugin_layers"] == 3 * 2 + 2  # indexer + sparse MLA per layer, 2 MoE layers
+    assert steps["parity"]["metrics"]["tensorrt"]["greedy_match"] == 1.0

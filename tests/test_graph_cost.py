@@ -1,4 +1,4 @@
-"""The exported graph's own cost, read off model.onnx, against the closed form (parity/graph_cost.py)."""
+"""The exported graph's own cost, read off model.onnx, against the closed form (cost/graph.py)."""
 
 import onnx
 import pytest
@@ -7,8 +7,8 @@ import dsa_export
 from dsa_export.exporter.graph_io import GraphIO
 from dsa_export.exporter.onnx_export import export_onnx
 from dsa_export.models import get_preset
-from dsa_export.parity import graph_cost
-from dsa_export.parity.cost import step_cost, token_components
+from dsa_export.cost import graph as graph_cost
+from dsa_export.cost.model import step_cost, token_components
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def moe64_onnx(tmp_path_factory):
 
 
 def test_graph_cost_matches_the_closed_form_for_tiny(tiny_onnx):
-    report = graph_cost.compare(tiny_onnx)
+    report = graph_cost.audit(tiny_onnx)
     assert {p["phase"] for p in report["points"]} == {"decode", "prefill"}
     assert report["within_goal"], report["worst_deviation"]
     assert "Largest deviation" in "\n".join(graph_cost.markdown(report))
@@ -29,7 +29,7 @@ def test_graph_cost_matches_the_closed_form_for_tiny(tiny_onnx):
 def test_graph_cost_matches_the_closed_form_with_64_experts(moe64_onnx):
     points = [graph_cost.Point("decode", 1, 1, past) for past in (1024, 4096, 8191)]
     points += [graph_cost.Point("decode", 4, 1, 2048), graph_cost.Point("prefill", 1, 1024, 0)]
-    report = graph_cost.compare(moe64_onnx, points)
+    report = graph_cost.audit(moe64_onnx, points)
     assert report["within_goal"], [(p["phase"], p["past"], p["ratio"]) for p in report["points"]]
 
 

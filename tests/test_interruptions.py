@@ -19,9 +19,9 @@ def start(out: Path, *extra: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def stages(out: Path) -> dict:
+def steps(out: Path) -> dict:
     try:
-        return json.loads((out / "manifest.json").read_text())["stages"]
+        return json.loads((out / "manifest.json").read_text())["steps"]
     except (OSError, json.JSONDecodeError, KeyError):
         return {}
 
@@ -29,7 +29,7 @@ def stages(out: Path) -> dict:
 def kill_when_running(proc: subprocess.Popen, out: Path, stage: str, sig: int, delay: float) -> tuple[int, str]:
     """Send `sig` `delay` seconds after the manifest shows `stage` running; (exit code, stderr)."""
     deadline = time.time() + 120
-    while stages(out).get(stage, {}).get("status") != "running":
+    while steps(out).get(stage, {}).get("status") != "running":
         assert proc.poll() is None, f"the build ended before {stage} ran: {proc.communicate()}"
         assert time.time() < deadline
         time.sleep(0.02)
@@ -49,7 +49,7 @@ def assert_nothing_half_written(out: Path) -> None:
     for report in ("parity/parity.json", "cost/cost.json"):
         if (out / report).exists():
             json.loads((out / report).read_text())
-    recorded = stages(out)
+    recorded = steps(out)
     for name, record in recorded.items():
         if record["status"] in ("ok", "reused"):
             assert all((out / p).exists() for p in record["outputs"]), name
@@ -60,28 +60,28 @@ def test_interrupted_builds_leave_nothing_half_written_and_reruns_finish(tmp_pat
     # SIGTERM while the kernels compile: recorded, like SIGINT; exit 143
     code, err = kill_when_running(start(out), out, "kernels", signal.SIGTERM, 0.3)
     assert code == 143 and err.strip() == "dsa-export: interrupted (SIGTERM)"
-    assert stages(out)["kernels"] == {**stages(out)["kernels"], "status": "interrupted", "signal": "SIGTERM"}
-    assert stages(out)["export"]["status"] == "pending"
+    assert steps(out)["kernels"] == {**steps(out)["kernels"], "status": "interrupted", "signal": "SIGTERM"}
+    assert steps(out)["export"]["status"] == "pending"
     assert_nothing_half_written(out)
 
     # SIGKILL in the middle of the export: no model.onnx; the manifest still says where it stopped
     code, _ = kill_when_running(start(out), out, "export", signal.SIGKILL, 2.0)
     assert code == -signal.SIGKILL
-    assert stages(out)["export"]["status"] == "running" and stages(out)["checkpoint"]["status"] == "reused"
+    assert steps(out)["export"]["status"] == "running" and steps(out)["checkpoint"]["status"] == "reused"
     assert not (out / "model.onnx").exists()
     assert_nothing_half_written(out)
 
     # SIGINT during parity
-    code, err = kill_when_running(start(out), out, "parity", signal.SIGINT, 0.2)
+    code, err = kill_when_running(start(out), out, "parity", signal.SIGINT, 0.0)  # parity lasts about a second
     assert code == 130 and "interrupted (SIGINT)" in err and "Traceback" not in err
-    assert stages(out)["parity"]["status"] == "interrupted" and stages(out)["export"]["status"] == "ok"
+    assert steps(out)["parity"]["status"] == "interrupted" and steps(out)["export"]["status"] == "ok"
     assert_nothing_half_written(out)
 
     # a rerun finishes it, reusing what was done
     proc = start(out)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    done = stages(out)
+    done = steps(out)
     assert {done[s]["status"] for s in ("checkpoint", "smoke", "kernels", "export")} == {"reused"}
     assert done["parity"]["status"] == "ok" and done["cost"]["status"] == "ok"
     assert_nothing_half_written(out)
@@ -91,7 +91,7 @@ def test_interrupted_builds_leave_nothing_half_written_and_reruns_finish(tmp_pat
     # it are gone before any work, so nothing of the old inputs looks current
     code, _ = kill_when_running(start(out, "--capacity", "128"), out, "export", signal.SIGTERM, 0.5)
     assert code == 143
-    now = stages(out)
+    now = steps(out)
     assert now["export"]["status"] == "interrupted" and now["parity"]["status"] == "pending"
     assert now["kernels"]["status"] == "reused"
     assert not (out / "model.onnx").exists() and not (out / "parity").exists() and not (out / "cost").exists()
@@ -112,4 +112,4 @@ def test_a_manifest_from_another_tool_or_garbage_is_not_trusted(tmp_path, capsys
     out.mkdir()
     (out / "manifest.json").write_text("{ garbage")
     assert main(["export", "--out", str(out), "--capacity", "16"]) == 0
-    assert stages(out)["export"]["status"] == "ok"  # nothing reused from an unreadable manifest
+    assert steps(out)["export"]["status"] == "ok"  # nothing reused from an unreadable manifest

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsa_export.models import dsa_ops
+from dsa_export.models import semantics
 from dsa_export.models.cache import CacheFullError
 from dsa_export.models.model import TORCH_SEMANTICS
 from dsa_export.models.fp8 import fp8_act_roundtrip, hadamard_matrix, simulate_indexer_fp8
@@ -95,7 +95,7 @@ def test_indexer_fp8_simulation_keeps_the_first_layer_selection(tiny_model, tiny
     selections = []
 
     def spy(*args):
-        selections.append(dsa_ops.lightning_indexer(*args))
+        selections.append(semantics.lightning_indexer(*args))
         return selections[-1]
 
     tiny_model.ops = TORCH_SEMANTICS._replace(lightning_indexer=spy)

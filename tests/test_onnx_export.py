@@ -13,7 +13,7 @@ from dsa_export.exporter import checks, onnx_export
 from dsa_export.exporter.graph_io import GraphIO, graph_io
 from dsa_export.models.cache import CacheFullError, cache_layout
 from dsa_export.plugins.onnx_ops import IMPL_DOMAIN
-from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
+from dsa_export.runtime import EagerBackend, GraphBackend
 from conftest import TINY_CAPACITY, random_ids
 
 
@@ -58,7 +58,7 @@ def test_io_json_matches_the_graph_and_caches_are_written_in_place(tiny_onnx, ti
 
 
 def test_onnxruntime_matches_eager_for_prefill_and_decode_on_a_past(tiny_onnx, tiny_model, tiny_config):
-    ort_backend = OnnxRuntimeBackend(tiny_onnx, record_indexer=True)
+    ort_backend = GraphBackend.onnxruntime(tiny_onnx, record_indexer=True)
     eager = EagerBackend(tiny_model, capacity=TINY_CAPACITY, record_indexer=True)
     ids = random_ids(tiny_config, 2, 30, seed=7)
     caches = {"ort": ort_backend.new_caches(2), "eager": eager.new_caches(2)}
@@ -75,7 +75,7 @@ def test_onnxruntime_matches_eager_for_prefill_and_decode_on_a_past(tiny_onnx, t
 
 
 def test_onnxruntime_writes_the_bound_cache_buffers_in_place(tiny_onnx, tiny_config):
-    backend = OnnxRuntimeBackend(tiny_onnx)
+    backend = GraphBackend.onnxruntime(tiny_onnx)
     stages = backend.new_caches(1)
     (caches,) = stages  # one graph: one stage's caches
     before = [a.copy() for a in caches.arrays]
@@ -102,6 +102,23 @@ def test_graph_check_names_an_op_tensorrt_lacks(tiny_onnx, tiny_config):
             checks.check_graph(path, graph_io(tiny_config, capacity=TINY_CAPACITY))
     finally:
         path.unlink()
+
+
+def test_graph_check_names_a_tensorrt_restriction_the_graph_breaks(tiny_onnx):
+    """TensorRT imports ScatterND without a reduction only, and TopK with K below 3840 (tensorrt_op_table)."""
+    model = onnx.load(tiny_onnx / "model.onnx", load_external_data=False)
+    checks.check_tensorrt_restrictions(model.graph)  # the export keeps to them
+    logits = model.graph.output[0].name
+    k = onnx.helper.make_node("Constant", [], ["big_k"], value=onnx.helper.make_tensor("k", onnx.TensorProto.INT64,
+                                                                                        [1], [4096]))
+    model.graph.node.extend([k, onnx.helper.make_node("TopK", [logits, "big_k"], ["v", "i"], name="wide_topk")])
+    with pytest.raises(checks.GraphCheckError, match="TopK \\(node 'wide_topk'\\) breaks .*K must be less than 3840"):
+        checks.check_tensorrt_restrictions(model.graph)
+    model.graph.node.pop()
+    model.graph.node.append(onnx.helper.make_node("ScatterND", [logits, "i", "v"], ["s"], name="summing",
+                                                  reduction="add"))
+    with pytest.raises(checks.GraphCheckError, match="ScatterND \\(node 'summing'\\) breaks .*reduction"):
+        checks.check_tensorrt_restrictions(model.graph)
 
 
 def test_graph_check_counts_dsa_nodes_and_requires_in_place_cache_writes(tiny_onnx, tiny_config):
@@ -138,10 +155,10 @@ def test_export_into_a_file_path_is_refused(tmp_path, tiny_model):
 
 
 def test_bf16_export_passes_the_graph_checks(tmp_path, tiny_model):
-    path = onnx_export.export_onnx(tiny_model, tmp_path / "bf16", dtype=torch.bfloat16, capacity=64)
+    stage = onnx_export.export_onnx(tiny_model, tmp_path / "bf16", dtype=torch.bfloat16, capacity=64)
     io = json.loads((tmp_path / "bf16" / "io.json").read_text())
     assert io["inputs"][2]["dtype"] == "bfloat16" and io["capacity"] == 64
-    model = onnx.load(path, load_external_data=False)
+    model = onnx.load(stage.model_path, load_external_data=False)
     assert model.graph.input[2].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
     with pytest.raises(DSAExportError, match="ONNX Runtime on CPU runs float32 exports only"):
-        OnnxRuntimeBackend(tmp_path / "bf16")
+        GraphBackend.onnxruntime(tmp_path / "bf16")

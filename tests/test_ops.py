@@ -5,7 +5,7 @@ import torch
 
 import dsa_export.kernels.reference as reference
 from dsa_export.kernels import CUSTOM_OPS, use_custom_ops
-from dsa_export.models import dsa_ops
+from dsa_export.models import semantics
 from dsa_export.contracts import LIGHTNING_INDEXER, SPARSE_MLA
 from conftest import random_ids
 
@@ -35,7 +35,7 @@ def test_indexer_reference_equals_semantics_and_contract(dtype, monkeypatch):
     monkeypatch.setattr(reference, "TILE_BYTES", 3 * 23 * 4 * 2)  # two query rows per tile: several tiles
     q, k, w, positions = indexer_inputs(dtype=dtype)
     got = CUSTOM_OPS.lightning_indexer(q, k, w, positions, 7)
-    expected = dsa_ops.lightning_indexer(q, k, w, positions, 7)
+    expected = semantics.lightning_indexer(q, k, w, positions, 7)
     assert torch.equal(got.sort(-1).values, expected.sort(-1).values)  # same sets; order is not in the contract
     LIGHTNING_INDEXER.check({"q": q, "k": k, "w": w, "positions": positions}, {"topk": 7}, {"indices": got})
     assert (got[1, 0, 1:] == -1).all()
@@ -64,7 +64,7 @@ def test_sparse_mla_reference_equals_semantics_and_contract(dtype, monkeypatch):
     monkeypatch.setattr(reference, "TILE_BYTES", 6 * 12 * 4)  # one query row per tile
     q, kv, indices = mla_inputs(dtype=dtype)
     got = CUSTOM_OPS.sparse_mla(q, kv, indices, 0.3, 8)
-    torch.testing.assert_close(got, dsa_ops.sparse_mla(q, kv, indices, 0.3, 8))
+    torch.testing.assert_close(got, semantics.sparse_mla(q, kv, indices, 0.3, 8))
     SPARSE_MLA.check({"q": q, "kv": kv, "indices": indices}, {"scale": 0.3, "dv": 8}, {"out": got})
     assert torch.equal(got[1, 2], torch.zeros_like(got[1, 2]))
 
@@ -153,7 +153,7 @@ def test_routed_experts_reference_equals_semantics_and_contract(dtype):
 
     x, experts, weights, gate_up, down, base = experts_inputs(dtype=dtype)
     got = CUSTOM_OPS.routed_experts(x, experts, weights, gate_up, down, base)
-    torch.testing.assert_close(got, dsa_ops.routed_experts(x, experts, weights, gate_up, down, base),
+    torch.testing.assert_close(got, semantics.routed_experts(x, experts, weights, gate_up, down, base),
                                **({} if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)))
     ROUTED_EXPERTS.check(dict(x=x, experts=experts, weights=weights, gate_up=gate_up, down=down, base=base), {},
                          {"out": got})
@@ -172,9 +172,9 @@ def test_routed_experts_fp8_reference_equals_dequantised_weights():
     gate_up8, gate_up_scale, down8, down_scale = quantise_experts(gate_up, down, block)
     got = CUSTOM_OPS.routed_experts_fp8(x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, *block)
     inter = down.shape[-1]
-    plain_gate_up = dsa_ops.dequantize_experts(gate_up8, gate_up_scale, *block, inter, torch.float32)
-    plain_down = dsa_ops.dequantize_experts(down8, down_scale, *block, down.shape[1], torch.float32)
-    torch.testing.assert_close(got, dsa_ops.routed_experts(x, experts, weights, plain_gate_up, plain_down, base))
+    plain_gate_up = semantics.dequantize_experts(gate_up8, gate_up_scale, *block, inter, torch.float32)
+    plain_down = semantics.dequantize_experts(down8, down_scale, *block, down.shape[1], torch.float32)
+    torch.testing.assert_close(got, semantics.routed_experts(x, experts, weights, plain_gate_up, plain_down, base))
     assert (plain_gate_up - gate_up).abs().max() < gate_up.abs().max() / 8  # e4m3: 3 mantissa bits
 
 

@@ -10,8 +10,8 @@ import torch
 
 from dsa_export.cli import main
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter.engine import EngineShapes
-from dsa_export.exporter.partition import check_plan, plan_pipeline, split_layers
+from dsa_export.exporter.plan import EngineShapes
+from dsa_export.exporter.plan import check_plan, plan_pipeline, split_layers
 from dsa_export.models import get_preset
 from dsa_export.targets import get_target
 

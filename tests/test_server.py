@@ -17,7 +17,7 @@ import pytest
 
 from dsa_export.deploy import client
 from dsa_export.deploy.client import GenerationError
-from dsa_export.deploy.generation import TextCodec
+from dsa_export.serving.generation import TextCodec
 from dsa_export.deploy.repository import GENERATE, STEP_ONNX
 from dsa_export.deploy.server import TritonServer, find_server, free_port
 
@@ -29,7 +29,7 @@ PROMPTS = [[5, 6, 7, 8], [1, 2, 3], [300, 17, 42, 99, 250, 11, 0, 64, 128], [2]]
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     """The tiny build (checkpoint with its tokenizer, export, model repository), as `dsa-export build` writes it."""
-    from dsa_export.pipeline import Options, run_build
+    from dsa_export.build import Options, run_build
 
     out = tmp_path_factory.mktemp("served") / "build"
     run_build(Options(out=out, capacity=CAPACITY), only=["checkpoint", "export", "deploy"], log=lambda line: None)
@@ -195,7 +195,7 @@ def test_two_pipeline_stages_give_the_tokens_of_one(build, tmp_path):
     """The tiny build cut into 2 pipeline stages (--gpus 2: two graphs with hidden-state I/O, one step model each,
     chained by dsa_generate) streams exactly the tokens of the 1-stage build, on the real server."""
     from dsa_export.deploy.repository import step_models_of
-    from dsa_export.pipeline import Options, run_build
+    from dsa_export.build import Options, run_build
 
     staged = tmp_path / "staged"
     run_build(Options(out=staged, capacity=CAPACITY, gpus=2), only=["checkpoint", "export", "deploy"],
@@ -221,6 +221,7 @@ def test_serve_refuses_an_engine_build_on_a_cpu_server(build, tmp_path):
     shutil.copytree(build, gpu_build, ignore=shutil.ignore_patterns("model_repository", "checkpoint"))
     (gpu_build / "engine").mkdir()
     (gpu_build / "engine" / "model.plan").write_bytes(b"a plan")
+    (gpu_build / "engine" / "engine.json").write_text('{"profiles": ["prefill", "decode"]}')
     write_repository(gpu_build)
     result = subprocess.run([sys.executable, "-m", "dsa_export.cli", "serve", str(gpu_build)], capture_output=True,
                             text=True, timeout=120)
@@ -266,13 +267,23 @@ def test_serve_refuses_what_it_cannot_serve(tmp_path):
 
 
 def test_a_server_that_cannot_start_is_one_clear_error(build, tmp_path):
-    """A model that fails to load: the error names it, from the server's log."""
+    """A model that fails to load: the error names it, from the server's log. Only dsa_onnx is broken (its graph
+    missing): every other model's paths point back into the build, so which model fails is fixed."""
     import shutil
+
+    from dsa_export.deploy.repository import config_text, read_config
 
     repository = tmp_path / "repo"
     shutil.copytree(build / "model_repository", repository)
-    config = repository / STEP_ONNX / "config.pbtxt"
-    config.write_text(config.read_text().replace('string_value: "../.."', 'string_value: "../../nowhere"'))
+    for model in (GENERATE, STEP_ONNX):
+        path = repository / model / "config.pbtxt"
+        config = read_config(path)
+        for key, value in config.parameters.items():
+            if key.endswith(("_file", "_dir")):  # absolute: into the original build
+                value.string_value = str((build / "model_repository" / model / value.string_value).resolve())
+        if model == STEP_ONNX:
+            config.parameters["model_file"].string_value = str(tmp_path / "nowhere" / "model.onnx")
+        path.write_text(config_text(config))
     from dsa_export.errors import DSAExportError
 
     with pytest.raises(DSAExportError, match="exited .* before it was ready: .*dsa_onnx"):

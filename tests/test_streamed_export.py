@@ -11,19 +11,18 @@ import onnx
 import pytest
 import torch
 
-from dsa_export.exporter.checks import check_export_dir
+from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.onnx_export import export_onnx
-from dsa_export.exporter.weights import data_files
 from dsa_export.models import get_preset, init_checkpoint, load_checkpoint
 from dsa_export.models.config import load_config
-from dsa_export.runtime import OnnxRuntimeBackend, Session
+from dsa_export.runtime import GraphBackend, Session
 
 CAPACITY = 64
 TINY_CAPACITY = 256  # conftest's tiny_onnx
 
 
 def data_bytes(onnx_dir):
-    return b"".join(f.read_bytes() for f in data_files(onnx_dir))
+    return b"".join(f.read_bytes() for f in StageDir(onnx_dir).data_files())
 
 
 @pytest.mark.parametrize("fp8, dequantize", [(True, False), (True, True)])
@@ -34,9 +33,9 @@ def test_a_streamed_export_equals_the_export_of_the_loaded_model(tmp_path, fp8, 
     streamed = export_onnx(checkpoint, tmp_path / "streamed", capacity=CAPACITY, dequantize_experts=dequantize)
     loaded = export_onnx(load_checkpoint(checkpoint, progress=False), tmp_path / "loaded", capacity=CAPACITY,
                          dequantize_experts=dequantize)
-    assert streamed.read_bytes() == loaded.read_bytes()
-    assert data_bytes(streamed.parent) == data_bytes(loaded.parent)
-    experts = [t for t in onnx.load(streamed, load_external_data=False).graph.initializer
+    assert streamed.model_path.read_bytes() == loaded.model_path.read_bytes()
+    assert data_bytes(streamed.path) == data_bytes(loaded.path)
+    experts = [t for t in onnx.load(streamed.model_path, load_external_data=False).graph.initializer
                if t.name.endswith("experts.gate_up_proj")]
     assert {t.data_type for t in experts} == {onnx.TensorProto.UINT8 if fp8 and not dequantize
                                               else onnx.TensorProto.FLOAT}
@@ -56,7 +55,7 @@ def test_every_weight_is_a_model_tensor_as_stored_not_a_folded_copy(tiny_onnx, t
 def test_bounded_data_files_run_the_same(tiny_checkpoint, tiny_onnx, tmp_path):
     limit = 120_000
     export_onnx(tiny_checkpoint, tmp_path / "split", capacity=CAPACITY, max_data_file_bytes=limit)
-    files = data_files(tmp_path / "split")
+    files = StageDir(tmp_path / "split").data_files()
     graph = onnx.load(tmp_path / "split" / "model.onnx", load_external_data=False).graph
     by_file: dict[str, list[int]] = {}
     for init in graph.initializer:
@@ -66,10 +65,10 @@ def test_bounded_data_files_run_the_same(tiny_checkpoint, tiny_onnx, tmp_path):
     assert len(files) >= 3 and sorted(by_file) == sorted(f.name for f in files)
     for f in files:  # within the limit, unless one tensor alone is larger
         assert f.stat().st_size <= limit or len(by_file[f.name]) == 1
-    check_export_dir(tmp_path / "split")
+    StageDir(tmp_path / "split").check()
     prompts = [[5, 9, 13, 200, 7], [3, 4]]
-    expected = Session(OnnxRuntimeBackend(tiny_onnx)).generate(prompts, 6)
-    assert Session(OnnxRuntimeBackend(tmp_path / "split")).generate(prompts, 6) == expected
+    expected = Session(GraphBackend.onnxruntime(tiny_onnx)).generate(prompts, 6)
+    assert Session(GraphBackend.onnxruntime(tmp_path / "split")).generate(prompts, 6) == expected
 
 
 def test_pipeline_stages_chain_to_the_whole_model(tiny_checkpoint, tiny_onnx, tmp_path):
@@ -84,7 +83,7 @@ def test_pipeline_stages_chain_to_the_whole_model(tiny_checkpoint, tiny_onnx, tm
     dsa = [sum(n.domain == "dsa" for n in onnx.load(tmp_path / "staged" / f"stage-{i}" / "model.onnx",
                                                     load_external_data=False).graph.node) for i in (0, 1)]
     assert dsa == [2, 6]  # layer 0 (dense): indexer + MLA; layers 1-2: those and their RoutedExperts
-    one, two = OnnxRuntimeBackend(whole), OnnxRuntimeBackend(tmp_path / "staged")
+    one, two = GraphBackend.onnxruntime(whole), GraphBackend.onnxruntime(tmp_path / "staged")
     ids, positions = torch.tensor([[5, 9, 13, 200, 7]]), torch.arange(5)[None]
     caches_one, caches_two = one.new_caches(1), two.new_caches(1)
     for step in (slice(0, 4), slice(4, 5)):  # prefill, then a decode step on the caches
@@ -105,16 +104,16 @@ def test_an_export_over_2_gib_peaks_below_the_checkpoint_size(tmp_path):
     subprocess.run([sys.executable, "-m", "dsa_export.cli", "export", "--checkpoint", str(checkpoint), "--out",
                     str(out), "--dtype", "bf16", "--capacity", "256", "--data-file-gb", "1"], check=True,
                    capture_output=True, timeout=600)
-    peak = json.loads((out / "manifest.json").read_text())["stages"]["export"]["peak_rss_gb"] * 1e9
+    peak = json.loads((out / "manifest.json").read_text())["steps"]["export"]["peak_rss_gb"] * 1e9
     assert peak < size, f"peak {peak / 1e9:.2f} GB for a {size / 1e9:.2f} GB checkpoint"
-    check_export_dir(out, load_config(checkpoint))  # the model exported is the checkpoint's
-    assert len(data_files(out)) >= 3 and sum(f.stat().st_size for f in data_files(out)) >= size
+    StageDir(out).check(load_config(checkpoint))  # the model exported is the checkpoint's
+    assert len(StageDir(out).data_files()) >= 3 and sum(f.stat().st_size for f in StageDir(out).data_files()) >= size
 
 
 def test_an_export_into_other_stages_removes_the_old_ones(tmp_path):
     """What an export with another number of stages left is removed first, so that no old graph passes for new."""
-    from dsa_export.exporter.graph_io import stage_dirs
-    from dsa_export.exporter.onnx_export import remove_other_exports
+    def stage_dirs(root):
+        return [stage.path for stage in ExportDir(root).stages]
 
     build = tmp_path / "b"
     for name in ("model.onnx", "model.onnx.data", "model.onnx.data.1", "io.json", "config.json", "tokenizer.json"):
@@ -123,8 +122,8 @@ def test_an_export_into_other_stages_removes_the_old_ones(tmp_path):
     for i in range(3):
         (build / f"stage-{i}").mkdir()
     assert stage_dirs(build) == [build]  # a graph at the root hides any stage directories
-    remove_other_exports(build, 2)
+    ExportDir(build).prepare(2)
     assert sorted(p.name for p in build.iterdir()) == ["stage-0", "stage-1", "tokenizer.json"]
     assert stage_dirs(build) == [build / "stage-0", build / "stage-1"]
-    remove_other_exports(build, 1)
+    ExportDir(build).prepare(1)
     assert sorted(p.name for p in build.iterdir()) == ["tokenizer.json"]

@@ -26,14 +26,14 @@ import torch
 
 from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
 from dsa_export.kernels import aot, launch
-from dsa_export.models import dsa_ops
+from dsa_export.models import semantics
 from dsa_export.models.presets import get_preset
 from dsa_export.plugins.onnx_ops import TRT_ATTRIBUTES
 
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS = ROOT / ".typecheck" / "wheels"
-TRT_MODULES = ["dsa_export/plugins/tensorrt.py", "dsa_export/exporter/engine.py", "dsa_export/runtime/tensorrt.py",
-               "dsa_export/runtime/trt_graph.py"]
+TRT_MODULES = ["dsa_export/plugins/tensorrt.py", "dsa_export/exporter/engine.py", "dsa_export/runtime/backends.py",
+               "dsa_export/serving/trt_graph.py"]
 needs_wheels = pytest.mark.skipif(not list(WHEELS.glob("tensorrt_cu12_bindings-*.whl")),
                                   reason="run `make test`: it downloads the TensorRT wheels these checks read")
 
@@ -190,10 +190,10 @@ def _contract_inputs(name: str, gen: torch.Generator) -> dict:
 def _reference(name: str, t: dict, meta: dict) -> torch.Tensor:
     c = meta["constexprs"]
     if name == "LightningIndexer":
-        return dsa_ops.lightning_indexer(t["q"], t["k"], t["w"], t["positions"], c["TOPK"])
+        return semantics.lightning_indexer(t["q"], t["k"], t["w"], t["positions"], c["TOPK"])
     if name == "SparseMLA":
-        return dsa_ops.sparse_mla(t["q"], t["kv"], t["indices"], c["SCALE"], c["DV"])
-    return dsa_ops.routed_experts(t["x"], t["experts"], t["weights"], t["gate_up"], t["down"], t["base"])
+        return semantics.sparse_mla(t["q"], t["kv"], t["indices"], c["SCALE"], c["DV"])
+    return semantics.routed_experts(t["x"], t["experts"], t["weights"], t["gate_up"], t["down"], t["base"])
 
 
 @pytest.mark.parametrize("name", ["LightningIndexer", "SparseMLA", "RoutedExperts"])
@@ -272,7 +272,7 @@ def test_type_check_catches_planted_mistakes(typings, tmp_path):
         "dsa_export/exporter/engine.py": [("STRONGLY_TYPED", "STRONGLY_TYPD"),
                                            ("trt.OnnxParser(network, logger)", "trt.OnnxParser(logger, network)")],
         "dsa_export/plugins/tensorrt.py": [("grid_x=grid_x,", "gridx=grid_x,")],
-        "dsa_export/runtime/trt_graph.py": [("execute_async_v3(", "execute_async_v2(")],
+        "dsa_export/serving/trt_graph.py": [("execute_async_v3(", "execute_async_v2(")],
     }
     files = []
     for module, edits in planted.items():

@@ -1,4 +1,4 @@
-"""The Triton kernels against the torch reference (`dsa_export.models.dsa_ops`), run by the Triton interpreter on CPU.
+"""The Triton kernels against the torch reference (`dsa_export.models.semantics`), run by the Triton interpreter on CPU.
 
 TRITON_INTERPRET=1 has to be set before triton is first imported in the process: triton chooses interpreter or
 compiler when `@triton.jit` runs (for its own tl.sum/tl.sort too, at `import triton`), not at launch. So it is set
@@ -22,7 +22,7 @@ from dsa_export.kernels.reference import routed_experts_reference  # noqa: E402
 from dsa_export.kernels.triton_moe import (  # noqa: E402
     BLOCK_M, routed_experts_constexprs, routed_experts_kernel, routed_experts_triton)
 from dsa_export.kernels.triton_sparse_mla import sparse_mla_triton  # noqa: E402
-from dsa_export.models.dsa_ops import (  # noqa: E402
+from dsa_export.models.semantics import (  # noqa: E402
     lightning_indexer, routed_experts, routed_experts_fp8, sparse_mla, visible_keys)
 from dsa_export.models.fp8 import quantize_weight  # noqa: E402
 from dsa_export.models.presets import get_preset  # noqa: E402

@@ -1,1 +1,1 @@
-"""Triton Inference Server model repository, its Python-backend generation model, client."""
+"""The Triton Inference Server side: the model repository writer, the server process, the streaming client."""

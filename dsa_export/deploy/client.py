@@ -10,12 +10,12 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from dsa_export.deploy.generation import GENERATE_INPUTS
 from dsa_export.deploy.repository import GENERATE
 from dsa_export.errors import DSAExportError
+from dsa_export.formats import by
+from dsa_export.serving.generation import GENERATE_INPUTS
 
 DEFAULT_URL = "127.0.0.1:8001"
-NUMPY_TYPES = {"TYPE_INT64": np.int64, "TYPE_FP32": np.float32, "TYPE_BOOL": np.bool_, "TYPE_STRING": np.object_}
 
 
 class GenerationError(DSAExportError):
@@ -45,7 +45,7 @@ def request_inputs(input_ids: Sequence[int] | None = None, prompt: str | None = 
         if value is None:
             continue
         dtype = GENERATE_INPUTS[name][0]
-        array = np.asarray(list(value), dtype=NUMPY_TYPES[dtype])
+        array = np.asarray(list(value), dtype=np.object_ if dtype == "TYPE_STRING" else by("server", dtype).numpy)
         tensor = grpcclient.InferInput(name, list(array.shape), "BYTES" if dtype == "TYPE_STRING" else
                                        dtype.removeprefix("TYPE_"))
         tensor.set_data_from_numpy(array)

@@ -10,9 +10,10 @@
 
 The step models take io.json's inputs (input_ids, positions) and return its logits; each keeps the caches of its
 sequences (by correlation id) between steps, on the host or on the GPU, and the caches never cross the wire.
-dsa_generate calls dsa_engine where the build has an engine, else dsa_onnx (its `step_models` parameter). The models
-read the export (model.onnx, io.json, config.json, tokenizer files, engine/model.plan) from the build directory by a
-relative path, so the repository is served in place: mount the whole build directory.
+dsa_generate calls dsa_engine where the build has an engine, else dsa_onnx (its `step_models` parameter). The models'
+files come from serving/ (its SHIPPED table); they read the export (the graph, io.json, config.json, the tokenizer
+files, the engine) from the build directory by relative paths their parameters give, so the repository is served in
+place: mount the whole build directory.
 
 A build cut into pipeline stages across GPUs (stage-0/, stage-1/, ...) gets one step model per stage and runtime:
 dsa_onnx_0, dsa_onnx_1, ... and dsa_engine_0, ... (stage i on GPU i by its instance group), each holding the caches
@@ -38,20 +39,14 @@ import shutil
 from pathlib import Path
 
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter.engine import PLAN
-from dsa_export.exporter.graph_io import HIDDEN_IN, HIDDEN_OUT, GraphIO, IOTensor
+from dsa_export.exporter.artifacts import ExportDir, StageDir, as_export
 from dsa_export.files import atomic_dir, write_atomic
+from dsa_export.formats import of
+from dsa_export.serving import shipped_files
+from dsa_export.serving.io_spec import HIDDEN_IN, HIDDEN_OUT, GraphIO, IOTensor
 
 GENERATE, STEP_ONNX, STEP_ENGINE = "dsa_generate", "dsa_onnx", "dsa_engine"
-DEPLOY_DIR = Path(__file__).resolve().parent
-RUNTIME_DIR = DEPLOY_DIR.parent / "runtime"
-# model → its model.py and the standalone modules it imports, copied beside it
-PYTHON_MODELS = {
-    GENERATE: (DEPLOY_DIR / "triton_generate.py", (DEPLOY_DIR / "generation.py",)),
-    STEP_ONNX: (DEPLOY_DIR / "triton_step.py", (RUNTIME_DIR / "ort_graph.py",)),
-    STEP_ENGINE: (DEPLOY_DIR / "triton_step.py", (RUNTIME_DIR / "trt_graph.py",)),
-}
-TRITON_DTYPES = {"int64": "TYPE_INT64", "float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "int32": "TYPE_INT32"}
+SHIPPED_KIND = {GENERATE: "generate", STEP_ONNX: "onnxruntime", STEP_ENGINE: "tensorrt"}  # serving.SHIPPED
 IDLE_SECONDS = 600  # a step model drops a sequence whose steps stopped this long ago (its client vanished)
 
 
@@ -61,7 +56,7 @@ def _tensors(message_type, tensors: list[IOTensor]):
     from tritonclient.grpc import model_config_pb2 as mc
 
     def dtype(t: IOTensor) -> str:
-        return TRITON_DTYPES["float32" if t.name in (HIDDEN_IN, HIDDEN_OUT) else t.dtype]
+        return of("float32" if t.name in (HIDDEN_IN, HIDDEN_OUT) else t.dtype).server
 
     return [message_type(name=t.name, data_type=mc.DataType.Value(dtype(t)),
                          dims=[d if isinstance(d, int) else -1 for d in t.dims]) for t in tensors]
@@ -73,9 +68,10 @@ def _parameters(**values: str) -> dict:
     return {k: mc.ModelParameter(string_value=str(v)) for k, v in values.items()}
 
 
-def step_config(name: str, runtime: str, io: GraphIO, build_dir: str, gpu: int = 0):
+def step_config(name: str, runtime: str, io: GraphIO, files: dict[str, str], gpu: int = 0):
     """A step model: unbatched ([1, S] per request), one instance (each sequence's caches live in it); dsa_onnx on
-    the CPU with ONNX Runtime, dsa_engine on GPU `gpu` with TensorRT."""
+    the CPU with ONNX Runtime, dsa_engine on GPU `gpu` with TensorRT. files: parameter → path relative to the model's
+    directory (io_file, model_file; plan_file and engine_json for the engine)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
     engine = runtime == STEP_ENGINE
@@ -85,14 +81,15 @@ def step_config(name: str, runtime: str, io: GraphIO, build_dir: str, gpu: int =
         input=_tensors(mc.ModelInput, list(io.inputs[:2])),
         output=_tensors(mc.ModelOutput, list(io.outputs[:1])),
         instance_group=[mc.ModelInstanceGroup(kind=kind, count=1, gpus=[gpu] if engine else [])],
-        parameters=_parameters(build_dir=build_dir, runtime="tensorrt" if engine else "onnxruntime",
-                               idle_seconds=str(IDLE_SECONDS)))
+        parameters=_parameters(runtime="tensorrt" if engine else "onnxruntime", idle_seconds=str(IDLE_SECONDS),
+                               **files))
 
 
-def generate_config(step_models: list[str], build_dir: str, export_dir: str):
+def generate_config(step_models: list[str], files: dict[str, str]):
+    """The generation model; files: io_file and config_file of the first stage, tokenizer_dir (relative paths)."""
     from tritonclient.grpc import model_config_pb2 as mc
 
-    from dsa_export.deploy.generation import GENERATE_INPUTS, GENERATE_OUTPUTS
+    from dsa_export.serving.generation import GENERATE_INPUTS, GENERATE_OUTPUTS
 
     return mc.ModelConfig(
         name=GENERATE, backend="python", max_batch_size=0,
@@ -102,7 +99,7 @@ def generate_config(step_models: list[str], build_dir: str, export_dir: str):
         output=[mc.ModelOutput(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
                 for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
-        parameters=_parameters(step_models=",".join(step_models), build_dir=build_dir, export_dir=export_dir))
+        parameters=_parameters(step_models=",".join(step_models), **files))
 
 
 def config_text(config) -> str:
@@ -133,33 +130,41 @@ def step_model_names(runtime: str, stages: int) -> list[str]:
     return [runtime] if stages == 1 else [f"{runtime}_{i}" for i in range(stages)]
 
 
-def write_repository(build_dir: str | Path, repository: str | Path | None = None) -> dict:
-    """Write the model repository of the export in build_dir (default: build_dir/model_repository), atomically."""
-    from dsa_export.exporter.graph_io import stage_dirs
-
-    build_dir = Path(build_dir)
-    repository = Path(repository) if repository is not None else build_dir / "model_repository"
-    dirs = stage_dirs(build_dir)
-    ios = [GraphIO.load(d / "io.json") for d in dirs]
-    has_engine = all((d / "engine" / PLAN).is_file() for d in dirs)
-    step_models = step_model_names(STEP_ENGINE if has_engine else STEP_ONNX, len(dirs))
+def write_repository(export: ExportDir | str | Path, repository: str | Path | None = None) -> dict:
+    """Write the model repository of an export (default: <export root>/model_repository), atomically."""
+    export = as_export(export)
+    repository = Path(repository) if repository is not None else export.root / "model_repository"
+    stages = export.stages
+    has_engine = export.has_engines
+    step_models = step_model_names(STEP_ENGINE if has_engine else STEP_ONNX, len(stages))
 
     def relative(path: Path, model: str) -> str:  # the build directory moves (or is mounted) as a whole
         return os.path.relpath(path.resolve(), (repository / model).resolve())
 
-    # model name → (its kind in PYTHON_MODELS, config)
-    configs = {GENERATE: (GENERATE, generate_config(step_models, relative(build_dir, GENERATE),
-                                                    relative(dirs[0], GENERATE)))}
+    def stage_files(stage: StageDir, model: str, runtime: str) -> dict[str, str]:
+        files = {"io_file": relative(stage.io_path, model), "model_file": relative(stage.model_path, model)}
+        if runtime == STEP_ENGINE:
+            files |= {"plan_file": relative(stage.plan_path, model),
+                      "engine_json": relative(stage.engine_json_path, model)}
+        return files
+
+    # model name → (its kind, config)
+    configs = {GENERATE: (GENERATE, generate_config(step_models, {
+        "io_file": relative(stages[0].io_path, GENERATE), "config_file": relative(stages[0].config_path, GENERATE),
+        "tokenizer_dir": relative(export.root, GENERATE)}))}
     for runtime in (STEP_ONNX, STEP_ENGINE):
-        for gpu, (name, stage_dir, io) in enumerate(zip(step_model_names(runtime, len(dirs)), dirs, ios)):
-            configs[name] = (runtime, step_config(name, runtime, io, relative(stage_dir, name), gpu))
+        for gpu, (name, stage) in enumerate(zip(step_model_names(runtime, len(stages)), stages)):
+            configs[name] = (runtime, step_config(name, runtime, stage.io, stage_files(stage, name, runtime), gpu))
     with atomic_dir(repository) as tmp:
         for name, (kind, config) in configs.items():
-            model_py, modules = PYTHON_MODELS[kind]
             (tmp / name / "1").mkdir(parents=True)
             write_atomic(tmp / name / "config.pbtxt", config_text(config))
-            shutil.copyfile(model_py, tmp / name / "1" / "model.py")
-            for module in modules:
-                shutil.copyfile(module, tmp / name / "1" / module.name)
+            for source, target in shipped_files(SHIPPED_KIND[kind]):
+                shutil.copyfile(source, tmp / name / "1" / target)
+    steps = " -> ".join(step_models)
+    note = f"dsa_generate steps by {steps}; serve: dsa-export serve {export.root}"
+    if not has_engine and export.io.cache_dtype != "float32":
+        note = (f"dsa_generate steps by {steps}, which runs float32 exports only: serve this {export.io.cache_dtype} "
+                f"build on a GPU once its engine is built (then deploy again)")
     return {"path": str(repository), "models": sorted(configs), "step_models": step_models, "engine": has_engine,
-            "stages": len(dirs)}
+            "stages": len(stages), "note": note}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from dsa_export.errors import DSAExportError
+from dsa_export.errors import DSAExportError, Interrupted
 
 TRITON_SERVER_WHEEL = "nvidia-pytriton==0.7.0"  # tritonserver 2.51.0 (NGC 24.10), installed without its deps
 # what the repository's Python models import, in the server's Python: numpy < 2 (see the module docstring)
@@ -257,7 +257,6 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
     """`dsa-export serve`: start the server on the repository's generation model and its step model, say where it
     listens, and run until Ctrl-C or SIGTERM, then stop it cleanly."""
     from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, step_models_of
-    from dsa_export.pipeline.runner import Interrupted
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server, even if started from `&`
     repository = repository_of(source)

@@ -6,11 +6,12 @@ from collections import Counter
 from pathlib import Path
 
 import onnx
+import onnx.numpy_helper
 
 from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter.graph_io import GraphIO
-from dsa_export.exporter.tensorrt_onnx_ops import SOURCE, SUPPORTED
+from dsa_export.serving.io_spec import GraphIO
+from dsa_export.exporter.tensorrt_op_table import RESTRICTIONS, SOURCE, SUPPORTED
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, IMPL_DOMAIN, TRT_ATTRIBUTES, register_schemas
 
 
@@ -18,26 +19,28 @@ class GraphCheckError(DSAExportError):
     pass
 
 
-def check_graph(path: Path, io: GraphIO, moe_layers: int | None = None) -> dict:
-    """Every check below, on the file at `path` (external weights included). moe_layers: how many
-    dsa::RoutedExperts[FP8] nodes to expect (default: skip that count). Returns a summary of what was checked."""
+def check_graph(path: Path, io: GraphIO, moe_layers: int | None = None, model: onnx.ModelProto | None = None) -> dict:
+    """Every check below, on the file at `path` (external weights included; `model`: the same graph already in
+    memory, without its weights). moe_layers: how many dsa::RoutedExperts[FP8] nodes to expect (default: skip that
+    count). Returns a summary of what was checked."""
     register_schemas()
-    model = checked_model(path)
+    model = checked_model(path, model)
     graph = model.graph
     counts = check_dsa_nodes(graph, io.num_layers, moe_layers)
     check_cache_writes(graph, io)
     check_tensorrt_ops(graph)
+    check_tensorrt_restrictions(graph)
     check_decomposition_ops(model)
     check_io(graph, io)
     return {"nodes": len(graph.node), "dsa_nodes": dict(counts)}
 
 
-def checked_model(path: Path) -> onnx.ModelProto:
+def checked_model(path: Path, model: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """onnx.checker (full) and strict shape inference; the model with inferred shapes."""
     try:
         onnx.checker.check_model(str(path), full_check=True)  # by path: external weights are checked too
-        return onnx.shape_inference.infer_shapes(onnx.load(path, load_external_data=False), check_type=True,
-                                                 strict_mode=True)
+        model = model if model is not None else onnx.load(path, load_external_data=False)
+        return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         raise GraphCheckError(f"ONNX check failed: {str(e).splitlines()[0]}") from None
 
@@ -115,6 +118,33 @@ def check_tensorrt_ops(graph: onnx.GraphProto) -> None:
                                   f"(only {'/'.join(SUPPORTED[node.op_type])}; {SOURCE})")
 
 
+def check_tensorrt_restrictions(graph: onnx.GraphProto) -> None:
+    """The restrictions of TensorRT's importer (tensorrt_op_table.RESTRICTIONS) that a graph can break: ScatterND
+    without a reduction, a TopK K below 3840, CumSum's and ReduceSum's axes known at build time (initializers or
+    Constant nodes)."""
+    constants = {t.name for t in graph.initializer} | {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer  # small constants, not the weights
+              if t.data_location != onnx.TensorProto.EXTERNAL}
+    values.update((n.output[0], onnx.numpy_helper.to_array(n.attribute[0].t)) for n in graph.node
+                  if n.op_type == "Constant" and n.attribute and n.attribute[0].type == onnx.AttributeProto.TENSOR)
+
+    def broken(node: onnx.NodeProto) -> bool:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "ScatterND":
+            return attrs.get("reduction", b"none") not in (b"none", "none")
+        if node.op_type == "TopK":
+            k = values.get(node.input[1])
+            return k is not None and int(k.max()) >= 3840
+        if node.op_type in ("CumSum", "ReduceSum") and len(node.input) > 1 and node.input[1]:
+            return node.input[1] not in constants
+        return False
+
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in RESTRICTIONS and broken(node):
+            raise GraphCheckError(f"op {node.op_type} (node '{node.name}') breaks TensorRT's restriction: "
+                                  f"{RESTRICTIONS[node.op_type]} ({SOURCE})")
+
+
 def check_decomposition_ops(model: onnx.ModelProto) -> None:
     for function in model.functions:
         for node in _all_nodes(function.node):
@@ -137,63 +167,3 @@ def check_io(graph: onnx.GraphProto, io: GraphIO) -> None:
                 raise GraphCheckError(f"graph {kind} '{name}' is {dtype}, io.json says {spec.dtype}")
             if dims != list(spec.dims):
                 raise GraphCheckError(f"graph {kind} '{name}' has dims {dims}, io.json says {list(spec.dims)}")
-
-
-def load_graph(onnx_dir: Path) -> onnx.ModelProto:
-    """An export's model.onnx without its weights; one line naming the file if it does not parse."""
-    try:
-        return onnx.load(Path(onnx_dir) / "model.onnx", load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise DSAExportError(f"{Path(onnx_dir) / 'model.onnx'}: not a readable ONNX file ({type(e).__name__})") \
-            from None
-
-
-def check_export_dir(onnx_dir: Path, config=None) -> GraphIO:
-    """A directory holding a readable export of dsa-export, checked without loading its weights: io.json and
-    config.json parse (and match `config` if given), model.onnx parses, every external tensor lies inside its data
-    file (a truncated model.onnx.data is caught here). One line naming the problem otherwise."""
-    from dsa_export.models.config import load_config
-
-    onnx_dir = Path(onnx_dir)
-    if not (onnx_dir / "model.onnx").is_file() or not (onnx_dir / "io.json").is_file():
-        raise DSAExportError(f"{onnx_dir}: no exported model (model.onnx + io.json); run `dsa-export export` first")
-    io = GraphIO.load(onnx_dir / "io.json")
-    exported = load_config(onnx_dir / "config.json")
-    if config is not None:
-        ours, theirs = config.to_hf_dict(), exported.to_hf_dict()
-        differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
-        if differ:
-            raise DSAExportError(f"{onnx_dir} was exported from a different model: "
-                                 + ", ".join(f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in differ[:3]))
-    model = load_graph(onnx_dir)
-    for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        where = {e.key: e.value for e in tensor.external_data}
-        data = onnx_dir / where.get("location", "")
-        end = int(where.get("offset", 0)) + int(where.get("length", 0))
-        if not data.is_file() or data.stat().st_size < end:
-            raise DSAExportError(f"{data}: missing or truncated (tensor '{tensor.name}' ends at byte {end:,}); "
-                                 f"re-run the export")
-    if [v.name for v in model.graph.input] != [t.name for t in io.inputs]:
-        raise DSAExportError(f"{onnx_dir}: model.onnx and io.json disagree on the graph inputs; re-run the export")
-    return io
-
-
-def check_exports(build_dir: Path, config=None) -> list[GraphIO]:
-    """`check_export_dir` for every export of a build (one graph, or its pipeline stages), and the stages run the
-    model's layers in order, each once."""
-    from dsa_export.exporter.graph_io import stage_dirs
-
-    dirs = stage_dirs(Path(build_dir))
-    ios = [check_export_dir(d, config) for d in dirs]
-    start = 0
-    for d, io in zip(dirs, ios):
-        if io.layers[0] != start or io.capacity != ios[0].capacity or io.cache_dtype != ios[0].cache_dtype:
-            raise DSAExportError(f"{d}: layers {io.layers[0]}:{io.layers[1]} (capacity {io.capacity}, "
-                                 f"{io.cache_dtype}) do not continue the stages before it; re-run the export")
-        start = io.layers[1]
-    if start != ios[-1].model_layers:
-        raise DSAExportError(f"{build_dir}: the stages end at layer {start} of {ios[-1].model_layers}; re-run the "
-                             f"export")
-    return ios

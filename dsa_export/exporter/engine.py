@@ -17,24 +17,17 @@ TensorRT when called.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from dsa_export.errors import DSAExportError
+from dsa_export.exporter.artifacts import StageDir
 from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO
+from dsa_export.exporter.plan import EngineShapes
 from dsa_export.targets import GPUTarget
 
 MIN_TENSORRT = (10, 15)  # parses TensorScatter into KVCacheUpdate, and prefers a plugin when plugin_namespace is set
-PLAN, TIMING_CACHE, ENGINE_JSON = "model.plan", "timing.cache", "engine.json"
 PROFILES = ("prefill", "decode")  # profile 0 and 1: runtimes pick 0 for S > 1, 1 for single-token steps
-
-
-@dataclass(frozen=True)
-class EngineShapes:
-    max_batch: int = 8  # decode
-    prefill_batch: int = 1
-    max_prefill: int = 8192  # tokens per prefill step (capped by the capacity)
 
 
 def profiles(io: GraphIO, shapes: EngineShapes) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
@@ -47,30 +40,6 @@ def profiles(io: GraphIO, shapes: EngineShapes) -> dict[str, dict[str, tuple[tup
         out[name] = {t.name: tuple(tuple(dims[d][i] if isinstance(d, str) else d for d in t.dims) for i in range(3))
                      for t in io.inputs}
     return out
-
-
-def memory_plan(onnx_dir: Path, io: GraphIO, target: GPUTarget, shapes: EngineShapes, workspace_gb: float) -> dict:
-    """Bytes the engine needs at its largest shapes (exporter/partition.py `stage_memory`, with the weights of the
-    export's data files), and whether that fits."""
-    from dsa_export.exporter.partition import stage_memory
-    from dsa_export.exporter.weights import data_files
-
-    weights = sum(p.stat().st_size for p in data_files(onnx_dir))
-    memory = stage_memory(io, weights, shapes, workspace_gb)
-    have = target.memory_gb * 10**9
-    return {"weights_gb": weights / 1e9, "caches_gb": memory.caches / 1e9,
-            "activations_gb": memory.activations / 1e9, "workspace_gb": memory.workspace / 1e9,
-            "total_gb": memory.total / 1e9, "gpu_gb": have / 1e9, "fits": memory.total <= have,
-            "shortfall_gb": max(0.0, (memory.total - have) / 1e9)}
-
-
-def check_fits(plan: dict, target: GPUTarget) -> None:
-    if not plan["fits"]:
-        raise DSAExportError(
-            f"the engine needs {plan['total_gb']:.1f} GB on {target.name} (weights {plan['weights_gb']:.1f}, caches "
-            f"{plan['caches_gb']:.1f}, activations {plan['activations_gb']:.1f}, workspace {plan['workspace_gb']:.1f})"
-            f", which has {plan['gpu_gb']:.0f} GB: {plan['shortfall_gb']:.1f} GB short; lower --max-batch, "
-            f"--prefill-batch, --max-prefill or the export's --capacity")
 
 
 def unavailable(target: GPUTarget) -> str | None:
@@ -103,14 +72,6 @@ def check_gpu(target: GPUTarget) -> None:
                                  f"{target.cc} ({target.kernel_arch})")
 
 
-def dsa_node_names(onnx_dir: Path) -> dict[str, str]:
-    """ONNX node name → op type of every dsa:: node of the export (the layers that must become plugins)."""
-    import onnx
-
-    graph = onnx.load(onnx_dir / "model.onnx", load_external_data=False).graph
-    return {n.name: n.op_type for n in graph.node if n.domain == "dsa"}
-
-
 def check_plugin_layers(layers: dict[str, str], dsa_nodes: dict[str, str]) -> None:
     """`layers`: TensorRT layer name → layer type name, after parsing. Every dsa node must be a plugin layer (the
     parser names layers after their ONNX nodes); a node missing among them was built from its decomposition."""
@@ -121,30 +82,31 @@ def check_plugin_layers(layers: dict[str, str], dsa_nodes: dict[str, str]) -> No
                                  f"the dsa plugins registered before parsing is needed")
 
 
-def build_engine(onnx_dir: Path, kernel_dir: Path, engine_dir: Path, target: GPUTarget, shapes: EngineShapes,
-                 workspace_gb: float, log: Callable[[str], None] = print) -> dict:
-    """Parse, check, build and write engine/model.plan (+ timing.cache, engine.json); returns what was built."""
+def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,
+                 log: Callable[[str], None] = print) -> dict:
+    """Parse, check, build and write the stage's engine (model.plan, timing.cache, engine.json); returns what was
+    built."""
     import tensorrt as trt
 
     from dsa_export.files import atomic_dir, write_atomic
     from dsa_export.plugins.tensorrt import register_plugins
 
-    io = GraphIO.load(onnx_dir / "io.json")
+    io = stage.io
     register_plugins(kernel_dir)  # before parsing: the parser looks plugins up by op type and namespace
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_dir / "model.onnx")):  # external data: found beside the file
+    if not parser.parse_from_file(str(stage.model_path)):  # external data: found beside the file
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise DSAExportError(f"TensorRT cannot parse {onnx_dir / 'model.onnx'}: {errors}")
+        raise DSAExportError(f"TensorRT cannot parse {stage.model_path}: {errors}")
     layers = {network.get_layer(i).name: network.get_layer(i).type.name for i in range(network.num_layers)}
-    check_plugin_layers(layers, dsa_node_names(onnx_dir))
+    check_plugin_layers(layers, stage.dsa_nodes())
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
     config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # RoutedExperts writes onto base
-    old_cache = engine_dir / TIMING_CACHE
+    old_cache = stage.timing_cache_path
     cache = config.create_timing_cache(old_cache.read_bytes() if old_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
     for ranges in profiles(io, shapes).values():
@@ -157,11 +119,17 @@ def build_engine(onnx_dir: Path, kernel_dir: Path, engine_dir: Path, target: GPU
     if plan is None:
         raise DSAExportError("TensorRT could not build the engine (see its log above)")
     timing = bytes(config.get_timing_cache().serialize())
-    with atomic_dir(engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
-        write_atomic(tmp / PLAN, bytes(plan))
-        write_atomic(tmp / TIMING_CACHE, timing)
+    with atomic_dir(stage.engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
+        write_atomic(tmp / stage.plan_path.name, bytes(plan))
+        write_atomic(tmp / stage.timing_cache_path.name, timing)
         record = {"tensorrt": trt.__version__, "target": target.name, "compute_capability": target.cc,
                   "profiles": list(PROFILES), "shapes": shapes.__dict__, "plugin_layers": sum(
-                      t == "PLUGIN_V3" for t in layers.values()), "plan_bytes": len(bytes(plan))}
-        write_atomic(tmp / ENGINE_JSON, json.dumps(record, indent=2) + "\n")
+                      t == "PLUGIN_V3" for t in layers.values()), "plan_bytes": plan.nbytes}
+        write_atomic(tmp / stage.engine_json_path.name, json.dumps(record, indent=2) + "\n")
     return record
+
+
+def build_engines(export, kernel_dir: Path, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,
+                  log: Callable[[str], None] = print) -> list[dict]:
+    """`build_engine` for every pipeline stage of an export (each engine for the stage's GPU)."""
+    return [build_engine(stage, kernel_dir, target, shapes, workspace_gb, log) for stage in export.stages]

@@ -30,20 +30,21 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import dsa_export
+from dsa_export._version import __version__
 from dsa_export.errors import DSAExportError
+from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.checks import check_graph
 from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO, graph_io, name_graph_dims
-from dsa_export.exporter.weights import (DEFAULT_MAX_FILE_BYTES, TORCH_DTYPES, CheckpointWeights, ModelWeights,
-                                         WeightSpec, data_files, write_weights)
+from dsa_export.exporter.weights import (DEFAULT_MAX_FILE_BYTES, CheckpointWeights, ModelWeights, WeightSpec,
+                                         write_weights)
 from dsa_export.files import ensure_output_dir, make_readable
+from dsa_export.formats import name_of
 from dsa_export.kernels import EXPORT_OPS
 from dsa_export.models.checkpoint import Checkpoint
 from dsa_export.models.config import DSAConfig
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import OPSET, add_decompositions, translation_table
 
-MODEL_FILE, IO_FILE, CONFIG_FILE = "model.onnx", "io.json", "config.json"
 WRAPPER_PREFIX = "model."  # CachedLM holds the model as `.model`: initializer names are "model." + state-dict names
 
 
@@ -125,14 +126,14 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
 def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
                 last_logits_only: bool = False, capacity: int | None = None, dequantize_experts: bool = False,
                 max_data_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False,
-                layers: tuple[int, int] | None = None) -> Path:
-    """Export, check and write `model.onnx`, its external data files and `io.json` into `out_dir`; returns the ONNX
-    path. source: a checkpoint directory, or one opened by checkpoint.open_checkpoint (weights streamed from its
+                layers: tuple[int, int] | None = None) -> StageDir:
+    """Export, check and write `model.onnx`, its external data files and `io.json` into `out_dir`; returns the
+    export (exporter/artifacts.py) with its io and graph already known. source: a checkpoint directory, or one opened by checkpoint.open_checkpoint (weights streamed from its
     safetensors; the model is never held in memory), or a loaded model. capacity: cache rows (default: models/cache.py `default_capacity`). FP8 experts (stored FP8
     in the checkpoint, or kept FP8 by the loaded model) stay FP8 with their block scales unless
     `dequantize_experts`, which stores them in `dtype`. max_data_file_bytes: the size of each external data file.
     layers: export only layers start:stop, a pipeline stage (exporter/graph_io.py), with only their weights."""
-    if dtype not in TORCH_DTYPES.values() or dtype == torch.uint8:
+    if name_of(dtype) not in ("float32", "bfloat16", "float16"):
         raise DSAExportError(f"cannot export in {dtype}")
     if isinstance(source, DSAForCausalLM):  # traced as built from its config, with its switches
         config, weights = source.config, ModelWeights(source)
@@ -141,7 +142,7 @@ def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str |
     else:
         weights = CheckpointWeights(source)
         config, fp8_experts, fp8_sim = weights.config, weights.experts_fp8, False
-    io = graph_io(config, str(dtype).removeprefix("torch."), last_logits_only, capacity, layers)
+    io = graph_io(config, dtype, last_logits_only, capacity, layers)
     if io.capacity < 4:
         raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
     if max_data_file_bytes < 1:
@@ -158,42 +159,40 @@ def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str |
 
 
 def _export(config: DSAConfig, weights, io: GraphIO, out_dir: Path, dtype: torch.dtype, fp8_experts: bool,
-            fp8_sim: bool, max_data_file_bytes: int, progress: bool) -> Path:
-    fp8_block = (config.fp8_block or (128, 128)) if fp8_experts else None
+            fp8_sim: bool, max_data_file_bytes: int, progress: bool) -> StageDir:
+    fp8_block = config.weight_block if fp8_experts else None
     proto, specs = trace_graph(config, io, dtype, fp8_block, fp8_sim)
     proto = add_decompositions(proto)
     name_graph_dims(proto, io)
-    proto.doc_string = (f"dsa-export {dsa_export.__version__}; {str(dtype).removeprefix('torch.')}, "
-                        f"cache capacity {io.capacity}")
+    proto.doc_string = f"dsa-export {__version__}; {name_of(dtype)}, cache capacity {io.capacity}"
     tmp = Path(tempfile.mkdtemp(prefix=".export.", dir=out_dir))
     try:
         proto.graph.initializer.extend(write_weights(specs, weights, tmp, max_data_file_bytes, progress))
-        onnx.save_model(proto, tmp / MODEL_FILE)  # the graph only; the weights are in the data files
+        new, old = StageDir(tmp), StageDir(out_dir)
+        onnx.save_model(proto, new.model_path)  # the graph only; the weights are in the data files
         moe_layers = sum(config.is_moe_layer(i) for i in range(*io.layers))
-        check_graph(tmp / MODEL_FILE, io, moe_layers=moe_layers)
-        (tmp / IO_FILE).write_text(json.dumps(io.to_json(), indent=2) + "\n")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")  # the model exported
+        check_graph(new.model_path, io, moe_layers=moe_layers, model=proto)
+        new.io_path.write_text(json.dumps(io.to_json(), indent=2) + "\n")
+        new.config_path.write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")  # the model exported
         make_readable(tmp)
-        (out_dir / MODEL_FILE).unlink(missing_ok=True)  # never a new model.onnx beside old data, or the reverse
-        for old in data_files(out_dir):
-            old.unlink()
-        new = [f.name for f in data_files(tmp)]
-        for name in (*new, IO_FILE, CONFIG_FILE, MODEL_FILE):  # model.onnx last: it appears only when complete
-            os.replace(tmp / name, out_dir / name)
+        old.model_path.unlink(missing_ok=True)  # never a new model.onnx beside old data, or the reverse
+        for path in old.data_files():
+            path.unlink()
+        for path in (*new.data_files(), new.io_path, new.config_path, new.model_path):  # model.onnx last: it
+            os.replace(path, out_dir / path.name)  # appears only when complete
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir / MODEL_FILE
+    stage = StageDir(out_dir)
+    stage.__dict__.update(io=io, config=config, graph=proto)  # known: nothing is read back
+    return stage
 
 
-def remove_other_exports(build_dir: Path, stages: int) -> None:
-    """Before exporting `stages` pipeline stages into build_dir: remove what an export into other stages left there
-    (a single graph at the root, or stage-*/ directories beyond these), so that no old graph is taken for the new."""
-    build_dir = Path(build_dir)
-    if stages > 1:
-        (build_dir / MODEL_FILE).unlink(missing_ok=True)  # first: without it, the rest is no export
-        for path in [*data_files(build_dir), build_dir / IO_FILE, build_dir / CONFIG_FILE]:
-            path.unlink(missing_ok=True)
-    stage = stages if stages > 1 else 0
-    while (build_dir / f"stage-{stage}").is_dir():
-        shutil.rmtree(build_dir / f"stage-{stage}")
-        stage += 1
+def export_stages(source: DSAForCausalLM | Checkpoint | str | Path, root: str | Path, layers: list[tuple[int, int]],
+                  **options) -> ExportDir:
+    """Export the model cut into pipeline stages (layer ranges, in order) into root (one graph at the root for a
+    single stage, else root/stage-i/), after removing what an export into another number of stages left there;
+    `options` as export_onnx's. Returns the export, every stage's io and graph already known."""
+    export = ExportDir(root)
+    export.prepare(len(layers))
+    return ExportDir(root, [export_onnx(source, ExportDir.stage_path(root, i, len(layers)), layers=stage,
+                                        progress=True, **options) for i, stage in enumerate(layers)])

@@ -24,31 +24,16 @@ import torch
 from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
+from dsa_export.exporter.artifacts import data_file_name
+from dsa_export.formats import of
 from dsa_export.models.checkpoint import (SCALE_SUFFIX, Checkpoint, TensorReader, check_finite, open_checkpoint,
                                           tensor_sources)
 from dsa_export.models.fp8 import dequantize_weight
 from dsa_export.models.model import DSAForCausalLM, RoutedExperts
 
-DATA_FILE = "model.onnx.data"
 CHUNK_BYTES = 64 << 20
 ALIGN = 4096
 DEFAULT_MAX_FILE_BYTES = 4 << 30
-ONNX_DTYPES = {torch.float32: onnx.TensorProto.FLOAT, torch.bfloat16: onnx.TensorProto.BFLOAT16,
-               torch.float16: onnx.TensorProto.FLOAT16, torch.uint8: onnx.TensorProto.UINT8}
-TORCH_DTYPES = {v: k for k, v in ONNX_DTYPES.items()}
-
-
-def data_file_name(index: int) -> str:
-    return DATA_FILE if index == 0 else f"{DATA_FILE}.{index}"
-
-
-def data_files(onnx_dir: Path) -> list[Path]:
-    """The external data files of an export, in order."""
-    files, i = [], 0
-    while (onnx_dir / data_file_name(i)).exists():
-        files.append(onnx_dir / data_file_name(i))
-        i += 1
-    return files
 
 
 @dataclass(frozen=True)
@@ -81,7 +66,7 @@ class CheckpointWeights:
         """checkpoint: a directory, or one already opened (several stage exports read one checkpoint)."""
         self.checkpoint = checkpoint if isinstance(checkpoint, Checkpoint) else open_checkpoint(checkpoint)
         self.config = self.checkpoint.config
-        self.block = self.config.fp8_block or (128, 128)
+        self.block = self.config.weight_block
         self.buffers = self.checkpoint.skeleton.computed_buffers()
         self.reader = TensorReader(self.checkpoint.stored)
 
@@ -99,7 +84,7 @@ class CheckpointWeights:
     def _stored(self, name: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
         stored = self.checkpoint.stored[name]
         rows, row_elems = (stored.shape[0], math.prod(stored.shape[1:])) if stored.shape else (1, 1)
-        fp8 = stored.dtype == "F8_E4M3"
+        fp8 = stored.dtype == of("float8_e4m3fn").safetensors
         dequantize = fp8 and dtype != torch.uint8  # uint8 in the graph: the FP8 codes themselves
         multiple = self.block[0] if dequantize else 1  # whole block rows, so each block meets its scale
         for start, stop in _row_blocks(rows, row_elems * 4, multiple):
@@ -169,7 +154,7 @@ def write_weights(specs: list[tuple[str, WeightSpec]], source: WeightSource, out
                 if written != spec.nbytes:
                     raise DSAExportError(f"tensor '{spec.name}': wrote {written:,} bytes, the graph expects "
                                          f"{spec.nbytes:,} ({list(spec.shape)} {spec.dtype})")
-                tensor = onnx.TensorProto(name=onnx_name, dims=spec.shape, data_type=ONNX_DTYPES[spec.dtype],
+                tensor = onnx.TensorProto(name=onnx_name, dims=spec.shape, data_type=of(spec.dtype).onnx,
                                           data_location=onnx.TensorProto.EXTERNAL)
                 for key, value in (("location", data_file_name(index)), ("offset", offset),
                                    ("length", spec.nbytes)):

@@ -45,6 +45,7 @@ import torch
 
 from dsa_export.errors import DSAExportError
 from dsa_export.files import ensure_output_dir, write_atomic
+from dsa_export.formats import name_of, of
 from dsa_export.targets import GPUTarget, get_target
 
 # triton and the kernel modules are imported inside the functions: importing this module must not fix triton's
@@ -71,8 +72,6 @@ ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
 # plugins launch with shared_mem = metadata.shared and never opt in, so compile_spec refuses kernels above it.
 DEFAULT_SHARED_BYTES = 49152
 POSITIONS_TYPE = "*i64"  # positions arrive as torch's default int64
-TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4nv"}
-DTYPE_TAGS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float8_e4m3fn: "fp8e4m3"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +93,7 @@ class KernelDims:
 def kernel_dims(config) -> KernelDims:
     """KernelDims of a `dsa_export.models.config.DSAConfig`. The number of experts and of slots per token are not
     compiled in: the grid and a runtime scalar carry them."""
-    block_out, block_in = config.fp8_block or (128, 128)  # DeepSeek's FP8 checkpoint format
+    block_out, block_in = config.weight_block
     return KernelDims(HI=config.index_n_heads, DI=config.index_head_dim, topk=config.index_topk,
                       H=config.num_attention_heads, DK=config.kv_lora_rank + config.qk_rope_head_dim,
                       dv=config.kv_lora_rank, scale=config.softmax_scale, hidden=config.hidden_size,
@@ -152,27 +151,27 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
     indexer_dtypes = [torch.float32, torch.bfloat16] + ([torch.float8_e4m3fn] if target.fp8 else [])
     specs = []
     for dtype in indexer_dtypes:
-        t = TRITON_TYPES[dtype]
+        t = of(dtype).triton
         specs.append(KernelSpec(
-            name=f"lightning_indexer_{DTYPE_TAGS[dtype]}", contract="LightningIndexer",
+            name=f"lightning_indexer_{of(dtype).tag}", contract="LightningIndexer",
             kernel=triton_indexer.lightning_indexer_kernel,
             arguments=(inp("q_ptr", f"*{t}", "q"), inp("k_ptr", f"*{t}", "k"), inp("w_ptr", "*fp32", "w"),
                        inp("pos_ptr", POSITIONS_TYPE, "positions"), scalar("S", "q", 1), scalar("T", "k", 1),
                        out("out_ptr", "*i32", "indices")),
-            selector=("q", dtype_name(dtype)),
+            selector=("q", name_of(dtype)),
             constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dtype, capability),
             grid=((("q", 0), ("q", 1)), (1,), (1,)),  # one program per query row
             num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
     for dtype in (torch.float32, torch.bfloat16):
-        t = TRITON_TYPES[dtype]
+        t = of(dtype).triton
         constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
         head_blocks = triton_sparse_mla.sparse_mla_grid(1, 1, constexprs)[1]
         specs.append(KernelSpec(
-            name=f"sparse_mla_{DTYPE_TAGS[dtype]}", contract="SparseMLA", kernel=triton_sparse_mla.sparse_mla_kernel,
+            name=f"sparse_mla_{of(dtype).tag}", contract="SparseMLA", kernel=triton_sparse_mla.sparse_mla_kernel,
             arguments=(inp("q_ptr", f"*{t}", "q"), inp("kv_ptr", f"*{t}", "kv"), inp("idx_ptr", "*i32", "indices"),
                        scalar("S", "q", 1), scalar("T", "kv", 1), scalar("K", "indices", 2),
                        out("out_ptr", f"*{t}", "out")),
-            selector=("q", dtype_name(dtype)), constexprs=constexprs,
+            selector=("q", name_of(dtype)), constexprs=constexprs,
             grid=((("q", 0), ("q", 1)), (head_blocks,), (1,)),  # query rows × blocks of heads
             num_warps=triton_sparse_mla.NUM_WARPS, num_stages=triton_sparse_mla.NUM_STAGES))
     for fp8 in (False, True) if target.fp8 else (False,):
@@ -184,8 +183,8 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
 def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> KernelSpec:
     from dsa_export.kernels import triton_moe
 
-    t = TRITON_TYPES[dtype]
-    w = TRITON_TYPES[torch.float8_e4m3fn] if fp8 else t  # FP8 weights: the uint8 codes, read as e4m3
+    t = of(dtype).triton
+    w = of("float8_e4m3fn").triton if fp8 else t  # FP8 weights: the uint8 codes, read as e4m3
     arguments = [inp("x_ptr", f"*{t}", "x"), inp("experts_ptr", "*i32", "experts"),
                  inp("weights_ptr", "*fp32", "weights"), inp("gate_up_ptr", f"*{w}", "gate_up")]
     arguments += [inp("gate_up_scale_ptr", "*fp32", "gate_up_scale")] if fp8 else []
@@ -197,16 +196,12 @@ def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> Ker
                                                       (dims.block_out, dims.block_in) if fp8 else None)
     slices = triton_moe.routed_experts_grid(1, constexprs)[1]
     return KernelSpec(
-        name=f"routed_experts{'_fp8' if fp8 else ''}_{DTYPE_TAGS[dtype]}",
+        name=f"routed_experts{'_fp8' if fp8 else ''}_{of(dtype).tag}",
         contract="RoutedExpertsFP8" if fp8 else "RoutedExperts",
         kernel=triton_moe.routed_experts_fp8_kernel if fp8 else triton_moe.routed_experts_kernel,
-        arguments=tuple(arguments), selector=("x", dtype_name(dtype)), constexprs=constexprs,
+        arguments=tuple(arguments), selector=("x", name_of(dtype)), constexprs=constexprs,
         grid=((("gate_up", 0),), (slices,), (1,)),  # experts × I-slices
         num_warps=triton_moe.NUM_WARPS, num_stages=triton_moe.NUM_STAGES)
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------------

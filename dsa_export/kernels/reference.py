@@ -1,6 +1,6 @@
 """CPU reference implementations of the `dsa::` ops in plain torch.
 
-Same results as the readable semantics in `dsa_export.models.dsa_ops`, but with the costs of a real implementation:
+Same results as the readable semantics in `dsa_export.models.semantics`, but with the costs of a real implementation:
 - the indexer and sparse MLA are tiled over queries: the indexer holds one query tile's [rows, T] scores plus one key
   chunk's per-head scores (TILE_BYTES together), never the whole [S, T] matrix, so a 64K-token prefill fits in well
   under a GB; keys a tile cannot see (beyond its largest position) are not scored at all;
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsa_export.models.dsa_ops import dequantize_experts
+from dsa_export.models.semantics import dequantize_experts
 
 TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
 KEY_CHUNK = 4096  # keys scored per GEMM: small, reused buffers instead of one [T, rows·HI] block

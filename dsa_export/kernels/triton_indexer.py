@@ -1,6 +1,6 @@
 """Lightning indexer as a Triton kernel: fused score Σ_h w·ReLU(q_h·k_t) and causal top-k in one pass.
 
-Contract (design.md, `dsa::LightningIndexer`; reference: `dsa_export.models.dsa_ops.lightning_indexer`):
+Contract (design.md, `dsa::LightningIndexer`; reference: `dsa_export.models.semantics.lightning_indexer`):
 q [B,S,HI,DI], k [B,T,DI], w [B,S,HI] fp32, positions [B,S] int → indices [B,S,topk] int32 of the visible keys
 (t <= positions[b,s]) with the largest score; ties go to the lower t; slots beyond the visible count hold −1.
 
@@ -54,6 +54,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from dsa_export.kernels.common import dot_precision, pow2
 
 EMPTY_KEY = tl.constexpr(-(2**63))  # sorts below every real key; stands for "no key" (−1 in the output)
 NUM_WARPS = 4
@@ -121,23 +123,19 @@ def lightning_indexer_kernel(
     tl.store(out_ptr + row * TOPK + slot, index.to(tl.int32), mask=slot < TOPK)
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
-
-
 def indexer_constexprs(HI: int, DI: int, topk: int, dtype: torch.dtype, capability: int | None = None) -> dict:
     """The compile-time constants for one model shape, input dtype and GPU compute capability (e.g. 90; None for
     the interpreter). Shared by the launcher and the AOT build, so both compile the same kernel."""
-    topk_p = _pow2(topk)
-    return {"HI": HI, "DI": DI, "TOPK": topk, "HI_P": _pow2(HI), "DI_P": _pow2(DI), "TOPK_P": topk_p,
-            "BLOCK_T": min(MAX_BLOCK_T, topk_p), "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+    topk_p = pow2(topk)
+    return {"HI": HI, "DI": DI, "TOPK": topk, "HI_P": pow2(HI), "DI_P": pow2(DI), "TOPK_P": topk_p,
+            "BLOCK_T": min(MAX_BLOCK_T, topk_p), "DOT_PRECISION": dot_precision(dtype),
             # triton 3.7.1 crashes compiling the skip test for sm_100 (module docstring): always merge there
             "SKIP_TILES": capability is None or capability < 100}
 
 
 def lightning_indexer_triton(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
                              topk: int) -> torch.Tensor:
-    """indices [B,S,topk] int32; same contract as `dsa_export.models.dsa_ops.lightning_indexer`.
+    """indices [B,S,topk] int32; same contract as `dsa_export.models.semantics.lightning_indexer`.
 
     Launches on CUDA tensors, or on CPU tensors when triton was imported with TRITON_INTERPRET=1."""
     B, S, HI, DI = q.shape

@@ -1,6 +1,6 @@
 """Routed experts (MoE) as one Triton kernel: tokens grouped by expert, SwiGLU, weighted sum with atomic adds.
 
-Contract (`contracts.ROUTED_EXPERTS` / `ROUTED_EXPERTS_FP8`; reference: `dsa_export.models.dsa_ops.routed_experts`):
+Contract (`contracts.ROUTED_EXPERTS` / `ROUTED_EXPERTS_FP8`; reference: `dsa_export.models.semantics.routed_experts`):
 x [N,H], experts [N,k] int32, weights [N,k] fp32, gate_up [E,2I,H] (gate ‖ up), down [E,H,I], base [N,H] fp32 →
 out [N,H] fp32 = base + Σ_j weights[n,j]·down[e]·h, h = silu(g)·u, [g ‖ u] = gate_up[e]·x[n], e = experts[n,j].
 FP8 variant: gate_up/down hold e4m3 codes with fp32 block scales (gate_up_scale [E, 2·ceil(I/BO), ceil(H/BI)]: the
@@ -46,7 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsa_export.kernels.triton_indexer import _pow2
+from dsa_export.kernels.common import dot_precision, pow2
+
 
 # Sized for the real model within 48 KiB of shared memory and without register spills (module docstring): the AOT
 # kernels get no pointer-alignment hints, so every tile element costs a 64-bit pointer register; 8 warps spread them.
@@ -192,7 +193,7 @@ def _pow2_divisor(n: int) -> int:
 def routed_experts_constexprs(H: int, I: int, dtype: torch.dtype, fp8_block: tuple[int, int] | None = None) -> dict:
     """The compile-time constants for one model shape, activation dtype and (FP8 weights) scale block
     (block_out, block_in); shared by the launcher and the AOT build."""
-    block_i, block_k, block_o = min(MAX_BLOCK_I, _pow2(I)), min(MAX_BLOCK_K, _pow2(H)), min(MAX_BLOCK_O, _pow2(H))
+    block_i, block_k, block_o = min(MAX_BLOCK_I, pow2(I)), min(MAX_BLOCK_K, pow2(H)), min(MAX_BLOCK_O, pow2(H))
     constexprs = {}
     if fp8_block is not None:  # tiles must not straddle scale blocks
         block_out, block_in = fp8_block
@@ -204,7 +205,7 @@ def routed_experts_constexprs(H: int, I: int, dtype: torch.dtype, fp8_block: tup
                              f"them (tl.dot); use multiples of 16")
         constexprs = {"BLOCK_OUT": block_out, "BLOCK_IN": block_in}
     return {"H": H, "I": I, "BLOCK_M": BLOCK_M, "BLOCK_I": block_i, "BLOCK_K": block_k, "BLOCK_O": block_o,
-            "SCAN": SCAN, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32", **constexprs}
+            "SCAN": SCAN, "DOT_PRECISION": dot_precision(dtype), **constexprs}
 
 
 def routed_experts_grid(E: int, constexprs: dict) -> tuple[int, int, int]:
@@ -213,7 +214,7 @@ def routed_experts_grid(E: int, constexprs: dict) -> tuple[int, int, int]:
 
 def routed_experts_triton(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
                           down: torch.Tensor, base: torch.Tensor, scales: tuple | None = None) -> torch.Tensor:
-    """out [N,H] fp32; same contract as `dsa_export.models.dsa_ops.routed_experts` (scales=None) or
+    """out [N,H] fp32; same contract as `dsa_export.models.semantics.routed_experts` (scales=None) or
     `routed_experts_fp8` (scales = (gate_up_scale, down_scale, block_out, block_in), weights as FP8 codes).
 
     Launches on CUDA tensors, or on CPU tensors when triton was imported with TRITON_INTERPRET=1."""

@@ -1,6 +1,6 @@
 """Top-k sparse MLA attention as a Triton kernel: gather the selected latent rows, flash-style online softmax.
 
-Contract (design.md, `dsa::SparseMLA`; reference: `dsa_export.models.dsa_ops.sparse_mla`):
+Contract (design.md, `dsa::SparseMLA`; reference: `dsa_export.models.semantics.sparse_mla`):
 q [B,S,H,DK], kv [B,T,DK], indices [B,S,K] int32 (−1 = empty slot); attributes scale, dv → out [B,S,H,dv] in q's
 dtype = softmax(scale · q·kv[idx]ᵀ) · kv[idx, :dv] over the valid slots only; a row without valid slots gives zeros.
 
@@ -35,6 +35,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from dsa_export.kernels.common import dot_precision, pow2
 
 NUM_WARPS = 4
 NUM_STAGES = 2  # software pipelining depth (the launcher and the AOT build use the same)
@@ -94,18 +96,14 @@ def sparse_mla_kernel(
     tl.store(out_rows + dv[None, :], out.to(out_ptr.dtype.element_ty), mask=head_ok & dv_ok)
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(n))
-
-
 def sparse_mla_constexprs(H: int, DK: int, dv: int, scale: float, dtype: torch.dtype) -> dict:
     """The compile-time constants for one model shape and input dtype (shared by the launcher and the AOT build)."""
     if not 0 < dv < DK:
         raise ValueError(f"sparse_mla: dv={dv} must be in 1..DK-1 (DK={DK}): the row is value ‖ RoPE part")
     max_heads = MAX_BLOCK_H // 2 if dtype == torch.float32 else MAX_BLOCK_H  # fp32 tiles take twice the bytes
-    return {"H": H, "DK": DK, "DV": dv, "SCALE": float(scale), "BLOCK_H": min(max_heads, _pow2(H)),
-            "BLOCK_K": BLOCK_K, "DV_P": _pow2(dv), "DR_P": _pow2(DK - dv),
-            "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    return {"H": H, "DK": DK, "DV": dv, "SCALE": float(scale), "BLOCK_H": min(max_heads, pow2(H)),
+            "BLOCK_K": BLOCK_K, "DV_P": pow2(dv), "DR_P": pow2(DK - dv),
+            "DOT_PRECISION": dot_precision(dtype)}
 
 
 def sparse_mla_grid(B: int, S: int, constexprs: dict) -> tuple[int, int, int]:
@@ -113,7 +111,7 @@ def sparse_mla_grid(B: int, S: int, constexprs: dict) -> tuple[int, int, int]:
 
 
 def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int) -> torch.Tensor:
-    """out [B,S,H,dv] in q's dtype; same contract as `dsa_export.models.dsa_ops.sparse_mla`.
+    """out [B,S,H,dv] in q's dtype; same contract as `dsa_export.models.semantics.sparse_mla`.
 
     Launches on CUDA tensors, or on CPU tensors when triton was imported with TRITON_INTERPRET=1."""
     B, S, H, DK = q.shape

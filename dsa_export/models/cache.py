@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from dsa_export.errors import DSAExportError
+from dsa_export.formats import of
 from dsa_export.models.config import DSAConfig
 
 KINDS = ("latent", "index_key")
@@ -60,17 +61,21 @@ def default_capacity(config: DSAConfig) -> int:
     return min(config.max_position_embeddings, DEFAULT_MAX_CAPACITY)
 
 
-def cache_bytes_per_token(config: DSAConfig, fmt: str, layers: int | None = None) -> float:
-    """Bytes one token's cache rows take, over `layers` layers (default: all). fmt: a torch dtype name for the
-    plain layout above, or "fp8" for the serving layouts DeepSeek uses: FlashMLA's latent row (fp8 latent + an fp32
-    scale per 128 + bf16 rope) and DeepGEMM's indexer key (fp8 + one fp32 scale)."""
-    layers = config.num_hidden_layers if layers is None else layers
+def cache_row_bytes(config: DSAConfig, fmt: str) -> tuple[float, float]:
+    """Bytes of one token's latent row and indexer-key row in one layer. fmt: a dtype name for the plain layout
+    above, or "fp8" for the serving layouts DeepSeek uses: FlashMLA's latent row (fp8 latent + an fp32 scale per 128 +
+    bf16 rope) and DeepGEMM's indexer key (fp8 + one fp32 scale per 128)."""
     c, r, di = config.kv_lora_rank, config.qk_rope_head_dim, config.index_head_dim
     if fmt == "fp8":
-        per_layer = (c + 4 * math.ceil(c / 128) + 2 * r) + (di + 4 * math.ceil(di / 128))
-    else:
-        per_layer = (c + r + di) * torch.empty(0, dtype=getattr(torch, fmt)).element_size()
-    return per_layer * layers
+        return c + 4 * math.ceil(c / 128) + 2 * r, di + 4 * math.ceil(di / 128)
+    size = of(fmt).itemsize
+    return (c + r) * size, di * size
+
+
+def cache_bytes_per_token(config: DSAConfig, fmt: str, layers: int | None = None) -> float:
+    """Bytes one token's cache rows take over `layers` layers (default: all); fmt as `cache_row_bytes`."""
+    layers = config.num_hidden_layers if layers is None else layers
+    return sum(cache_row_bytes(config, fmt)) * layers
 
 
 @dataclass

@@ -5,13 +5,14 @@ Reading is tensor by tensor (`safe_open`), so peak memory stays near the model's
 byte per parameter; `dsa::RoutedExpertsFP8` reads them); the MTP layer (`model.layers.{num_hidden_layers}`) is
 skipped. HF stores each expert's projections separately (`mlp.experts.{e}.gate_proj.weight`, ...); the model stacks
 them (`mlp.experts.gate_up_proj` [E,2I,H], `mlp.experts.down_proj` [E,H,I]): `tensor_sources` is that mapping.
-Nothing is ever unpickled. Writing goes to a temporary directory that is renamed into place when complete.
+Nothing is ever unpickled. Random checkpoints are written by models/init.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +20,18 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
-from dsa_export.files import atomic_dir
+from dsa_export.formats import FORMATS
 from dsa_export.models.config import DSAConfig, load_config
-from dsa_export.models.fp8 import FP8, dequantize_weight, quantize_weight
+from dsa_export.models.fp8 import FP8, dequantize_weight
 from dsa_export.models.model import DSAForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
 SCALE_SUFFIX = ".weight_scale_inv"
-FLOAT_DTYPES = {"F32", "BF16", "F16"}
-SAFETENSORS_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", FP8: "F8_E4M3"}
+FLOAT_DTYPES = {f.safetensors for f in FORMATS.values() if f.floating and f.itemsize > 1}  # F32, BF16, F16
+FP8_STORED = FORMATS["float8_e4m3fn"].safetensors
 
 
 class CheckpointError(DSAExportError):
@@ -47,7 +47,7 @@ class TensorSpec:
 @dataclass(frozen=True)
 class StoredTensor:
     file: Path
-    dtype: str  # safetensors dtype string, e.g. "BF16", "F8_E4M3"
+    dtype: str  # safetensors dtype string, e.g. "BF16", FP8_STORED
     shape: tuple[int, ...]
 
 
@@ -119,20 +119,59 @@ def _shard_files(path: Path) -> list[Path]:
     return files
 
 
-def read_headers(path: str | Path) -> dict[str, StoredTensor]:
-    """Name → (file, dtype, shape) for every stored tensor, from the safetensors headers only."""
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on a header
+
+
+def read_headers(path: str | Path, digest=None) -> dict[str, StoredTensor]:
+    """Name → (file, dtype, shape) for every stored tensor, from the safetensors headers only (each read once;
+    `digest`, a hashlib object, is fed every header and each file's size and modification time)."""
     stored: dict[str, StoredTensor] = {}
     for file in _shard_files(Path(path)):
-        try:
-            with safe_open(file, framework="pt") as handle:
-                for name in handle.keys():
-                    if name in stored:
-                        raise CheckpointError(f"tensor '{name}' is stored twice ({stored[name].file.name}, {file.name})")
-                    sl = handle.get_slice(name)
-                    stored[name] = StoredTensor(file, sl.get_dtype(), tuple(sl.get_shape()))
-        except SafetensorError as e:
-            raise CheckpointError(f"{file}: unreadable safetensors file ({e}); truncated or corrupt?") from None
+        for name, (dtype, shape) in _header(file, digest).items():
+            if name in stored:
+                raise CheckpointError(f"tensor '{name}' is stored twice ({stored[name].file.name}, {file.name})")
+            stored[name] = StoredTensor(file, dtype, shape)
     return stored
+
+
+def _header(file: Path, digest=None) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The tensors a safetensors file declares, each checked to lie inside the file (a truncated file is refused)."""
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{file}: unreadable safetensors file ({why}); truncated or corrupt?")
+
+    try:
+        with open(file, "rb") as f:
+            stat = os.fstat(f.fileno())
+            length = int.from_bytes(f.read(8), "little")
+            if not 2 <= length <= min(MAX_HEADER_BYTES, stat.st_size - 8):
+                raise corrupt(f"a header of {length:,} bytes in a file of {stat.st_size:,}")
+            raw = f.read(length)
+        header = json.loads(raw)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    data_bytes = stat.st_size - 8 - length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+            valid = (isinstance(dtype, str) and all(isinstance(d, int) and d >= 0 for d in shape)
+                     and isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end)
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise corrupt(f"tensor '{name}' has no valid dtype, shape and data_offsets")
+        if end > data_bytes:
+            raise corrupt(f"tensor '{name}' ends at byte {end:,} of {data_bytes:,}")
+        tensors[name] = (dtype, shape)
+    if digest is not None:
+        digest.update(file.name.encode() + raw + f"{stat.st_size} {stat.st_mtime_ns}".encode())
+    return tensors
 
 
 def _is_mtp(name: str, config: DSAConfig) -> bool:
@@ -143,14 +182,14 @@ def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
                   expected: dict[str, TensorSpec] | None = None) -> None:
     """Raise on the first missing, unexpected or wrongly shaped/typed tensor."""
     expected = expected if expected is not None else expected_tensors(config)
-    block = config.fp8_block or (128, 128)
+    block = config.weight_block
     for name, spec in expected.items():
         if name not in stored:
             raise CheckpointError(f"tensor '{name}' is missing")
         got = stored[name]
         if got.shape != spec.shape:
             raise CheckpointError(f"tensor '{name}' has shape {list(got.shape)}, expected {list(spec.shape)}")
-        if got.dtype == "F8_E4M3" and spec.fp8_ok:
+        if got.dtype == FP8_STORED and spec.fp8_ok:
             scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
             want = tuple(-(-d // b) for d, b in zip(spec.shape, block))
             scale = stored.get(scale_name)
@@ -166,7 +205,7 @@ def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
         if _is_mtp(name, config) or name in expected:
             continue
         owner = name.removesuffix(SCALE_SUFFIX) + ".weight"
-        if name.endswith(SCALE_SUFFIX) and stored.get(owner, None) and stored[owner].dtype == "F8_E4M3":
+        if name.endswith(SCALE_SUFFIX) and stored.get(owner, None) and stored[owner].dtype == FP8_STORED:
             continue
         raise CheckpointError(f"tensor '{name}' is unexpected for this config")
 
@@ -174,29 +213,28 @@ def check_tensors(config: DSAConfig, stored: dict[str, StoredTensor],
 def checkpoint_fingerprint(path: str | Path) -> str:
     """sha256 over config.json, the tokenizer files and every shard's header, size and modification time: identifies
     a checkpoint (and notices it being rewritten in place, as make would) without reading hundreds of GB of
-    weights."""
+    weights. `open_checkpoint` computes the same while it reads the headers."""
+    return _scan(Path(path))[1]
+
+
+def _scan(path: Path) -> tuple[dict[str, StoredTensor], str]:
+    """(stored tensors, fingerprint), every header read once."""
     from dsa_export.models.tokenizer import tokenizer_files
 
-    path = Path(path)
     try:
         digest = hashlib.sha256((path / "config.json").read_bytes())
         for file in tokenizer_files(path):
             digest.update(file.name.encode() + file.read_bytes())
-        for file in _shard_files(path):
-            with open(file, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                digest.update(f.read(min(header_len, 100_000_000)))
-            stat = file.stat()
-            digest.update(f"{stat.st_size} {stat.st_mtime_ns}".encode())
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read the checkpoint ({e.strerror}: {e.filename})") from None
-    return digest.hexdigest()
+    stored = read_headers(path, digest)
+    return stored, digest.hexdigest()
 
 
 def experts_stored_fp8(expected: dict[str, TensorSpec], stored: dict[str, StoredTensor]) -> bool:
     """True if every routed expert projection is stored FP8 (as in DeepSeek's checkpoint)."""
     names = [n for n in expected if ".mlp.experts." in n and n.endswith(".weight")]
-    return bool(names) and all(stored[n].dtype == "F8_E4M3" for n in names)
+    return bool(names) and all(stored[n].dtype == FP8_STORED for n in names)
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -213,7 +251,7 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
     """Copy every model tensor from its checkpoint tensors (`read(hf_name)`), one at a time: stacked experts from
     their per-expert projections; FP8 weights dequantised, unless the model keeps them FP8 (then copied as stored)."""
     config = model.config
-    block = config.fp8_block or (128, 128)
+    block = config.weight_block
     params = model.state_dict()
     # disable=None: tqdm draws only on a terminal
     for name in tqdm(params, desc="loading weights", unit="tensor", disable=None if progress else True, leave=False):
@@ -237,6 +275,7 @@ class Checkpoint:
     stored: dict[str, StoredTensor]
     skeleton: DSAForCausalLM  # on the meta device
     experts_fp8: bool  # every routed expert stored FP8 (as in DeepSeek's checkpoint)
+    fingerprint: str  # checkpoint_fingerprint
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -245,11 +284,11 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint directory not found")
     config = load_config(path)
-    stored = read_headers(path)
-    skeleton = model_skeleton(config)  # built once: it lists the expected tensors and becomes the model
+    stored, fingerprint = _scan(path)
+    skeleton = model_skeleton(config)  # built once: it lists the expected tensors
     expected = expected_tensors(config, skeleton)
     check_tensors(config, stored, expected)
-    return Checkpoint(path, config, stored, skeleton, experts_stored_fp8(expected, stored))
+    return Checkpoint(path, config, stored, skeleton, experts_stored_fp8(expected, stored), fingerprint)
 
 
 class TensorReader:
@@ -287,18 +326,20 @@ class TensorReader:
         self._open.clear()
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progress: bool = True,
+def load_checkpoint(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32, progress: bool = True,
                     fp8_experts: bool | None = None) -> DSAForCausalLM:
-    """Build the model from an HF-layout directory, one tensor at a time. fp8_experts: keep the routed experts FP8
-    with their block scales (default: when the checkpoint stores them so); False dequantises them to `dtype`."""
-    checkpoint = open_checkpoint(path)
+    """Build the model from an HF-layout directory (or a checkpoint already opened), one tensor at a time.
+    fp8_experts: keep the routed experts FP8 with their block scales (default: when the checkpoint stores them so);
+    False dequantises them to `dtype`."""
+    checkpoint = path if isinstance(path, Checkpoint) else open_checkpoint(path)
     config = checkpoint.config
     if fp8_experts and not checkpoint.experts_fp8:
-        raise CheckpointError(f"{path}: the routed experts are not stored in FP8, so they cannot be kept in FP8")
-    model = checkpoint.skeleton.cast(dtype)
+        raise CheckpointError(f"{checkpoint.path}: the routed experts are not stored in FP8, so they cannot be kept "
+                              f"in FP8")
+    model = model_skeleton(config).cast(dtype)  # a model of its own (the opened checkpoint's skeleton stays on meta)
     if checkpoint.experts_fp8 if fp8_experts is None else fp8_experts:
         for experts in model.routed_experts():
-            experts.keep_fp8(config.fp8_block or (128, 128))
+            experts.keep_fp8(config.weight_block)
     model = model.to_empty(device="cpu").init_buffers()
     reader = TensorReader(checkpoint.stored)
     try:
@@ -306,105 +347,3 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, progre
     finally:
         reader.close()
     return model.eval()
-
-
-# ---- writing ----------------------------------------------------------------------------------------------------------
-def random_state_dict(config: DSAConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """Seeded random weights for every expected tensor, scaled so activations stay O(1) through the layers."""
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, spec in expected_tensors(config).items():
-        if name.endswith(("layernorm.weight", "norm.weight")):  # RMSNorm/LayerNorm gains near 1
-            t = 1.0 + 0.1 * torch.randn(spec.shape, generator=gen)
-        elif name.endswith(("e_score_correction_bias", "k_norm.bias")):
-            t = 0.1 * torch.randn(spec.shape, generator=gen)
-        elif name.endswith("embed_tokens.weight"):
-            t = torch.randn(spec.shape, generator=gen)
-        else:  # linear weights [out, in]
-            t = torch.randn(spec.shape, generator=gen) / spec.shape[-1] ** 0.5
-        keep_fp32 = name.endswith(DSAForCausalLM.FP32_PARAMS)
-        state[name] = t.to(torch.float32 if keep_fp32 else dtype)
-    return state
-
-
-def random_model(config: DSAConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> DSAForCausalLM:
-    """The model with `random_state_dict`'s weights: what `init` writes for `config`, without the round trip."""
-    model = DSAForCausalLM(config).cast(dtype)
-    fill_model(model, random_state_dict(config, seed).__getitem__, progress=False)
-    return model.init_buffers().eval()
-
-
-def quantize_state_dict(state: dict[str, torch.Tensor], config: DSAConfig,
-                        block: tuple[int, int] = (128, 128)) -> dict[str, torch.Tensor]:
-    """FP8 block-quantise the weights that the official checkpoint stores in FP8."""
-    specs = expected_tensors(config)
-    out = {}
-    for name, tensor in state.items():
-        if specs[name].fp8_ok:
-            out[name], out[name.removesuffix(".weight") + SCALE_SUFFIX] = quantize_weight(tensor, block)
-        else:
-            out[name] = tensor
-    return out
-
-
-def save_checkpoint(state: dict[str, torch.Tensor], config: DSAConfig, out_dir: str | Path,
-                    max_shard_bytes: int = 2 << 30, overwrite: bool = False,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Write config.json + safetensors shards (+ index when more than one) + extra_files (name → text, e.g. the
-    tokenizer) atomically: temp dir, then rename. An existing checkpoint is replaced only with overwrite=True; any
-    other non-empty directory never."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not (out_dir / "config.json").exists():
-            raise CheckpointError(f"{out_dir}: not empty and not a checkpoint; refusing to replace it")
-        if not overwrite:
-            raise CheckpointError(f"{out_dir}: already holds a checkpoint; choose another directory (or overwrite "
-                                  f"it: init --force)")
-    if max_shard_bytes < 1:
-        raise CheckpointError(f"the shard size must be > 0 bytes, got {max_shard_bytes}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor.contiguous()
-        size += nbytes
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards, 1):
-                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / file, metadata={"format": "pt"})
-                weight_map.update(dict.fromkeys(shard, file))
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                     indent=2) + "\n")
-    return out_dir
-
-
-def init_checkpoint(config: DSAConfig, out_dir: str | Path, seed: int = 0, fp8: bool = False,
-                    max_shard_bytes: int = 2 << 30, overwrite: bool = False) -> Path:
-    """A seeded random checkpoint in HF layout (bf16, or FP8 with 128×128 block scales), with a small byte-level
-    tokenizer and chat template (models/tokenizer.py) when the vocabulary can hold one."""
-    from dsa_export.models.tokenizer import small_tokenizer
-
-    state = random_state_dict(config, seed)
-    if fp8:
-        config = config.replace(quantization_config={"quant_method": "fp8", "fmt": "e4m3",
-                                                     "activation_scheme": "dynamic", "scale_fmt": "ue8m0",
-                                                     "weight_block_size": [128, 128]})
-        state = quantize_state_dict(state, config)
-    else:
-        config = config.replace(quantization_config=None)
-    tokenizer = small_tokenizer(min(config.vocab_size, 512)) if config.vocab_size >= 260 else None
-    return save_checkpoint(state, config, out_dir, max_shard_bytes, overwrite, tokenizer)

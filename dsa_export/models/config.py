@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dsa_export.errors import DSAExportError
+from dsa_export.formats import FP8_BLOCK
 
 MODEL_TYPE = "deepseek_v32"
 
@@ -96,9 +97,15 @@ class DSAConfig:
 
     @property
     def fp8_block(self) -> tuple[int, int] | None:
+        """The FP8 weights' scale block of an FP8-quantised config (None: not quantised)."""
         if not self.quantization_config:
             return None
-        return tuple(self.quantization_config.get("weight_block_size", (128, 128)))
+        return tuple(self.quantization_config.get("weight_block_size", FP8_BLOCK))
+
+    @property
+    def weight_block(self) -> tuple[int, int]:
+        """The scale block FP8 weights of this model have or would have (DeepSeek's format when not quantised)."""
+        return self.fp8_block or FP8_BLOCK
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer >= self.first_k_dense_replace
@@ -151,7 +158,7 @@ class DSAConfig:
             q = self.quantization_config
             need(q.get("quant_method") == "fp8", "quantization_config.quant_method",
                  f"must be 'fp8', got {q.get('quant_method')!r}")
-            block = q.get("weight_block_size", [128, 128])
+            block = q.get("weight_block_size", list(FP8_BLOCK))
             need(isinstance(block, (list, tuple)) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block),
                  "quantization_config.weight_block_size", f"must be two positive integers, got {block!r}")
 
@@ -253,16 +260,3 @@ def load_config(path: str | Path) -> DSAConfig:
         return DSAConfig.from_hf_dict(raw)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
-
-
-MODEL_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16"}
-
-
-def model_dtype(value):
-    """torch.float32 or torch.bfloat16 from a torch dtype or a name (float32/fp32/bfloat16/bf16)."""
-    import torch
-
-    name = str(value).removeprefix("torch.").lower()
-    if name not in MODEL_DTYPES:
-        raise ConfigError(f"dtype must be float32 or bfloat16, got {value!r}")
-    return getattr(torch, MODEL_DTYPES[name])

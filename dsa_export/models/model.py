@@ -30,10 +30,10 @@ from torch import nn
 
 from dsa_export.contracts import fp8_scale_shape
 from dsa_export.errors import DSAExportError
-from dsa_export.models import dsa_ops, inputs
+from dsa_export.models import inputs, semantics
 from dsa_export.models.cache import KVCache, check_room
 from dsa_export.models.config import DSAConfig, yarn_mscale
-from dsa_export.models.dsa_ops import visible_keys
+from dsa_export.models.semantics import visible_keys
 from dsa_export.models.fp8 import hadamard_matrix, simulate_indexer_fp8
 
 FP8_CODES = torch.uint8  # FP8 e4m3 expert weights are held as their codes (contracts.FP8_BYTES)
@@ -52,8 +52,8 @@ class DSAOps(NamedTuple):
     write_cache: Callable
 
 
-TORCH_SEMANTICS = DSAOps(dsa_ops.lightning_indexer, dsa_ops.sparse_mla, dsa_ops.routed_experts,
-                         dsa_ops.routed_experts_fp8, dsa_ops.write_cache)
+TORCH_SEMANTICS = DSAOps(semantics.lightning_indexer, semantics.sparse_mla, semantics.routed_experts,
+                         semantics.routed_experts_fp8, semantics.write_cache)
 
 
 # ---- RoPE with YaRN (§3) ----------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ class RoutedExperts(nn.Module):
         assert self.fp8_block is not None
         rows = self.down_proj.shape[-1] if weight == "gate_up_proj" else self.down_proj.shape[1]
         scale = self.gate_up_scale if weight == "gate_up_proj" else self.down_scale
-        return dsa_ops.dequantize_experts(getattr(self, weight)[experts], scale[experts], *self.fp8_block, rows, dtype)
+        return semantics.dequantize_experts(getattr(self, weight)[experts], scale[experts], *self.fp8_block, rows, dtype)
 
     def dequantize(self, dtype: torch.dtype) -> "RoutedExperts":
         """Back from FP8 codes to `dtype` weights."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dsa_export.models.cache import cache_bytes_per_token
 from dsa_export.models.checkpoint import expected_tensors
 from dsa_export.models.config import DSAConfig
 
@@ -24,15 +25,10 @@ def summarize(config: DSAConfig) -> ModelSummary:
                  and name.split(".")[2] == str(config.first_k_dense_replace))
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
     unused = moe_layers * (config.n_routed_experts - config.num_experts_per_tok) * expert
-    c, r, di = config.kv_lora_rank, config.qk_rope_head_dim, config.index_head_dim
-    per_layer = {
-        "bf16": 2 * (c + r) + 2 * di,
-        # FlashMLA FP8 layout (fp8 latent + fp32 scale per 128 + bf16 rope) and DeepGEMM indexer (fp8 + fp32 scale)
-        "fp8": (c + 4 * math.ceil(c / 128) + 2 * r) + (di + 4 * math.ceil(di / 128)),
-    }
     return ModelSummary(
         layer_plan=["moe" if config.is_moe_layer(i) else "dense" for i in range(config.num_hidden_layers)],
         total_params=total,
         active_params=total - unused,
-        kv_bytes_per_token={k: v * config.num_hidden_layers for k, v in per_layer.items()},
+        kv_bytes_per_token={"bf16": int(cache_bytes_per_token(config, "bfloat16")),
+                            "fp8": int(cache_bytes_per_token(config, "fp8"))},
     )

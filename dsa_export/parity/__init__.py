@@ -1,1 +1,1 @@
-"""Accuracy and cost comparisons against the eager model, reports and plots."""
+"""Accuracy parity against the eager model: the build's smoke check, the metrics and their gate, reports."""

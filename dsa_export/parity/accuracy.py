@@ -6,32 +6,14 @@ top-1 agreement. Per layer: recall of the eager indexer's top-k set. Then greedy
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from dsa_export.errors import DSAExportError
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
+from dsa_export.parity.thresholds import Thresholds
 from dsa_export.runtime import Session
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_abs_logits: float = 1e-3
-    min_cosine: float = 0.9999
-    max_kl: float = 1e-4
-    min_top1: float = 1.0
-    min_greedy_match: float = 1.0
-    min_indexer_recall: float = 0.99
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise DSAExportError(f"parity threshold {f.name} must be a number >= 0, got {value!r}")
-            if f.name.startswith("min_") and value > 1:
-                raise DSAExportError(f"parity threshold {f.name} is a fraction in [0, 1], got {value!r}")
 
 
 @dataclass
@@ -150,12 +132,12 @@ def failures(report: dict, thresholds: Thresholds) -> list[str]:
             if not ok]
 
 
-def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Path) -> list[str]:
-    """parity.json + parity.md in out_dir; returns the failures (empty = every backend passed)."""
+def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Path) -> dict:
+    """parity.json + parity.md in out_dir; returns what parity.json holds ("failures" empty: every backend passed)."""
     out_dir = ensure_output_dir(out_dir)
     missed = [f for r in reports for f in failures(r, thresholds)]
-    write_json_atomic(out_dir / "parity.json", {"thresholds": asdict(thresholds), "passed": not missed,
-                                                "failures": missed, "backends": reports})
+    report = {"thresholds": asdict(thresholds), "passed": not missed, "failures": missed, "backends": reports}
+    write_json_atomic(out_dir / "parity.json", report)
     lines = ["# Accuracy parity against the eager model", "",
              "| backend | max abs logits | mean abs | min cosine | max KL | top-1 | greedy match | min indexer recall |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -174,4 +156,4 @@ def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Pat
                      f"recall per layer {', '.join(f'{x:.3f}' for x in r['indexer_recall_per_layer'])}.")
     lines += ["", "**PASSED**" if not missed else "**FAILED**: " + "; ".join(missed)]
     write_atomic(out_dir / "parity.md", "\n".join(lines) + "\n")
-    return missed
+    return report

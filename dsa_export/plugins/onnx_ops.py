@@ -26,6 +26,7 @@ from onnxscript import FLOAT, INT32, INT64
 from onnxscript.values import Opset
 
 from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA, OpContract
+from dsa_export.formats import of
 
 OPSET = 24  # TensorScatter (in-place cache writes) is opset 24
 DSA_DOMAIN = "dsa"
@@ -37,10 +38,6 @@ IMPL = Opset(IMPL_DOMAIN, 1)
 MASKED = -1e30  # finite "−inf" for masked scores: keeps Softmax free of NaN on empty rows
 TILE_BYTES = 256 << 20  # fp32 scores of one query tile in the tiled decompositions
 
-ONNX_TYPES = {"float32": "tensor(float)", "bfloat16": "tensor(bfloat16)", "float8_e4m3fn": "tensor(float8e4m3fn)",
-              "int32": "tensor(int32)", "int64": "tensor(int64)", "uint8": "tensor(uint8)"}
-ELEM_TYPES = {"float32": TensorProto.FLOAT, "bfloat16": TensorProto.BFLOAT16, "int32": TensorProto.INT32,
-              "int64": TensorProto.INT64, "float8_e4m3fn": TensorProto.FLOAT8E4M3FN, "uint8": TensorProto.UINT8}
 
 
 def _e4m3_table() -> onnx.TensorProto:
@@ -64,25 +61,21 @@ def _shape_inference(contract: OpContract):
     """Output types from the contract: named dims copied from the inputs (or int attributes), dtype by its rule."""
 
     def infer(ctx) -> None:
-        dims: dict[str, onnx.TensorShapeProto.Dimension] = {}
-        elem: dict[str, int] = {}
+        shapes, elem = {}, {}
         for i, spec in enumerate(contract.inputs):
             tensor_type = ctx.get_input_type(i).tensor_type
             elem[spec.name] = tensor_type.elem_type
             if tensor_type.HasField("shape"):
-                for name, dim in zip(spec.dims, tensor_type.shape.dim):
-                    dims.setdefault(name, dim)
-        for a in contract.attributes:
-            attr = ctx.get_attribute(a.name)
-            if a.type == "int" and attr is not None:
-                dims[a.name] = onnx.TensorShapeProto.Dimension(dim_value=attr.i)
+                shapes[spec.name] = list(tensor_type.shape.dim)
+        attributes = {a.name: onnx.TensorShapeProto.Dimension(dim_value=ctx.get_attribute(a.name).i)
+                      for a in contract.attributes if a.type == "int" and ctx.get_attribute(a.name) is not None}
+        dims = contract.named_dims(shapes, attributes)
         for i, spec in enumerate(contract.outputs):
-            rule = spec.dtypes[0]
-            elem_type = elem[rule[5:]] if rule.startswith("like:") else ELEM_TYPES[rule]
+            dtype = contract.output_dtype(elem, i)
             out = onnx.TypeProto()
-            out.tensor_type.elem_type = elem_type
+            out.tensor_type.elem_type = dtype if isinstance(dtype, int) else of(dtype).onnx
             if all(d in dims for d in spec.dims):
-                out.tensor_type.shape.dim.extend(dims[d] for d in spec.dims)
+                out.tensor_type.shape.dim.extend(contract.output_dims(dims, i))
             ctx.set_output_type(i, out)
 
     return infer
@@ -92,11 +85,12 @@ def onnx_schema(contract: OpContract) -> OpSchema:
     constraints, inputs, outputs = [], [], []
     for arg, params in ((contract.inputs, inputs), (contract.outputs, outputs)):
         for t in arg:
-            if t.dtypes[0].startswith("like:"):
-                type_var = f"T_{t.dtypes[0][5:]}"
+            kind, value = t.dtype_rule
+            if kind == "like":
+                type_var = f"T_{value}"
             else:
                 type_var = f"T_{t.name}"
-                constraints.append((type_var, [ONNX_TYPES[d] for d in t.dtypes], t.doc))
+                constraints.append((type_var, [of(d).onnx_type for d in t.dtypes], t.doc))
             params.append(OpSchema.FormalParameter(t.name, type_var, t.doc))
     attributes = [OpSchema.Attribute(a.name, ATTR_TYPES[a.type], a.doc) for a in contract.attributes]
     attributes += [OpSchema.Attribute(name, kind, "TensorRT import hint", required=False)
@@ -144,7 +138,7 @@ def _write_cache_node(cache, rows, positions):
 def translation_table() -> dict:
     import torch
 
-    import dsa_export.kernels.ops  # noqa: F401  (registers torch.ops.dsa.*)
+    import dsa_export.kernels.registration  # noqa: F401  (registers torch.ops.dsa.*)
 
     register_schemas()
     return {torch.ops.dsa.lightning_indexer.default: _lightning_indexer_node,

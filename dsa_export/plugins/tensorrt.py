@@ -30,11 +30,11 @@ import tensorrt.plugin as trtp
 
 from dsa_export.contracts import CONTRACTS, OpContract
 from dsa_export.errors import DSAExportError
+from dsa_export.formats import FORMATS
 from dsa_export.kernels.launch import load_kernels, select
 
-# TensorRT dtype → the contracts' (torch) dtype names
-DTYPE_NAMES = {trt.float32: "float32", trt.bfloat16: "bfloat16", trt.fp8: "float8_e4m3fn", trt.int32: "int32",
-               trt.int64: "int64", trt.uint8: "uint8"}
+# TensorRT dtype → the contracts' (torch) dtype names, from the formats table
+DTYPE_NAMES = {getattr(trt, f.tensorrt): f.name for f in FORMATS.values() if f.tensorrt and hasattr(trt, f.tensorrt)}
 TRT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 ATTRIBUTE_TYPES = {"int": int, "float": float}
 # attribute → the compile-time constant of the kernels it must equal
@@ -89,21 +89,10 @@ def _generated(name: str, parameters: List[inspect.Parameter], returns, body: Ca
     return function
 
 
-def _named_dims(contract: OpContract, args: dict) -> dict:
-    """The contract's dim names → symbolic sizes of the inputs (first input that has the dim) or int attributes."""
-    dims = {}
-    for tensor in contract.inputs:
-        desc = args[tensor.name]
-        for i, name in enumerate(tensor.dims):
-            dims.setdefault(name, desc.shape_expr[i])
-    dims.update((a.name, args[a.name]) for a in contract.attributes if a.type == "int")
-    return dims
-
-
 def output_dims(contract: OpContract, args: dict) -> tuple:
     """The output's (symbolic) dims, by the names the contract gives them."""
-    dims = _named_dims(contract, args)
-    return tuple(dims[d] for d in contract.outputs[0].dims)
+    shapes = {t.name: [args[t.name].shape_expr[i] for i in range(len(t.dims))] for t in contract.inputs}
+    return contract.output_dims(contract.named_dims(shapes, args))
 
 
 def output_desc(contract: OpContract, args: dict) -> trtp.TensorDesc:
@@ -112,9 +101,9 @@ def output_desc(contract: OpContract, args: dict) -> trtp.TensorDesc:
     aliased = dict(contract.aliases).get(output.name)
     if aliased is not None:
         return args[aliased].aliased()
-    rule = output.dtypes[0]
-    dtype = args[rule[5:]].dtype if rule.startswith("like:") else TRT_DTYPES[rule]
-    return trtp.from_shape_expr(output_dims(contract, args), dtype=dtype)
+    dtype = contract.output_dtype({t.name: args[t.name].dtype for t in contract.inputs})
+    return trtp.from_shape_expr(output_dims(contract, args), dtype=TRT_DTYPES[dtype] if isinstance(dtype, str)
+                                else dtype)
 
 
 def grid_size(axis: list, descs: dict):

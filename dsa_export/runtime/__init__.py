@@ -1,6 +1,6 @@
-"""One prefill/decode/generate interface over eager, ONNX Runtime and TensorRT sessions."""
+"""One prefill/decode/generate interface over the eager model and the exported graphs (ONNX Runtime, TensorRT)."""
 
-from dsa_export.runtime.backends import Backend, EagerBackend, OnnxRuntimeBackend, StepResult
+from dsa_export.runtime.backends import Backend, EagerBackend, GraphBackend, StepResult, available_backends
 from dsa_export.runtime.session import Session
 
-__all__ = ["Backend", "EagerBackend", "OnnxRuntimeBackend", "Session", "StepResult"]
+__all__ = ["Backend", "EagerBackend", "GraphBackend", "Session", "StepResult", "available_backends"]

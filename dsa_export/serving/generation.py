@@ -1,8 +1,7 @@
 """Generation as the Triton model repository serves it: the request contract of the `dsa_generate` model, its checks,
 token picking and text (tokenizer, chat template, incremental decoding).
 
-Standalone on purpose: numpy and HF `tokenizers` only (jinja2 when a chat template is applied). The repository ships
-this very file beside the generation model (whose Python environment has neither torch nor dsa_export), and the
+Shipped (numpy and HF `tokenizers` only, jinja2 when a chat template is applied: see serving/__init__.py); the
 repository writer, the client and the tests import it from here: one definition of the request on both sides.
 """
 
@@ -32,8 +31,6 @@ GENERATE_OUTPUTS = {
     "INDEX": ("TYPE_INT64", [1], False),  # 0, 1, 2, ... per request: the client sees a lost or repeated response
     "TEXT": ("TYPE_STRING", [1], False),  # the text this token completes (UTF-8; empty while a character is split)
 }
-STEP_INPUTS = ("input_ids", "positions")  # what the generation model sends the step model (io.json's names)
-STEP_OUTPUT = "logits"
 
 
 class RequestError(ValueError):

@@ -1,4 +1,6 @@
-"""Pipeline stages across GPUs: the model's layers cut into contiguous ranges, one per GPU, balanced by memory.
+"""Memory plans: the pipeline stages across GPUs and each engine's memory.
+
+Pipeline stages across GPUs: the model's layers cut into contiguous ranges, one per GPU, balanced by memory.
 
 What one stage's GPU holds (`stage_memory`, also the engine build's memory check):
 - weights: the tensors its graph reads, as the export stores them (FP8 routed experts one byte per parameter plus
@@ -17,17 +19,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
-
 import torch
 
 from dsa_export.errors import DSAExportError
+from dsa_export.exporter.artifacts import StageDir
 from dsa_export.exporter.graph_io import GraphIO, graph_io
+from dsa_export.formats import of
 from dsa_export.models.config import DSAConfig
 from dsa_export.targets import GPUTarget
 
-if TYPE_CHECKING:
-    from dsa_export.exporter.engine import EngineShapes
+@dataclass(frozen=True)
+class EngineShapes:
+    """The largest shapes an engine serves: its optimisation profiles (exporter/engine.py) and its memory."""
+    max_batch: int = 8  # decode
+    prefill_batch: int = 1
+    max_prefill: int = 8192  # tokens per prefill step (capped by the capacity)
+
 
 ACTIVATION_BUDGET = 256 << 20  # a tile budget for the largest step's working set (a fused engine keeps most on chip)
 MAX_GPUS = 64
@@ -47,9 +54,9 @@ class StageMemory:
         return self.weights + self.caches + self.activations + self.workspace
 
 
-def stage_memory(io: GraphIO, weights: int, shapes: "EngineShapes", workspace_gb: float) -> StageMemory:
+def stage_memory(io: GraphIO, weights: int, shapes: EngineShapes, workspace_gb: float) -> StageMemory:
     """Bytes the engine of the graph `io` (holding `weights` bytes of weights) needs at its largest shapes."""
-    itemsize = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
+    itemsize = of(io.cache_dtype).itemsize
     batch = max(shapes.max_batch, shapes.prefill_batch)
     caches = batch * sum(io.cache_shape(t, 1)[-2] * io.cache_shape(t, 1)[-1] for t in io.cache_inputs) * itemsize
     tokens = max(shapes.max_batch, shapes.prefill_batch * min(shapes.max_prefill, io.capacity))
@@ -67,7 +74,7 @@ def weight_bytes(config: DSAConfig, dtype: torch.dtype, fp8_experts: bool) -> tu
     model = model_skeleton(config).cast(dtype)
     if fp8_experts:
         for experts in model.routed_experts():
-            experts.keep_fp8(config.fp8_block or (128, 128))
+            experts.keep_fp8(config.weight_block)
 
     def size(module: torch.nn.Module) -> int:
         return sum(p.numel() * p.element_size() for p in module.parameters())
@@ -144,7 +151,7 @@ def split_layers(costs: list[int], first: int, last: int, parts: int) -> list[tu
 
 
 def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_experts: bool, capacity: int | None,
-                  shapes: "EngineShapes", workspace_gb: float, last_logits_only: bool = False,
+                  shapes: EngineShapes, workspace_gb: float, last_logits_only: bool = False,
                   gpus: int | None = None) -> PipelinePlan:
     """The stages for `gpus` GPUs (default: the fewest that fit, up to MAX_GPUS), balanced by memory. The plan may
     not fit (see `check_plan`)."""
@@ -152,7 +159,7 @@ def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_
     if gpus is not None and not 1 <= gpus <= layers:
         raise DSAExportError(f"--gpus {gpus}: the model has {layers} layers, so 1 to {layers} stages")
     embed, per_layer, head = weight_bytes(config, dtype, fp8_experts)
-    cache_dtype = str(dtype).removeprefix("torch.")
+    cache_dtype = of(dtype).name
     whole = graph_io(config, cache_dtype, last_logits_only, capacity)
     per_layer_fixed = stage_memory(graph_io(config, cache_dtype, False, capacity, (0, 1)), 0, shapes, 0).caches
     fixed = stage_memory(whole, 0, shapes, workspace_gb)
@@ -186,3 +193,50 @@ def check_plan(plan: PipelinePlan) -> None:
             f"{s.activations / GB:.1f}, workspace {s.workspace / GB:.1f}) of the GPU's {plan.gpu_bytes / GB:.0f} GB: "
             f"{plan.shortfall / GB:.1f} GB short; use more GPUs (--gpus), FP8 experts, a smaller --capacity or "
             f"--max-batch")
+
+
+def memory_plan(stage: StageDir, target: GPUTarget, shapes: EngineShapes, workspace_gb: float) -> dict:
+    """Bytes the engine of an exported stage needs at its largest shapes (`stage_memory`, with the weights of the
+    export's data files), and whether that fits the target."""
+    weights = sum(p.stat().st_size for p in stage.data_files())
+    memory = stage_memory(stage.io, weights, shapes, workspace_gb)
+    have = target.memory_gb * 10**9
+    return {"weights_gb": weights / 1e9, "caches_gb": memory.caches / 1e9,
+            "activations_gb": memory.activations / 1e9, "workspace_gb": memory.workspace / 1e9,
+            "total_gb": memory.total / 1e9, "gpu_gb": have / 1e9, "fits": memory.total <= have,
+            "shortfall_gb": max(0.0, (memory.total - have) / 1e9)}
+
+
+def check_fits(plan: dict, target: GPUTarget) -> None:
+    if not plan["fits"]:
+        raise DSAExportError(
+            f"the engine needs {plan['total_gb']:.1f} GB on {target.name} (weights {plan['weights_gb']:.1f}, caches "
+            f"{plan['caches_gb']:.1f}, activations {plan['activations_gb']:.1f}, workspace {plan['workspace_gb']:.1f})"
+            f", which has {plan['gpu_gb']:.0f} GB: {plan['shortfall_gb']:.1f} GB short; lower --max-batch, "
+            f"--prefill-batch, --max-prefill or the export's --capacity")
+
+
+def check_precision(stage: StageDir, precision: str) -> None:
+    """The precision asked of an engine is the export's (TensorRT takes precision from the graph): fp8 needs FP8
+    routed experts in it, float32/bfloat16 its dtype; auto takes what it is."""
+    if precision == "fp8":
+        ops = {n.op_type for n in stage.graph.graph.node}
+        if "RoutedExpertsFP8" not in ops and "RoutedExperts" in ops:
+            raise DSAExportError("--precision fp8: the export holds no FP8 experts (an FP8 checkpoint, exported "
+                                 "without --dequantize-experts, has them)")
+    elif precision != "auto" and precision != stage.io.cache_dtype:
+        raise DSAExportError(f"--precision {precision}: the export is {stage.io.cache_dtype} (export with --dtype "
+                             f"{precision}; TensorRT takes precision from the graph)")
+
+
+def engine_memory(export, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,
+                  precision: str = "auto") -> list[dict]:
+    """The memory plan of each stage's engine (one per GPU) of an export on disk, refused if one cannot fit the
+    target or the export does not have the precision asked for."""
+    plans = []
+    for stage in export.stages:
+        check_precision(stage, precision)
+        plan = memory_plan(stage, target, shapes, workspace_gb)
+        check_fits(plan, target)
+        plans.append({"stage": str(stage.path.relative_to(export.root)), **plan})
+    return plans

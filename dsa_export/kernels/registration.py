@@ -10,7 +10,7 @@ import torch
 from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
 from dsa_export.kernels.reference import (lightning_indexer_reference, routed_experts_reference,
                                           sparse_mla_reference)
-from dsa_export.models import dsa_ops
+from dsa_export.models import semantics
 
 _LIB = torch.library.Library("dsa", "DEF")
 for _contract in CONTRACTS:
@@ -18,12 +18,28 @@ for _contract in CONTRACTS:
 _LIB.define("write_cache(Tensor cache, Tensor rows, Tensor positions) -> Tensor")
 
 
+def _fake(contract):
+    """The op's fake (meta) implementation: the output's shape and dtype by the contract's rules, so torch.export
+    keeps the op as one node."""
+    names = [t.name for t in contract.inputs] + [a.name for a in contract.attributes]
+
+    def fake(*args):
+        values = dict(zip(names, args))
+        tensors = {t.name: values[t.name] for t in contract.inputs}
+        dims = contract.named_dims({k: t.shape for k, t in tensors.items()}, values)
+        dtype = contract.output_dtype({k: t.dtype for k, t in tensors.items()})
+        first = tensors[contract.inputs[0].name]
+        return first.new_empty(contract.output_dims(dims), dtype=getattr(torch, dtype) if isinstance(dtype, str)
+                               else dtype)
+
+    return fake
+
+
+for _contract in CONTRACTS:
+    torch.library.register_fake(_contract.qualified_name)(_fake(_contract))
+
+
 # ---- lightning_indexer --------------------------------------------------------------------------------------------------
-@torch.library.register_fake(LIGHTNING_INDEXER.qualified_name)
-def _lightning_indexer_fake(q, k, w, positions, topk):
-    return q.new_empty((q.shape[0], q.shape[1], topk), dtype=torch.int32)
-
-
 @torch.library.impl(LIGHTNING_INDEXER.qualified_name, "cpu")
 def _lightning_indexer_cpu(q, k, w, positions, topk):
     return lightning_indexer_reference(q, k, w, positions, topk)
@@ -37,11 +53,6 @@ def _lightning_indexer_cuda(q, k, w, positions, topk):
 
 
 # ---- sparse_mla -------------------------------------------------------------------------------------------------------
-@torch.library.register_fake(SPARSE_MLA.qualified_name)
-def _sparse_mla_fake(q, kv, indices, scale, dv):
-    return q.new_empty((*q.shape[:3], dv))
-
-
 @torch.library.impl(SPARSE_MLA.qualified_name, "cpu")
 def _sparse_mla_cpu(q, kv, indices, scale, dv):
     return sparse_mla_reference(q, kv, indices, scale, dv)
@@ -55,11 +66,6 @@ def _sparse_mla_cuda(q, kv, indices, scale, dv):
 
 
 # ---- routed_experts / routed_experts_fp8 ---------------------------------------------------------------------------
-@torch.library.register_fake(ROUTED_EXPERTS.qualified_name)
-def _routed_experts_fake(x, experts, weights, gate_up, down, base):
-    return torch.empty_like(base, dtype=torch.float32)
-
-
 @torch.library.impl(ROUTED_EXPERTS.qualified_name, "cpu")
 def _routed_experts_cpu(x, experts, weights, gate_up, down, base):
     return routed_experts_reference(x, experts, weights, gate_up, down, base)
@@ -70,12 +76,6 @@ def _routed_experts_cuda(x, experts, weights, gate_up, down, base):
     from dsa_export.kernels.triton_moe import routed_experts_triton
 
     return routed_experts_triton(x, experts, weights, gate_up, down, base)
-
-
-@torch.library.register_fake(ROUTED_EXPERTS_FP8.qualified_name)
-def _routed_experts_fp8_fake(x, experts, weights, gate_up, gate_up_scale, down, down_scale, base, block_out,
-                             block_in):
-    return torch.empty_like(base, dtype=torch.float32)
 
 
 @torch.library.impl(ROUTED_EXPERTS_FP8.qualified_name, "cpu")
@@ -101,7 +101,7 @@ def _write_cache_fake(cache, rows, positions):
 
 @torch.library.impl("dsa::write_cache", "CompositeExplicitAutograd")
 def _write_cache_impl(cache, rows, positions):
-    return dsa_ops.write_cache(cache.clone(), rows, positions)
+    return semantics.write_cache(cache.clone(), rows, positions)
 
 
 lightning_indexer = torch.ops.dsa.lightning_indexer

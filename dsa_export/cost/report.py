@@ -1,60 +1,17 @@
-"""`dsa-export cost` and the build's cost stage: modelled curves, calibration against the paper, measured time per
-token on this machine, written as cost.json (every point of every curve), cost.md and PNG plots."""
+"""The cost report: modelled curves, calibration against the paper, decode steps measured on this machine
+(cost/measure.py), the export's own cost (cost/graph.py), written as cost.json (every point of every curve), cost.md
+and PNG plots."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
+from dsa_export.cost.assumptions import Assumptions
+from dsa_export.cost.model import PAPER_POINTS, calibration, cost_curves, crossover, positions_grid
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
-from dsa_export.models.cache import cache_layout, cache_shape
 from dsa_export.models.config import DSAConfig
-from dsa_export.parity.cost import (PAPER_POINTS, Assumptions, calibration, cost_curves, crossover, positions_grid)
-from dsa_export.runtime import EagerBackend, OnnxRuntimeBackend
 from dsa_export.targets import GPUTarget
-
-MEASURE_CONTEXTS = (512, 2048, 8192)
-
-
-def random_cache_contents(config, capacity: int, context: int, seed: int = 0) -> list[torch.Tensor]:
-    """Cache contents (layout order, batch 1) with `context` random rows, as if that many tokens had been seen."""
-    gen = torch.Generator().manual_seed(seed)
-    contents = []
-    for t in cache_layout(config):
-        tensor = torch.zeros(cache_shape(t, 1, capacity))
-        tensor[:, :, :context] = torch.randn(1, 1, context, t.width, generator=gen)
-        contents.append(tensor)
-    return contents
-
-
-def measure_decode(model, onnx_dir: Path | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
-                   label: str = "model", extra_backends: list | None = None) -> dict:
-    """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, ONNX Runtime (and
-    any other backend given, e.g. a TensorRT engine)."""
-    backends = {"eager dense": EagerBackend(model, attention="dense"), "eager DSA": EagerBackend(model)}
-    if onnx_dir is not None:
-        backends["onnxruntime DSA"] = OnnxRuntimeBackend(onnx_dir)
-    backends.update((f"{b.name} DSA", b) for b in extra_backends or [])
-    capacity = min(b.capacity for b in backends.values())
-    contexts = [c for c in contexts if c < capacity]
-    rows = {name: [] for name in backends}
-    for context in contexts:
-        contents = random_cache_contents(model.config, capacity, context)
-        caches = {name: b.new_caches(1, [c.to(b.cache_dtype) for c in contents]) for name, b in backends.items()}
-        ids, positions = torch.tensor([[3]]), torch.tensor([[context]])
-        best = dict.fromkeys(backends, float("inf"))
-        for _ in range(repeat + 1):  # round-robin; the first round warms up (and counts only if it is the best)
-            for name, backend in backends.items():
-                start = time.perf_counter()
-                backend.step(ids, positions, caches[name])
-                best[name] = min(best[name], time.perf_counter() - start)
-        for name in backends:
-            rows[name].append({"context": context, "seconds": best[name]})
-    return {"preset": label, "threads": torch.get_num_threads(), "batch": 1, "backends": rows}
-
 
 def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dict | None, out_dir: Path) -> list[str]:
     import matplotlib
@@ -120,7 +77,7 @@ def is_paper_model(config: DSAConfig) -> bool:
 def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, price: float = 2.0,
                       assumptions: Assumptions = Assumptions(), measured: dict | None = None,
                       graph: dict | None = None) -> dict:
-    """cost.json + cost.md + plots. measured: `measure_decode`; graph: parity/graph_cost.py `compare`."""
+    """cost.json + cost.md + plots. measured: cost/measure.py `measure_decode`; graph: cost/graph.py `audit`."""
     out_dir = ensure_output_dir(out_dir)
     curves = cost_curves(config, gpu, assumptions, price, positions_grid())
     # DeepSeek's figure is for the 671B model on H800 (prices scale with the GPU-hour price): nothing to compare else
@@ -174,8 +131,44 @@ def _markdown(report: dict, config: DSAConfig) -> str:
             lines.append(f"| {context:,} | " + " | ".join(f"{1e3 * rows[i]['seconds']:.2f} ms"
                                                          for rows in m["backends"].values()) + " |")
     if report["graph"]:
-        from dsa_export.parity.graph_cost import markdown
+        from dsa_export.cost.graph import markdown
 
         lines += [""] + markdown(report["graph"])
     lines += ["", "Plots: " + ", ".join(report["plots"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def modelled_config(config: DSAConfig) -> DSAConfig:
+    """The shapes whose $ per token the report models: the build's own for the real model's shapes; a small build
+    models DeepSeek-V3.2-Exp (dollars per token of a tiny model mean nothing)."""
+    from dsa_export.models.presets import get_preset
+
+    return config if is_paper_model(config) else get_preset("v3.2-exp")
+
+
+def build_cost(config: DSAConfig, gpu: GPUTarget, out_dir: Path, price: float, assumptions: Assumptions,
+               export=None, model=None, backends: list | None = None, label: str = "model",
+               log=print) -> dict:
+    """The build's cost step: the modelled curves; with an export, its own cost read off the graph
+    (cost/graph.py); with the eager model, decode steps measured here beside `backends`. Returns the manifest
+    record (crossovers, plots, calibration, the graph's deviation from the closed form, a note)."""
+    from dsa_export.cost.graph import audit, markdown
+    from dsa_export.cost.measure import measure_decode
+
+    graph = audit(export) if export is not None else None
+    measured = measure_decode(model, backends, label=label) if model is not None else None
+    report = write_cost_report(modelled_config(config), gpu, out_dir, price, assumptions, measured, graph)
+    for r in (report["calibration"] or {}).get("points", []):
+        log(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "
+            f"paper ${r['paper_usd']:.2f}  ({r['relative_error']:+.1%})")
+    if graph:
+        for line in markdown(graph)[4:]:
+            log(line)
+    crossovers = report["crossovers"]
+    note = "DSA cheaper from " + ", ".join(f"{crossovers[p]:,} ({p})" if crossovers[p] else f"never ({p})"
+                                           for p in ("prefill", "decode")) + " tokens"
+    if graph:
+        note += f"; graph vs closed form {graph['worst_deviation']:.1%}"
+    return {"path": str(out_dir), "crossovers": crossovers, "plots": report["plots"],
+            "calibration": report["calibration"], "graph_vs_closed_form": graph and graph["worst_deviation"],
+            "note": note}

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 from generation import GenerationRequest, RequestError, TextCodec, check_request, pick_token
+from io_spec import HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS, POSITIONS, GraphIO
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
@@ -43,14 +44,13 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        build_dir = Path(args["model_repository"]) / parameters["build_dir"]
-        export_dir = Path(args["model_repository"]) / parameters["export_dir"]  # the (first stage's) graph
+        here = Path(args["model_repository"])  # the model's directory: the other paths are relative to it
         self.step_models = parameters["step_models"].split(",")  # one per pipeline stage, in layer order
-        io = json.loads((export_dir / "io.json").read_text(encoding="utf-8"))
-        model_config = json.loads((export_dir / "config.json").read_text(encoding="utf-8"))
-        self.capacity = io["capacity"]
-        self.vocab_size, self.hidden_size = model_config["vocab_size"], model_config["hidden_size"]
-        self.codec = TextCodec(build_dir) if TextCodec.exists(build_dir) else None
+        io = GraphIO.load(here / parameters["io_file"])  # the first stage's graph
+        model_config = json.loads((here / parameters["config_file"]).read_text(encoding="utf-8"))
+        self.capacity, self.vocab_size, self.hidden_size = io.capacity, io.vocab_size, io.hidden_size
+        tokenizer_dir = here / parameters["tokenizer_dir"]
+        self.codec = TextCodec(tokenizer_dir) if TextCodec.exists(tokenizer_dir) else None
         eos = model_config.get("eos_token_id")
         if eos is None and self.codec is not None:
             eos = self.codec.eos_id
@@ -114,7 +114,7 @@ class TritonPythonModel:
         """One step of one pipeline stage; the response's output (logits from the last stage, else the hidden
         state), or a RuntimeError with the stage model's error."""
         model = self.step_models[stage]
-        output = "logits" if stage == len(self.step_models) - 1 else "hidden_out"
+        output = LOGITS if stage == len(self.step_models) - 1 else HIDDEN_OUT
         response = pb_utils.InferenceRequest(
             model_name=model, inputs=[first, positions], requested_output_names=[output], correlation_id=sequence,
             flags=flags, preferred_memory=pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)).exec()
@@ -126,10 +126,10 @@ class TritonPythonModel:
         """The next-token logits [vocab] after feeding `ids` at position..; a step model's error as RuntimeError.
         Through every pipeline stage in turn: each takes the previous one's hidden state (in host memory, float32
         [1, S, H] per step) and keeps its own layers' caches under the same correlation id and flags."""
-        positions = pb_utils.Tensor("positions", np.arange(position, position + len(ids), dtype=np.int64)[None])
+        positions = pb_utils.Tensor(POSITIONS, np.arange(position, position + len(ids), dtype=np.int64)[None])
         out = np.asarray(ids, dtype=np.int64)[None]
         for stage in range(len(self.step_models)):
-            first = pb_utils.Tensor("input_ids" if stage == 0 else "hidden_in", out)
+            first = pb_utils.Tensor(INPUT_IDS if stage == 0 else HIDDEN_IN, out)
             out = self._step_request(stage, sequence, first, positions, flags)
         return out[0, -1]
 
@@ -137,10 +137,10 @@ class TritonPythonModel:
         """Free `sequence`'s caches in every stage that may hold them: a one-token step flagged END sent to each
         stage on its own (zeros at position 0, the result dropped). A stage that holds none answers with an error,
         as expected when a step failed before reaching it."""
-        positions = pb_utils.Tensor("positions", np.zeros((1, 1), dtype=np.int64))
+        positions = pb_utils.Tensor(POSITIONS, np.zeros((1, 1), dtype=np.int64))
         for stage in range(len(self.step_models)):
-            first = pb_utils.Tensor("input_ids", np.zeros((1, 1), dtype=np.int64)) if stage == 0 else \
-                pb_utils.Tensor("hidden_in", np.zeros((1, 1, self.hidden_size), dtype=np.float32))
+            first = pb_utils.Tensor(INPUT_IDS, np.zeros((1, 1), dtype=np.int64)) if stage == 0 else \
+                pb_utils.Tensor(HIDDEN_IN, np.zeros((1, 1, self.hidden_size), dtype=np.float32))
             try:
                 self._step_request(stage, sequence, first, positions, END)
             except RuntimeError as e:

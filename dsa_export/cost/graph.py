@@ -1,5 +1,5 @@
-"""The exported graph's own cost: FLOPs and bytes per token read off `model.onnx` at concrete shapes, beside the
-closed form (parity/cost.py `step_cost`) for the same config.
+"""The exported graph's own cost: FLOPs and bytes per token read off the graph at concrete shapes, beside the
+closed form (cost/model.py `step_cost`) for the same config.
 
 How: the graph's inputs get concrete dims (batch, seq; the caches' capacity is fixed by the export), onnx shape
 inference (with data propagation) gives every tensor's shape, then each node is priced:
@@ -24,11 +24,13 @@ from pathlib import Path
 import onnx
 
 from dsa_export.contracts import CONTRACTS
+from dsa_export.cost.model import step_cost
 from dsa_export.errors import DSAExportError
-from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO
-from dsa_export.models.config import DSAConfig, load_config
-from dsa_export.parity.cost import step_cost
+from dsa_export.exporter.artifacts import ExportDir, as_export
+from dsa_export.formats import of
+from dsa_export.models.config import DSAConfig
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
+from dsa_export.serving.io_spec import BATCH, SEQ, GraphIO
 
 VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"}  # no data moved
 SHAPE_OPS = {"Shape", "Size"}  # read a tensor's dims only
@@ -57,7 +59,7 @@ def default_points(capacity: int, batch: int = 1) -> list[Point]:
 
 
 def _itemsize(elem_type: int) -> int:
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+    return of(elem_type).itemsize
 
 
 def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
@@ -131,22 +133,19 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
 def _itemsizes(models: list[onnx.ModelProto], io: GraphIO) -> tuple[int, int, int]:
     """(weight, cache, routed-expert) bytes per element of this export (its stages' graphs)."""
     inits = {t.name: t.data_type for model in models for t in model.graph.initializer}
-    cache = {"float32": 4, "bfloat16": 2}[io.cache_dtype]
+    cache = of(io.cache_dtype).itemsize
     lm_head = next((t for name, t in inits.items() if name.endswith("lm_head.weight")), onnx.TensorProto.FLOAT)
     experts = [t for name, t in inits.items() if name.endswith("experts.gate_up_proj")]
     weight = _itemsize(lm_head)
     return weight, cache, (_itemsize(experts[0]) if experts else weight)
 
 
-def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSAConfig | None = None) -> dict:
+def audit(export: ExportDir | str | Path, points: list[Point] | None = None, config: DSAConfig | None = None) -> dict:
     """Per point: the graph's cost per token, the closed form's, and their ratios (goal: within ±10%). A build cut
     into pipeline stages is priced as the sum of its stages' graphs."""
-    from dsa_export.exporter.checks import load_graph
-    from dsa_export.exporter.graph_io import stage_dirs
-
-    onnx_dir = Path(onnx_dir)
-    stages = [(d, GraphIO.load(d / "io.json"), load_graph(d)) for d in stage_dirs(onnx_dir)]
-    config = config or load_config(stages[0][0] / "config.json")
+    export = as_export(export)
+    stages = [(stage.path, stage.io, stage.graph) for stage in export.stages]
+    config = config or export.first.config
     register_schemas()
     weight, cache, expert = _itemsizes([model for _, _, model in stages], stages[0][1])
     rows = []
@@ -168,15 +167,15 @@ def compare(onnx_dir: str | Path, points: list[Point] | None = None, config: DSA
                            / (closed.weight_bytes + closed.cache_bytes))
         rows.append({**asdict(point), "graph": graph_per_token, "closed_form": asdict(closed), "ratio": ratios})
     worst = max(abs(r["ratio"][k] - 1) for r in rows for k in ("flops", "bytes"))
-    return {"onnx": str(onnx_dir), "stages": len(stages),
+    return {"onnx": str(export.root), "stages": len(stages),
             "itemsize": {"weights": weight, "caches": cache, "routed_experts": expert},
             "points": rows, "worst_deviation": worst, "goal": GOAL, "within_goal": worst <= GOAL}
 
 
 def markdown(report: dict) -> list[str]:
     lines = ["## The exported graph's own cost", "",
-             f"`{report['onnx']}` read at concrete shapes (parity/graph_cost.py), per token, beside the closed form for "
-             f"the same config (parity/cost.py `step_cost`; weights {report['itemsize']['weights']} B, caches "
+             f"`{report['onnx']}` read at concrete shapes (cost/graph.py), per token, beside the closed form for "
+             f"the same config (cost/model.py `step_cost`; weights {report['itemsize']['weights']} B, caches "
              f"{report['itemsize']['caches']} B, routed experts {report['itemsize']['routed_experts']} B per element). "
              "Bytes = weights read + KV-cache rows read and written.", "",
              "| point | graph GFLOP | closed form GFLOP | ratio | graph MB | closed form MB | ratio | "

@@ -1,6 +1,7 @@
-"""Every option of every stage, declared once: a frozen dataclass whose fields carry their command-line metadata
-(flag type and help, and the stages that read them). The CLI builds each command's flags from here, the runner
-fingerprints each stage over the options it reads, the manifest records them."""
+"""Every option of every build step, declared once: a frozen dataclass whose fields carry their command-line metadata
+(flag type and help, and the steps that read them). The CLI builds each command's flags from here, the runner
+fingerprints each step over the options it reads, the manifest records them. Light on purpose (no torch): the CLI
+imports it to register its commands."""
 
 from __future__ import annotations
 
@@ -11,22 +12,23 @@ from typing import Any, Callable
 
 import click
 
+from dsa_export.cost.assumptions import Assumptions
 from dsa_export.errors import DSAExportError
-from dsa_export.models.config import MODEL_DTYPES
+from dsa_export.formats import ALIASES, MODEL_DTYPES
 from dsa_export.models.presets import PRESETS
-from dsa_export.parity.accuracy import Thresholds
-from dsa_export.parity.cost import Assumptions
+from dsa_export.parity.thresholds import Thresholds
 from dsa_export.targets import TARGETS
 
 # those that read the model source
-MODEL_STAGES = ("checkpoint", "smoke", "kernels", "export", "parity", "cost", "plan")
+MODEL_STEPS = ("checkpoint", "smoke", "kernels", "export", "parity", "cost", "plan")
+DTYPE_CHOICES = sorted([*MODEL_DTYPES, *(alias for alias, name in ALIASES.items() if name in MODEL_DTYPES)])
 
 
-def option(default: Any, help: str, type: Any = None, stages: tuple[str, ...] = (), flag: bool = False,
+def option(default: Any, help: str, type: Any = None, steps: tuple[str, ...] = (), flag: bool = False,
            fingerprint: bool = True) -> Any:
-    """A field with its click metadata. stages: the stages whose result depends on it (all if empty); fingerprint:
-    False for options that change where results go, not what they are."""
-    return field(default=default, metadata={"help": help, "type": type, "stages": stages, "flag": flag,
+    """A field with its click metadata. steps: the build steps whose result depends on it (all if empty);
+    fingerprint: False for options that change where results go, not what they are."""
+    return field(default=default, metadata={"help": help, "type": type, "steps": steps, "flag": flag,
                                             "fingerprint": fingerprint})
 
 
@@ -39,48 +41,48 @@ class Options:
     # the model
     checkpoint: Path | None = option(None, "HF-layout checkpoint directory [default: a seeded random checkpoint of "
                                      "--preset, written to <out>/checkpoint].",
-                                     click.Path(path_type=Path, exists=True, file_okay=False), stages=MODEL_STAGES)
+                                     click.Path(path_type=Path, exists=True, file_okay=False), steps=MODEL_STEPS)
     preset: str = option("tiny", "Built-in config when no --checkpoint is given.", click.Choice(list(PRESETS)),
-                         stages=MODEL_STAGES)
+                         steps=MODEL_STEPS)
     seed: int = option(0, "Seed of the preset's random weights and of the parity prompts.", click.IntRange(min=0),
-                       stages=MODEL_STAGES)
+                       steps=MODEL_STEPS)
     dtype: str = option("float32", "Weights and caches of the eager model and of the export (ONNX Runtime on CPU "
                         "runs float32; parity of a bfloat16 build compares a float32 twin).",
-                        click.Choice(sorted(MODEL_DTYPES)), stages=("smoke", "export", "parity", "cost", "plan"))
+                        click.Choice(DTYPE_CHOICES), steps=("smoke", "export", "parity", "cost", "plan"))
     # export
     capacity: int | None = option(None, "Cache rows per sequence [default: min(max positions, 128K)].",
-                                  click.IntRange(min=4), stages=("export", "plan"))
-    last_logits_only: bool = option(False, "Return logits for the last position only.", stages=("export", "plan"),
+                                  click.IntRange(min=4), steps=("export", "plan"))
+    last_logits_only: bool = option(False, "Return logits for the last position only.", steps=("export", "plan"),
                                     flag=True)
     dequantize_experts: bool = option(False, "Store FP8 routed experts in --dtype instead of keeping them FP8 with "
-                                      "their block scales.", stages=("export", "plan"), flag=True)
+                                      "their block scales.", steps=("export", "plan"), flag=True)
     gpus: int | None = option(None, "GPUs to cut the model across: pipeline stages of contiguous layers, balanced by "
                               "memory, one graph and engine each [default: the fewest that fit the target].",
-                              click.IntRange(min=1), stages=("export", "engine", "plan"))
+                              click.IntRange(min=1), steps=("export", "engine", "plan"))
     data_file_gb: float = option(4.0, "Largest external data file of the export (GB; a single tensor larger than "
                                  "that gets a file of its own).", click.FloatRange(min=0, min_open=True),
-                                 stages=("export",))
+                                 steps=("export",))
     # engine
     precision: str = option("auto", "Precision the engine must have (TensorRT is strongly typed: it comes from the "
                             "export): auto = the export's; fp8 = FP8 routed experts (not on a100).",
-                            click.Choice(["auto", "float32", "bfloat16", "fp8"]), stages=("engine",))
+                            click.Choice(["auto", "float32", "bfloat16", "fp8"]), steps=("engine",))
     max_batch: int = option(8, "Largest batch of the decode profile.", click.IntRange(min=1),
-                            stages=("engine", "plan"))
+                            steps=("engine", "plan"))
     prefill_batch: int = option(1, "Largest batch of the prefill profile.", click.IntRange(min=1),
-                                stages=("engine", "plan"))
+                                steps=("engine", "plan"))
     max_prefill: int = option(8192, "Longest prefill step (tokens) of the prefill profile (capped by the capacity).",
-                              click.IntRange(min=1), stages=("engine", "plan"))
+                              click.IntRange(min=1), steps=("engine", "plan"))
     workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", click.FloatRange(min=0, min_open=True),
-                                 stages=("engine", "plan"))
+                                 steps=("engine", "plan"))
     require_engine: bool = option(False, "Fail (exit 2) if the TensorRT engine cannot be built on this machine.",
-                                  stages=("engine",), flag=True, fingerprint=False)
+                                  steps=("engine",), flag=True, fingerprint=False)
     # parity
     new_tokens: int = option(32, "Greedy tokens generated per parity prompt.", click.IntRange(min=1),
-                             stages=("parity",))
-    thresholds: Thresholds = option(Thresholds(), "Parity threshold.", stages=("parity",))
+                             steps=("parity",))
+    thresholds: Thresholds = option(Thresholds(), "Parity threshold.", steps=("parity",))
     # cost
-    price: float = option(2.0, "USD per GPU-hour.", click.FloatRange(min=0, min_open=True), stages=("cost",))
-    assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", stages=("cost",))
+    price: float = option(2.0, "USD per GPU-hour.", click.FloatRange(min=0, min_open=True), steps=("cost",))
+    assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", steps=("cost",))
 
     def __post_init__(self):
         target = TARGETS.get(str(self.gpu).lower())
@@ -93,10 +95,10 @@ class Options:
     def source(self) -> str:
         return str(self.checkpoint) if self.checkpoint is not None else self.preset
 
-    def used_by(self, stage: str) -> dict[str, Any]:
-        """The options `stage`'s result depends on (its fingerprint)."""
+    def used_by(self, step: str) -> dict[str, Any]:
+        """The options `step`'s result depends on (its fingerprint)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self) if f.metadata["fingerprint"]
-                and (not f.metadata["stages"] or stage in f.metadata["stages"])}
+                and (not f.metadata["steps"] or step in f.metadata["steps"])}
 
     def to_json(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -113,13 +115,13 @@ def _nested(f: dataclasses.Field) -> type | None:
     return type(f.default) if dataclasses.is_dataclass(f.default) else None
 
 
-def click_options(stages: tuple[str, ...] | None, defaults: dict[str, Any] | None = None) -> Callable:
-    """A decorator adding the flags of every option read by `stages` (None: every option); `defaults` overrides some
+def click_options(steps: tuple[str, ...] | None, defaults: dict[str, Any] | None = None) -> Callable:
+    """A decorator adding the flags of every option read by `steps` (None: every option); `defaults` overrides some
     defaults for one command (e.g. cost's default preset is the 671B model)."""
     defaults = defaults or {}
 
     def wanted(f: dataclasses.Field) -> bool:
-        return stages is None or not f.metadata["stages"] or any(s in f.metadata["stages"] for s in stages)
+        return steps is None or not f.metadata["steps"] or any(s in f.metadata["steps"] for s in steps)
 
     def decorate(command):
         for f in reversed(dataclasses.fields(Options)):

@@ -2,8 +2,9 @@
 the TensorRT engine, run in process): one step of a sequence per request, the caches kept in the model. A build cut
 into pipeline stages has one step model per stage (`dsa_onnx_0`, ...), each holding the caches of its layers.
 
-Copied into the model repository as `<model>/1/model.py`, beside ort_graph.py or trt_graph.py (the runners the
-project's own ONNX Runtime and TensorRT backends use); the `runtime` parameter picks one. Each sequence is a
+Copied into the model repository as `<model>/1/model.py`, beside io_spec.py and ort_graph.py or trt_graph.py (the
+runners the package's own graph backend uses); the `runtime` parameter picks one, the other parameters say where the
+stage's files are (relative to the model's directory: the repository is served inside its build directory). Each sequence is a
 correlation id: SEQUENCE_START allocates its caches at the export's capacity (host memory, or the GPU's), every
 step writes them in place, SEQUENCE_END (on the sequence's last step) frees them; sequences the caller abandoned
 are dropped after `idle_seconds`. Requests run one at a time (one instance), so a sequence's caches are only ever
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from io_spec import POSITIONS, GraphIO
 
 START = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_START
 END = pb_utils.TRITONSERVER_REQUEST_FLAG_SEQUENCE_END
@@ -29,20 +31,23 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
-        build_dir = Path(args["model_repository"]) / parameters["build_dir"]
+        here = Path(args["model_repository"])
         self.name = args["model_name"]
+        io = GraphIO.load(here / parameters["io_file"])
         if parameters["runtime"] == "tensorrt":
             from trt_graph import TrtGraph
 
-            self.graph = TrtGraph(build_dir, device=int(args["model_instance_device_id"]))
+            profiles = json.loads((here / parameters["engine_json"]).read_text(encoding="utf-8"))["profiles"]
+            self.graph = TrtGraph(here / parameters["plan_file"], io, profiles,
+                                  device=int(args["model_instance_device_id"]))
         else:
             from ort_graph import OrtGraph
 
-            self.graph = OrtGraph(build_dir, providers=["CPUExecutionProvider"])
+            self.graph = OrtGraph(here / parameters["model_file"], io, providers=["CPUExecutionProvider"])
         self.idle_seconds = float(parameters["idle_seconds"])
         self.sequences = {}  # correlation id -> [caches, last used (monotonic seconds)]
-        pb_utils.Logger.log_info(f"{self.name}: {parameters['runtime']} over {build_dir.resolve()}, capacity "
-                                 f"{self.graph.capacity}")
+        where = (here / parameters["io_file"]).parent.resolve()
+        pb_utils.Logger.log_info(f"{self.name}: {parameters['runtime']} over {where}, capacity {self.graph.capacity}")
 
     def execute(self, requests):
         responses = []
@@ -59,11 +64,11 @@ class TritonPythonModel:
         hidden_out for the next stage)."""
         sequence, flags = request.correlation_id(), request.flags()
         first = pb_utils.get_input_tensor_by_name(request, self.graph.first_input).as_numpy()
-        positions = pb_utils.get_input_tensor_by_name(request, "positions").as_numpy()
+        positions = pb_utils.get_input_tensor_by_name(request, POSITIONS).as_numpy()
         if first.shape[:2] != positions.shape or positions.shape[0] != 1 or positions.shape[1] < 1:
             raise StepError(f"{self.graph.first_input} and positions must both start [1, S >= 1], got "
                             f"{list(first.shape)} and {list(positions.shape)}")
-        if self.graph.first_input == "input_ids" and (first.min() < 0 or first.max() >= self.graph.vocab_size):
+        if self.graph.io.first and (first.min() < 0 or first.max() >= self.graph.vocab_size):
             raise StepError(f"token ids must be in [0, {self.graph.vocab_size})")
         start = int(positions[0, 0])
         if start < 0 or positions[0, -1] >= self.graph.capacity or \

@@ -17,40 +17,15 @@ efficiencies are the stated assumptions (`Assumptions`) that calibrate the model
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
-from dsa_export.errors import DSAExportError
+from dsa_export.cost.assumptions import Assumptions
+from dsa_export.models.cache import cache_row_bytes
 from dsa_export.models.config import DSAConfig
 from dsa_export.targets import GPUTarget
 
 PHASES = ("prefill", "decode")
 VARIANTS = ("dense", "dsa")
-
-
-@dataclass(frozen=True)
-class Assumptions:
-    """The model's assumptions: fractions of peak each kind of kernel reaches, and tokens per decode step.
-    Defaults are fitted to the paper's H800 figure (see `calibration`, which lists the point each one moves)."""
-    gemm_prefill: float = 0.38  # FP8 GEMMs of a prefill batch (projections, experts, head): moves both curves at 0
-    gemm_decode: float = 0.30  # the same in decode batches (smaller GEMMs, expert imbalance)
-    attention_prefill: float = 0.60  # dense MHA-mode attention: moves dense prefill at long context
-    attention_decode: float = 0.60  # dense MQA-mode decode (FlashMLA alone: ~660 TFLOPS = 0.67 of H800): dense slope
-    sparse_attention: float = 0.41  # top-k sparse MLA (FlashMLA sparse decode ~410 TFLOPS): DSA's floor
-    indexer: float = 0.40  # FP8 indexer scoring: DSA's slope at long context
-    memory: float = 0.80  # achieved / peak HBM bandwidth, for the cache reads in decode
-    # Tokens decoded per step and sequence: DeepSeek serves with MTP (1 speculative token, FlashMLA's s_q=2), so one
-    # read of a sequence's caches serves 2 tokens. Moves DSA decode at long context (memory-bound indexer reads).
-    decode_tokens_per_step: float = 2.0
-
-    def __post_init__(self):
-        for f in fields(self):
-            value = getattr(self, f.name)
-            number = not isinstance(value, bool) and isinstance(value, (int, float))
-            if f.name == "decode_tokens_per_step":
-                if not number or not value >= 1:
-                    raise DSAExportError(f"cost assumption {f.name} must be >= 1, got {value!r}")
-            elif not number or not 0 < value <= 1:
-                raise DSAExportError(f"cost assumption {f.name} is a fraction of peak in (0, 1], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -79,8 +54,8 @@ def token_components(config: DSAConfig, position: int, phase: str, variant: str,
     mha_per_key = 2 * H * (c.qk_head_dim + c.v_head_dim)
     mqa_per_key = 2 * H * (2 * c.kv_lora_rank + c.qk_rope_head_dim)
     share = 1.0 / decode_tokens_per_step
-    latent_bytes = share * (c.kv_lora_rank + 4 * math.ceil(c.kv_lora_rank / 128) + 2 * c.qk_rope_head_dim)  # FP8 row
-    index_key_bytes = share * (c.index_head_dim + 4 * math.ceil(c.index_head_dim / 128))  # FP8 + fp32 scale
+    latent_row, index_key_row = cache_row_bytes(c, "fp8")  # DeepSeek's FP8 serving layouts
+    latent_bytes, index_key_bytes = share * latent_row, share * index_key_row
 
     parts = [Component("mla_projections", L * mla_proj, 0, True, gemm),
              Component("dense_mlp", dense_layers * mlp, 0, True, gemm),
@@ -175,7 +150,7 @@ def calibration(config: DSAConfig, gpu: GPUTarget, eff: Assumptions = Assumption
             "crossovers": crossings}
 
 
-# ---- one forward step of the exported graph, in closed form (what parity/graph_cost.py checks the graph against) ----
+# ---- one forward step of the exported graph, in closed form (what cost/graph.py checks the graph against) ----
 @dataclass(frozen=True)
 class StepCost:
     flops: float  # tensor-core work, as token_components counts it
@@ -191,7 +166,6 @@ def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsiz
     """FLOPs and memory traffic of one forward over `seq` tokens per row at positions past..past+seq-1 (batch rows
     aligned), with the weights, caches and routed experts stored with the given bytes per element (FP8 experts: 1,
     plus their fp32 block scales)."""
-    from dsa_export.models.checkpoint import expected_tensors, model_skeleton
     from dsa_export.models.model import DSAForCausalLM
 
     c = config
@@ -202,8 +176,8 @@ def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsiz
     expert_itemsize = weight_itemsize if expert_itemsize is None else expert_itemsize
     routed = min(c.n_routed_experts, tokens * c.num_experts_per_tok)  # experts whose weights a MoE layer reads
     weight_bytes = 0.0
-    for name, spec in expected_tensors(c, model_skeleton(c)).items():
-        numel = math.prod(spec.shape)
+    for name, shape in _tensor_shapes(c).items():
+        numel = math.prod(shape)
         if name.endswith("embed_tokens.weight"):
             weight_bytes += tokens * c.hidden_size * weight_itemsize
         elif ".mlp.experts." in name:
@@ -211,8 +185,7 @@ def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsiz
             if expert < routed:
                 weight_bytes += numel * expert_itemsize
                 if expert_itemsize == 1:  # FP8 codes + fp32 block scales
-                    block = c.fp8_block or (128, 128)
-                    weight_bytes += 4 * math.prod(-(-d // b) for d, b in zip(spec.shape, block))
+                    weight_bytes += 4 * math.prod(-(-d // b) for d, b in zip(shape, c.weight_block))
         else:
             weight_bytes += numel * (4 if name.endswith(DSAForCausalLM.FP32_PARAMS) else weight_itemsize)
 
@@ -222,3 +195,18 @@ def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsiz
     writes = tokens * (latent + index)
     cache_bytes = c.num_hidden_layers * (index_reads + latent_reads + writes) * cache_itemsize
     return StepCost(flops, weight_bytes, cache_bytes)
+
+
+_SHAPES: dict[str, dict[str, tuple[int, ...]]] = {}
+
+
+def _tensor_shapes(config: DSAConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor's shape, from the config's skeleton (built once per config and process)."""
+    import json
+
+    from dsa_export.models.checkpoint import expected_tensors
+
+    key = json.dumps(config.to_hf_dict(), sort_keys=True, default=str)
+    if key not in _SHAPES:
+        _SHAPES[key] = {name: spec.shape for name, spec in expected_tensors(config).items()}
+    return _SHAPES[key]

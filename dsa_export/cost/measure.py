@@ -1,0 +1,48 @@
+"""Decode steps timed on this machine: the eager model (dense MLA and DSA) beside every backend of the export."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from dsa_export.models.cache import cache_layout, cache_shape
+from dsa_export.runtime import EagerBackend
+
+
+MEASURE_CONTEXTS = (512, 2048, 8192)
+
+
+def random_cache_contents(config, capacity: int, context: int, seed: int = 0) -> list[torch.Tensor]:
+    """Cache contents (layout order, batch 1) with `context` random rows, as if that many tokens had been seen."""
+    gen = torch.Generator().manual_seed(seed)
+    contents = []
+    for t in cache_layout(config):
+        tensor = torch.zeros(cache_shape(t, 1, capacity))
+        tensor[:, :, :context] = torch.randn(1, 1, context, t.width, generator=gen)
+        contents.append(tensor)
+    return contents
+
+
+def measure_decode(model, graph_backends: list | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
+                   label: str = "model") -> dict:
+    """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, and each backend
+    of the export given (runtime.available_backends: ONNX Runtime, TensorRT engines)."""
+    backends = {"eager dense": EagerBackend(model, attention="dense"), "eager DSA": EagerBackend(model)}
+    backends.update((f"{b.name} DSA", b) for b in graph_backends or [])
+    capacity = min(b.capacity for b in backends.values())
+    contexts = [c for c in contexts if c < capacity]
+    rows = {name: [] for name in backends}
+    for context in contexts:
+        contents = random_cache_contents(model.config, capacity, context)
+        caches = {name: b.new_caches(1, [c.to(b.cache_dtype) for c in contents]) for name, b in backends.items()}
+        ids, positions = torch.tensor([[3]]), torch.tensor([[context]])
+        best = dict.fromkeys(backends, float("inf"))
+        for _ in range(repeat + 1):  # round-robin; the first round warms up (and counts only if it is the best)
+            for name, backend in backends.items():
+                start = time.perf_counter()
+                backend.step(ids, positions, caches[name])
+                best[name] = min(best[name], time.perf_counter() - start)
+        for name in backends:
+            rows[name].append({"context": context, "seconds": best[name]})
+    return {"preset": label, "threads": torch.get_num_threads(), "batch": 1, "backends": rows}

@@ -1,0 +1,27 @@
+"""What ships into the Triton Inference Server model repository: the Python models and the modules they import.
+
+These files run in the server's Python environment, which has neither dsa_export nor (on a CPU server) torch: each
+imports only the standard library, numpy, onnxruntime or tensorrt (+ torch, on a GPU), tokenizers and jinja2, and
+its siblings as top-level modules (the repository writer copies them flat into each model's version directory).
+tests/test_serving_standalone.py imports every one of them so. The package imports them from here too (io_spec,
+ort_graph, trt_graph, generation): one copy of each.
+"""
+
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# model kind → (its model.py, the modules copied beside it)
+SHIPPED = {
+    "generate": ("triton_generate.py", ("generation.py", "io_spec.py")),
+    "onnxruntime": ("triton_step.py", ("ort_graph.py", "io_spec.py")),
+    "tensorrt": ("triton_step.py", ("trt_graph.py", "io_spec.py")),
+}
+# Shipped files that import torch (the GPU step model's runner): every other one runs without it.
+NEEDS_TORCH = ("trt_graph.py",)
+
+
+def shipped_files(kind: str) -> list[tuple[Path, str]]:
+    """(source file, name in the model's version directory) for a model kind of SHIPPED."""
+    model, modules = SHIPPED[kind]
+    return [(HERE / model, "model.py"), *((HERE / m, m) for m in modules)]
