@@ -12,8 +12,8 @@ from pathlib import Path
 import click
 
 from dsa_export._version import __version__
-from dsa_export.build.options import click_options, options_from
-from dsa_export.errors import CheckFailure, DSAExportError, Interrupted
+from dsa_export.build.options import SEED, FiniteFloat, OutputPath, click_options, options_from
+from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, note_signal, signal_received
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -45,11 +45,11 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
 @cli.command()
 @click.option("--preset", default="tiny", show_default=True, help="Built-in config to initialise.")
 @click.option("--fp8", is_flag=True, help="Store linear weights as FP8 e4m3 with 128x128 block scales.")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Random seed of the weights.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random seed of the weights.")
 @click.option("--max-shard-mb", default=2048, show_default=True, type=click.IntRange(min=1),
               help="Split into shards of at most this size.")
 @click.option("--force", is_flag=True, help="Replace a checkpoint already in OUT_DIR.")
-@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.argument("out_dir", type=OutputPath(path_type=Path))
 def init(preset: str, fp8: bool, seed: int, max_shard_mb: int, force: bool, out_dir: Path):
     """Write a seeded random checkpoint in HF layout to OUT_DIR.
 
@@ -107,9 +107,13 @@ def _token_ids(ctx, param, value: str | None) -> list[int] | None:
     if value is None:
         return None
     try:
-        return [int(t) for t in value.replace(",", " ").split()]
+        ids = [int(t) for t in value.replace(",", " ").split()]
     except ValueError:
         raise click.BadParameter(f"expected token ids separated by commas or spaces, got {value!r}") from None
+    bad = [t for t in ids if not 0 <= t < 2**63]
+    if bad:
+        raise click.BadParameter(f"token id {bad[0]} is not an id (0 <= id < 2**63)")
+    return ids
 
 
 @cli.command()
@@ -142,16 +146,16 @@ def serve(source: Path, grpc_port: int, http_port: int, tritonserver: Path | Non
 @click.option("--chat", is_flag=True, help="Apply the model's chat template to --prompt.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="Tokens to generate at most.")
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--temperature", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="0: greedy; else sampled.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the top k "
               "(0: all).")
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0), help="Sampling seed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
 @click.option("--stop-ids", callback=_token_ids, help="Stop at any of these ids [default: the model's eos].")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at any id (generate --max-new-tokens).")
-@click.option("--timeout", default=120.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", default=120.0, show_default=True, type=FiniteFloat(min=0, min_open=True),
               help="Seconds to wait for each token.")
-@click.option("--wait", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--wait", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="Seconds to wait for the server to be ready (one just started).")
 def generate(url: str, prompt_ids: list[int] | None, prompt: str | None, chat: bool, max_new_tokens: int,
              temperature: float, top_k: int, seed: int, stop_ids: list[int] | None, ignore_eos: bool,
@@ -258,9 +262,15 @@ def _one_line(message: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     def terminated(signum, frame):
+        note_signal("SIGTERM")
         raise Interrupted("SIGTERM")
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    def interrupted(signum, frame):  # not KeyboardInterrupt: click would print a line of its own for that
+        note_signal("SIGINT")
+        raise Interrupted("SIGINT")
+
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated),
+                signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
     try:
         cli.main(args=argv, prog_name="dsa-export", standalone_mode=False)
     except DSAExportError as e:
@@ -273,8 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo("dsa-export: interrupted (SIGINT)", err=True)
         return 130
     except Interrupted as e:
-        click.echo(f"dsa-export: interrupted ({e.signal_name})", err=True)
-        return 143
+        return _interrupted(e.signal_name)
     except click.UsageError as e:  # one line, not click's usage block
         command = e.ctx.command_path if e.ctx else "dsa-export"
         click.echo(f"dsa-export: error: {_one_line(e.format_message())} (see '{command} --help')", err=True)
@@ -282,9 +291,24 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as e:
         click.echo(f"dsa-export: error: {_one_line(e.format_message())}", err=True)
         return e.exit_code
+    except OSError as e:  # the disk is full, a file vanished: what the system said, in one line
+        if signal_received():
+            return _interrupted(signal_received())
+        click.echo(f"dsa-export: error: {_one_line(str(e))}", err=True)
+        return 2
+    except BaseException:
+        if signal_received():  # a library that failed half-way through a signal (torch's mode stack, ...)
+            return _interrupted(signal_received())
+        raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return 0
+
+
+def _interrupted(name: str) -> int:
+    click.echo(f"dsa-export: interrupted ({name})", err=True)
+    return 130 if name == "SIGINT" else 143
 
 
 if __name__ == "__main__":

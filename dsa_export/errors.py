@@ -21,3 +21,16 @@ class Interrupted(BaseException):
     def __init__(self, signal_name: str):
         super().__init__(signal_name)
         self.signal_name = signal_name
+
+
+_signals: list[str] = []  # the signals this process received (the command line's handlers note them)
+
+
+def note_signal(name: str) -> None:
+    _signals.append(name)
+
+
+def signal_received() -> str | None:
+    """The first signal this process received, if any: an exception raised while one was being handled (a library
+    that failed half-way through) is reported as the interruption it is, not as a failure."""
+    return _signals[0] if _signals else None

@@ -6,6 +6,7 @@ account can read a whole build."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,19 @@ import tempfile
 from pathlib import Path
 
 from dsa_export.errors import DSAExportError
+
+
+def regular_file_inside(path: Path, directory: Path, what: str, error: type = DSAExportError) -> Path:
+    """`path`, checked to be a regular file inside `directory`: no link or `..` out of it, no FIFO or device (a
+    checkpoint names only its own files; reading a FIFO would hang)."""
+    resolved = Path(path).resolve()
+    if not resolved.is_relative_to(Path(directory).resolve()):
+        raise error(f"{path}: {what} but outside {directory} (a link or `..` out of it)")
+    if not resolved.exists():
+        raise error(f"{path}: {what} but missing")
+    if not resolved.is_file():
+        raise error(f"{path}: {what} but not a regular file")
+    return Path(path)
 
 
 def ensure_output_dir(path: str | Path) -> Path:
@@ -80,3 +94,63 @@ def atomic_dir(path: str | Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# ---- digests: what reuse checks -------------------------------------------------------------------------------------
+DIGEST_CHUNK = 8 << 20
+_KNOWN: dict[tuple, str] = {}  # (device, inode, size, mtime) → sha256, of files this process wrote or hashed
+
+
+def stamp(path: Path) -> list[int]:
+    """What changes whenever a file's contents may have: size, modification and change time, inode. The change time
+    (ctime) cannot be set from user space: any write, copy or touch moves it."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _key(path: Path) -> tuple:
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns  # a rename keeps these (it moves ctime)
+
+
+def remember_digest(path: str | Path, sha256: str) -> None:
+    """The sha256 of a file just written (computed as it was written): `digest` will not read it again."""
+    _KNOWN[_key(Path(path))] = sha256
+
+
+def digest(path: str | Path) -> str:
+    """sha256 of a file's contents (read in chunks; once per process for a file that did not change)."""
+    path = Path(path)
+    key = _key(path)
+    if key not in _KNOWN:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(DIGEST_CHUNK):
+                h.update(chunk)
+        _KNOWN[key] = h.hexdigest()
+    return _KNOWN[key]
+
+
+def tree_files(path: Path) -> list[Path]:
+    """The regular files of an output (itself, or those under a directory), in order."""
+    if path.is_dir() and not path.is_symlink():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+    return [path] if path.is_file() else []
+
+
+@contextlib.contextmanager
+def locked(directory: Path, what: str = "dsa-export run"):
+    """Hold an exclusive lock on `directory` for the block (flock on the directory itself: no lock file is written
+    into it); a second holder is refused with one line (it would write the same files)."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DSAExportError(f"{directory} is in use by another {what}: wait for it to finish, or use another "
+                                 f"--out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock

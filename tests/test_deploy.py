@@ -35,10 +35,10 @@ def test_init_writes_a_tokenizer_with_the_configs_special_ids(tiny_checkpoint, t
     assert codec.eos_id == codec.tokenizer.token_to_id(EOS) == tiny_config.eos_token_id
     ids = codec.encode("Hello, world! 東京")
     assert ids[0] == tiny_config.bos_token_id and codec.decode(ids) == "Hello, world! 東京"
-    chat = codec.encode("Hi", chat=True)  # the template writes BOS once; the special tokens are single ids
+    chat = codec.encode_prompt("Hi", chat=True)  # the template writes BOS once; the special tokens are single ids
     assert chat[0] == tiny_config.bos_token_id and chat.count(tiny_config.bos_token_id) == 1
     assert codec.tokenizer.token_to_id("<｜Assistant｜>") == chat[-1]
-    assert codec.render_chat("Hi") == f"{BOS}<｜User｜>Hi<｜Assistant｜>"
+    assert codec.render([{"role": "user", "content": "Hi"}]) == f"{BOS}<｜User｜>Hi<｜Assistant｜>"
 
 
 def test_text_deltas_add_up_to_the_decoded_tokens(tiny_checkpoint):
@@ -49,7 +49,7 @@ def test_text_deltas_add_up_to_the_decoded_tokens(tiny_checkpoint):
     held_back = 0
     for trial in range(200):
         rng = random.Random(trial)
-        ids = codec.encode(text, chat=False)[1:] if trial == 0 else [rng.randrange(320) for _ in range(30)]
+        ids = codec.encode(text)[1:] if trial == 0 else [rng.randrange(320) for _ in range(30)]
         stream = codec.stream()
         deltas = [stream.step(t) for t in ids]
         deltas[-1] += stream.finish()

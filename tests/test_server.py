@@ -176,7 +176,7 @@ def test_sampling_is_seeded(server, eager):
 def test_text_in_text_out(server, build, eager):
     codec = TextCodec(build)
     for prompt, chat in (("Hello, world!", False), ("How are you today?", True)):
-        ids = codec.encode(prompt, chat)
+        ids = codec.encode_prompt(prompt, chat)
         expected = eager(ids, 24)
         chunks = client.generate(server.grpc_url, prompt=prompt, chat=chat, max_new_tokens=24, stop_ids=[])
         assert tokens(chunks) == expected
@@ -186,7 +186,7 @@ def test_text_in_text_out(server, build, eager):
                              "Hello, world!", "--chat", "--max-new-tokens", "20", "--ignore-eos"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    expected = eager(codec.encode("Hello, world!", chat=True), 20)
+    expected = eager(codec.encode_prompt("Hello, world!", chat=True), 20)
     assert result.stdout == codec.decode(expected) + "\n"
     assert "20 tokens in" in result.stderr
 
@@ -253,7 +253,7 @@ def test_serve_and_generate_commands(build, eager):
     finally:
         serve.send_signal(signal.SIGINT)
         rest, _ = serve.communicate(timeout=60)
-    assert serve.returncode == 0, rest
+    assert serve.returncode == 130, rest  # the README's exit code for SIGINT, after stopping cleanly
     assert "stopped" in rest
     left = subprocess.run(["pgrep", "-f", f"grpc-port={grpc_port}"], capture_output=True, text=True).stdout
     assert left == ""

@@ -53,6 +53,7 @@ class BuildContext:
     options: Options
     log: Callable[[str], None] = print
     _models: dict = field(default_factory=dict)
+    _out: BuildDir | None = None  # where the running step writes (the runner's staging), if not the build itself
 
     @cached_property
     def target(self) -> GPUTarget:
@@ -61,6 +62,33 @@ class BuildContext:
     @cached_property
     def build(self) -> BuildDir:
         return BuildDir(Path(self.options.out) if self.options.out else Path("build") / self.target.name)
+
+    @property
+    def out(self) -> BuildDir:
+        """Where the running step writes its outputs: a staging directory of the run (the runner moves them into the
+        build directory when the step has succeeded). Steps read from `build`."""
+        return self._out or self.build
+
+    def stage_into(self, staging: Path | None) -> None:
+        self._out = None if staging is None else BuildDir(staging)
+
+    def committed(self, step: str, staging: Path) -> None:
+        """The runner moved a step's outputs from `staging` into the build directory: read them from there."""
+        if step == "checkpoint":
+            self.forget("checkpoint")
+        elif step == "export" and "export" in self.__dict__:
+            self.export = self.export.relocated(staging, self.build.root)
+            self.forget("backends")
+
+    def input_paths(self) -> list[Path]:
+        """What the build reads that it does not write: the checkpoint it was given."""
+        return [self.options.checkpoint] if self.options.checkpoint is not None else []
+
+    @staticmethod
+    def signalled() -> str | None:
+        from dsa_export.errors import signal_received
+
+        return signal_received()
 
     @property
     def checkpoint_dir(self) -> Path:

@@ -6,6 +6,7 @@ imports it to register its commands."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +19,28 @@ from dsa_export.formats import ALIASES, MODEL_DTYPES
 from dsa_export.models.presets import PRESETS
 from dsa_export.parity.thresholds import Thresholds
 from dsa_export.targets import TARGETS
+
+class FiniteFloat(click.FloatRange):
+    """A float (in a range) that refuses nan and inf, which every range comparison lets through."""
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+class OutputPath(click.Path):
+    """A path to write to; an empty one (which would mean the current directory) is refused."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("the path is empty (it would mean the current directory): name the directory", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+SEED = click.IntRange(0, 2**63 - 1)  # numpy's and torch's generators take 64-bit seeds
 
 # those that read the model source
 MODEL_STEPS = ("checkpoint", "smoke", "kernels", "export", "parity", "cost", "plan")
@@ -36,7 +59,7 @@ def option(default: Any, help: str, type: Any = None, steps: tuple[str, ...] = (
 class Options:
     gpu: str = option("h100", "Target GPU (one engine and one set of kernels per compute capability).",
                       click.Choice(list(TARGETS), case_sensitive=False))
-    out: Path | None = option(None, "Build directory [default: build/<gpu>].", click.Path(path_type=Path),
+    out: Path | None = option(None, "Build directory [default: build/<gpu>].", OutputPath(path_type=Path),
                               fingerprint=False)
     # the model
     checkpoint: Path | None = option(None, "HF-layout checkpoint directory [default: a seeded random checkpoint of "
@@ -44,7 +67,7 @@ class Options:
                                      click.Path(path_type=Path, exists=True, file_okay=False), steps=MODEL_STEPS)
     preset: str = option("tiny", "Built-in config when no --checkpoint is given.", click.Choice(list(PRESETS)),
                          steps=MODEL_STEPS)
-    seed: int = option(0, "Seed of the preset's random weights and of the parity prompts.", click.IntRange(min=0),
+    seed: int = option(0, "Seed of the preset's random weights and of the parity prompts.", SEED,
                        steps=MODEL_STEPS)
     dtype: str = option("float32", "Weights and caches of the eager model and of the export (ONNX Runtime on CPU "
                         "runs float32; parity of a bfloat16 build compares a float32 twin).",
@@ -60,7 +83,7 @@ class Options:
                               "memory, one graph and engine each [default: the fewest that fit the target].",
                               click.IntRange(min=1), steps=("export", "engine", "plan"))
     data_file_gb: float = option(4.0, "Largest external data file of the export (GB; a single tensor larger than "
-                                 "that gets a file of its own).", click.FloatRange(min=0, min_open=True),
+                                 "that gets a file of its own).", FiniteFloat(min=0.001),
                                  steps=("export",))
     # engine
     precision: str = option("auto", "Precision the engine must have (TensorRT is strongly typed: it comes from the "
@@ -72,7 +95,7 @@ class Options:
                                 steps=("engine", "plan"))
     max_prefill: int = option(8192, "Longest prefill step (tokens) of the prefill profile (capped by the capacity).",
                               click.IntRange(min=1), steps=("engine", "plan"))
-    workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", click.FloatRange(min=0, min_open=True),
+    workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", FiniteFloat(min=0, min_open=True),
                                  steps=("engine", "plan"))
     require_engine: bool = option(False, "Fail (exit 2) if the TensorRT engine cannot be built on this machine.",
                                   steps=("engine",), flag=True, fingerprint=False)
@@ -81,7 +104,7 @@ class Options:
                              steps=("parity",))
     thresholds: Thresholds = option(Thresholds(), "Parity threshold.", steps=("parity",))
     # cost
-    price: float = option(2.0, "USD per GPU-hour.", click.FloatRange(min=0, min_open=True), steps=("cost",))
+    price: float = option(2.0, "USD per GPU-hour.", FiniteFloat(min=0, min_open=True), steps=("cost",))
     assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", steps=("cost",))
 
     def __post_init__(self):
@@ -130,7 +153,8 @@ def click_options(steps: tuple[str, ...] | None, defaults: dict[str, Any] | None
             group = _nested(f)
             if group is not None:
                 for g in reversed(dataclasses.fields(group)):
-                    command = click.option(f"--{g.name.replace('_', '-')}", g.name, type=float, default=g.default,
+                    command = click.option(f"--{g.name.replace('_', '-')}", g.name, type=FiniteFloat(),
+                                           default=g.default,
                                            show_default=True, help=f.metadata["help"])(command)
                 continue
             default = defaults.get(f.name, f.default)

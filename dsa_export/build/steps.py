@@ -22,17 +22,34 @@ def run_checkpoint(ctx: BuildContext) -> dict:
     from dsa_export.models.init import init_checkpoint
     from dsa_export.models.presets import get_preset
 
+    from dsa_export.models.checkpoint import open_checkpoint
+
     if ctx.options.checkpoint is None:
-        init_checkpoint(get_preset(ctx.options.preset), ctx.build.checkpoint, seed=ctx.options.seed, overwrite=True)
-        ctx.forget("checkpoint")  # written now: read it from here on
-    checkpoint = ctx.checkpoint  # every tensor present, with its shape, before anything loads it
+        path = init_checkpoint(get_preset(ctx.options.preset), ctx.out.checkpoint, seed=ctx.options.seed)
+        checkpoint = open_checkpoint(path)  # as written: every tensor present, with its shape
+    else:
+        checkpoint = ctx.checkpoint  # checked when the run was planned (its fingerprint)
     return {"path": str(ctx.checkpoint_dir), "checkpoint_fingerprint": checkpoint.fingerprint,
             "tensors": len(checkpoint.stored), "note": ctx.inputs_json()["source"]}
 
 
+def check_checkpoint(ctx: BuildContext, produced: set[str]) -> None:
+    """A given checkpoint's tokenizer serves text (tried now, not on the GPU machine at `serve`); a preset's random
+    checkpoint is written only if this machine can hold it (the 671B one cannot)."""
+    from dsa_export.models.presets import check_fits_in_memory
+    from dsa_export.models.tokenizer import check_text
+
+    if ctx.options.checkpoint is not None:
+        check_text(ctx.options.checkpoint)
+    elif "checkpoint" in produced:
+        check_fits_in_memory(ctx.config, 2 * 2, f"a random checkpoint of preset '{ctx.options.preset}' (build it from "
+                             f"a real checkpoint with --checkpoint; kernels, plan and cost need only the config)")
+
+
 CHECKPOINT = Step("checkpoint", run_checkpoint,
-                  lambda ctx: [ctx.build.checkpoint] if ctx.options.checkpoint is None else [],
-                  inputs=checkpoint_inputs, doc="the checkpoint the build reads (a preset's is written first)")
+                  lambda ctx, out: [out.checkpoint] if ctx.options.checkpoint is None else [], owns=("checkpoint",),
+                  writes=lambda ctx: ctx.options.checkpoint is None, inputs=checkpoint_inputs, check=check_checkpoint,
+                  doc="the checkpoint the build reads (a preset's is written first)")
 
 
 # ---- smoke: the eager model is self-consistent ---------------------------------------------------------------------
@@ -54,7 +71,7 @@ def eager_unavailable(ctx: BuildContext, dtype=None) -> str | None:
     return problem and f"{problem} (the export streams its weights; the eager model runs where it fits)"
 
 
-SMOKE = Step("smoke", run_smoke, lambda ctx: [], after=("checkpoint",), unavailable=eager_unavailable,
+SMOKE = Step("smoke", run_smoke, lambda ctx, out: [], after=("checkpoint",), unavailable=eager_unavailable,
              doc="load the eager model; prefill + decode equals one full forward")
 
 
@@ -68,15 +85,21 @@ def kernel_inputs(ctx: BuildContext) -> dict:
 def run_kernels(ctx: BuildContext) -> dict:
     from dsa_export.kernels.aot import compile_kernels, kernel_dims
 
-    path = ctx.build.kernels(ctx.target.kernel_arch)
-    written = compile_kernels(ctx.target.name, path, kernel_dims(ctx.config))
-    return {"path": str(path), "note": f"{len(written)} kernels for {ctx.target.kernel_arch}",
+    written = compile_kernels(ctx.target.name, ctx.out.kernels(ctx.target.kernel_arch), kernel_dims(ctx.config))
+    return {"path": str(ctx.build.kernels(ctx.target.kernel_arch)), "note": f"{len(written)} kernels for "
+                                                                            f"{ctx.target.kernel_arch}",
             "kernels": {m["kernel"]: {k: m[k] for k in ("symbol", "shared_bytes", "registers", "num_warps", "grid")}
                         for m in written}}
 
 
-KERNELS = Step("kernels", run_kernels, lambda ctx: [ctx.build.kernels(ctx.target.kernel_arch)],
-               after=("checkpoint",), inputs=kernel_inputs, doc="compile the Triton kernels ahead of time for the target")
+def check_kernels(ctx: BuildContext, produced: set[str]) -> None:
+    """A checkpoint given is checked (its headers) even though the kernels need only its config."""
+    if ctx.options.checkpoint is not None:
+        ctx.checkpoint  # noqa: B018
+
+
+KERNELS = Step("kernels", run_kernels, lambda ctx, out: [out.kernels(ctx.target.kernel_arch)], owns=("kernels/*",),
+               inputs=kernel_inputs, check=check_kernels, doc="compile the Triton kernels ahead of time for the target (the config only)")
 
 
 # ---- export: ONNX ---------------------------------------------------------------------------------------------------
@@ -87,23 +110,27 @@ def run_export(ctx: BuildContext) -> dict:
     o, plan = ctx.options, ctx.plan
     if plan.gpus > 1:
         ctx.log(f"{plan.gpus} pipeline stages on {plan.gpus} x {plan.target}:\n{plan.table()}")
-    ctx.export = export_stages(ctx.checkpoint, ctx.build.root, [s.layers for s in plan.stages], dtype=ctx.dtype,
+    ctx.export = export_stages(ctx.checkpoint, ctx.out.root, [s.layers for s in plan.stages], dtype=ctx.dtype,
                                last_logits_only=o.last_logits_only, capacity=o.capacity,
                                dequantize_experts=o.dequantize_experts, max_data_file_bytes=int(o.data_file_gb * 1e9))
-    tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.build.root)  # serving reads the export only
+    tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.out.root)  # serving reads the export only
     capacity = ctx.export.io.capacity
     stages = f", {plan.gpus} stages" if plan.gpus > 1 else ""
     return {"path": str(ctx.build.root), "capacity": capacity, "tokenizer": tokenizer, "plan": plan.to_json(),
             "note": f"{o.dtype}, cache capacity {capacity:,}{stages}" + (", with tokenizer" if tokenizer else "")}
 
 
-def export_outputs(ctx: BuildContext) -> list:
+def export_outputs(ctx: BuildContext, out) -> list:
     from dsa_export.models.tokenizer import tokenizer_files
 
-    return ctx.export.files() + [ctx.build.root / p.name for p in tokenizer_files(ctx.checkpoint_dir)]
+    export = ctx.export
+    graphs = export.files() if len(export.stages) == 1 else [stage.path for stage in export.stages]
+    return graphs + [out.root / p.name for p in tokenizer_files(ctx.checkpoint_dir)]
 
 
 EXPORT = Step("export", run_export, export_outputs, after=("checkpoint",),
+              owns=("model.onnx", "model.onnx.data*", "io.json", "config.json", "stage-*", "tokenizer.json",
+                    "tokenizer_config.json"),
               inputs=lambda ctx: {"stages": [list(s.layers) for s in ctx.plan.stages]},
               doc="trace the graph and stream the weights into ONNX (one graph per pipeline stage), check it")
 
@@ -154,13 +181,14 @@ def run_engine(ctx: BuildContext) -> dict:
 
     plans = engine_memory(ctx)
     records = build_engines(ctx.export, ctx.build.kernels(ctx.target.kernel_arch), ctx.target, ctx.engine_shapes,
-                            ctx.options.workspace_gb, ctx.log)
+                            ctx.options.workspace_gb, ctx.out.root, ctx.log)
     return {"engine": records, "memory": plans, "note": f"TensorRT {records[0]['tensorrt']}, {len(records)} "
                                                         f"engine(s), {records[0]['plugin_layers']} plugin layers"}
 
 
-ENGINE = Step("engine", run_engine, lambda ctx: [stage.engine_dir for stage in ctx.export.stages],
-              after=("kernels", "export"), check=check_engine, unavailable=engine_unavailable,
+ENGINE = Step("engine", run_engine,
+              lambda ctx, out: [out.root / ctx.build.relative(stage.engine_dir) for stage in ctx.export.stages],
+              owns=("engine", "stage-*/engine"), after=("kernels", "export"), check=check_engine, unavailable=engine_unavailable,
               skipped=engine_skipped, finish_command=engine_command,
               doc="TensorRT engine(s) with the dsa:: ops as AOT Triton plugins, one per pipeline stage")
 
@@ -172,17 +200,24 @@ def run_parity(ctx: BuildContext) -> dict:
     from dsa_export.parity.run import build_parity, summary
 
     o = ctx.options
-    report = build_parity(ctx.model(torch.float32), ctx.export, ctx.build.parity, o.thresholds, o.new_tokens, o.seed,
+    report = build_parity(ctx.model(torch.float32), ctx.export, ctx.out.parity, o.thresholds, o.new_tokens, o.seed,
                           ctx.backends, dict(capacity=o.capacity, last_logits_only=o.last_logits_only,
                                              dequantize_experts=o.dequantize_experts))
     return {"path": str(ctx.build.parity), "passed": report["passed"], "failures": report["failures"],
             "metrics": {b["backend"]: b["metrics"] for b in report["backends"]}, "note": summary(report)}
 
 
-def check_export(ctx: BuildContext, produced: set[str]) -> None:
-    """An export this run reads but does not produce is readable and of the build's model."""
+def check_parity(ctx: BuildContext, produced: set[str]) -> None:
+    """An export this run reads but does not produce is readable and of the build's model; the parity prompts and
+    their new tokens fit its capacity."""
+    from dsa_export.models.cache import default_capacity
+    from dsa_export.parity.thresholds import check_room
+
     if "export" not in produced:
         ctx.export.check(ctx.config)
+    capacity = ctx.export.io.capacity if "export" not in produced else ctx.options.capacity or default_capacity(
+        ctx.config)
+    check_room(ctx.options.new_tokens, capacity)
 
 
 def check_export_if_present(ctx: BuildContext, produced: set[str]) -> None:
@@ -196,8 +231,9 @@ def parity_unavailable(ctx: BuildContext) -> str | None:
     return eager_unavailable(ctx, torch.float32)
 
 
-PARITY = Step("parity", run_parity, lambda ctx: [ctx.build.parity], after=("export",), uses=("engine",),
-              check=check_export, unavailable=parity_unavailable,
+PARITY = Step("parity", run_parity, lambda ctx, out: [out.parity], owns=("parity",), after=("export",),
+              uses=("engine",),
+              check=check_parity, unavailable=parity_unavailable,
               doc="eager vs ONNX Runtime (and TensorRT): logits, greedy tokens, indexer selections")
 
 
@@ -208,12 +244,13 @@ def run_cost(ctx: BuildContext) -> dict:
     o = ctx.options
     export = ctx.export if ctx.export.exists() else None
     measure = export is not None and ctx.checkpoint_dir.is_dir() and eager_unavailable(ctx) is None
-    return build_cost(ctx.config, ctx.target, ctx.build.cost, o.price, o.assumptions, export,
-                      ctx.model() if measure else None, ctx.backends if measure else None,
-                      label=str(ctx.checkpoint_dir), log=ctx.log)
+    record = build_cost(ctx.config, ctx.target, ctx.out.cost, o.price, o.assumptions, export,
+                        ctx.model() if measure else None, ctx.backends if measure else None,
+                        label=str(ctx.checkpoint_dir), log=ctx.log)
+    return {**record, "path": str(ctx.build.cost)}
 
 
-COST = Step("cost", run_cost, lambda ctx: [ctx.build.cost], uses=("checkpoint", "export", "engine"),
+COST = Step("cost", run_cost, lambda ctx, out: [out.cost], owns=("cost",), uses=("checkpoint", "export", "engine"),
             check=check_export_if_present,
             doc="cost model (and, with an export, measured decode steps and the export's own cost)")
 
@@ -222,10 +259,12 @@ COST = Step("cost", run_cost, lambda ctx: [ctx.build.cost], uses=("checkpoint", 
 def run_deploy(ctx: BuildContext) -> dict:
     from dsa_export.deploy.repository import write_repository
 
-    return write_repository(ctx.export, ctx.build.model_repository)
+    written = write_repository(ctx.export, ctx.out.model_repository, served_from=ctx.build.model_repository)
+    return {**written, "path": str(ctx.build.model_repository)}
 
 
-DEPLOY = Step("deploy", run_deploy, lambda ctx: [ctx.build.model_repository], after=("export",), uses=("engine",),
+DEPLOY = Step("deploy", run_deploy, lambda ctx, out: [out.model_repository], owns=("model_repository",),
+              after=("export",), uses=("engine",),
               check=check_export_if_present,
               doc="Triton Inference Server model repository (generation, CPU and GPU step models)")
 

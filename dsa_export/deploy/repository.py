@@ -130,16 +130,19 @@ def step_model_names(runtime: str, stages: int) -> list[str]:
     return [runtime] if stages == 1 else [f"{runtime}_{i}" for i in range(stages)]
 
 
-def write_repository(export: ExportDir | str | Path, repository: str | Path | None = None) -> dict:
-    """Write the model repository of an export (default: <export root>/model_repository), atomically."""
+def write_repository(export: ExportDir | str | Path, repository: str | Path | None = None,
+                     served_from: str | Path | None = None) -> dict:
+    """Write the model repository of an export (default: <export root>/model_repository), atomically. served_from:
+    where it will be served from, if it is written elsewhere first (the models find the export relative to that)."""
     export = as_export(export)
     repository = Path(repository) if repository is not None else export.root / "model_repository"
+    location = Path(served_from) if served_from is not None else repository
     stages = export.stages
     has_engine = export.has_engines
     step_models = step_model_names(STEP_ENGINE if has_engine else STEP_ONNX, len(stages))
 
     def relative(path: Path, model: str) -> str:  # the build directory moves (or is mounted) as a whole
-        return os.path.relpath(path.resolve(), (repository / model).resolve())
+        return os.path.relpath(path.resolve(), (location / model).resolve())
 
     def stage_files(stage: StageDir, model: str, runtime: str) -> dict[str, str]:
         files = {"io_file": relative(stage.io_path, model), "model_file": relative(stage.model_path, model)}

@@ -280,3 +280,4 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
         log("stopping the server ...")
         server.stop()
         log("stopped")
+        raise  # the command exits 130 (SIGINT) or 143 (SIGTERM)

@@ -158,8 +158,13 @@ class StageDir:
             if not data.is_file() or data.stat().st_size < end:
                 raise DSAExportError(f"{data}: missing or truncated (tensor '{tensor.name}' ends at byte {end:,}); "
                                      f"re-run the export")
-        if [v.name for v in self.graph.graph.input] != [t.name for t in io.inputs]:
-            raise DSAExportError(f"{self.path}: {MODEL} and {IO} disagree on the graph inputs; re-run the export")
+        from dsa_export.exporter.checks import check_io
+
+        try:  # names, order, dtypes and dims (the capacity among them)
+            check_io(self.graph.graph, io)
+        except DSAExportError as e:
+            raise DSAExportError(f"{self.io_path} does not describe {self.model_path.name} ({e}); re-run the "
+                                 f"export") from None
         return io
 
 
@@ -227,6 +232,15 @@ class ExportDir:
             raise DSAExportError(f"{self.root}: the stages end at layer {start} of {ios[-1].model_layers}; re-run "
                                  f"the export")
         return ios
+
+    def relocated(self, old_root: Path, new_root: Path) -> "ExportDir":
+        """The same export moved from old_root to new_root (by the build's runner), what was read of it kept."""
+        stages = []
+        for stage in self.stages:
+            moved = StageDir(Path(new_root) / stage.path.relative_to(old_root))
+            moved.__dict__.update((k, v) for k, v in stage.__dict__.items() if k != "path")
+            stages.append(moved)
+        return ExportDir(new_root, stages)
 
     def prepare(self, stages: int) -> None:
         """Before exporting `stages` pipeline stages into root: remove what an export into other stages left there (a

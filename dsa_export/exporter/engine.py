@@ -83,9 +83,9 @@ def check_plugin_layers(layers: dict[str, str], dsa_nodes: dict[str, str]) -> No
 
 
 def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,
-                 log: Callable[[str], None] = print) -> dict:
-    """Parse, check, build and write the stage's engine (model.plan, timing.cache, engine.json); returns what was
-    built."""
+                 engine_dir: Path | None = None, log: Callable[[str], None] = print) -> dict:
+    """Parse, check, build and write the stage's engine (model.plan, timing.cache, engine.json) into engine_dir
+    (default: the stage's own); returns what was built."""
     import tensorrt as trt
 
     from dsa_export.files import atomic_dir, write_atomic
@@ -119,7 +119,7 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
     if plan is None:
         raise DSAExportError("TensorRT could not build the engine (see its log above)")
     timing = bytes(config.get_timing_cache().serialize())
-    with atomic_dir(stage.engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
+    with atomic_dir(engine_dir or stage.engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
         write_atomic(tmp / stage.plan_path.name, bytes(plan))
         write_atomic(tmp / stage.timing_cache_path.name, timing)
         record = {"tensorrt": trt.__version__, "target": target.name, "compute_capability": target.cc,
@@ -130,6 +130,9 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
 
 
 def build_engines(export, kernel_dir: Path, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,
-                  log: Callable[[str], None] = print) -> list[dict]:
-    """`build_engine` for every pipeline stage of an export (each engine for the stage's GPU)."""
-    return [build_engine(stage, kernel_dir, target, shapes, workspace_gb, log) for stage in export.stages]
+                  out_root: Path | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """`build_engine` for every pipeline stage of an export (each engine for the stage's GPU), written under out_root
+    (default: the export's own root) at the same place relative to it."""
+    out_root = Path(out_root) if out_root is not None else export.root
+    return [build_engine(stage, kernel_dir, target, shapes, workspace_gb,
+                         out_root / stage.engine_dir.relative_to(export.root), log) for stage in export.stages]

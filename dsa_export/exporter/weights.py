@@ -14,6 +14,7 @@ runtimes can map them.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import data_file_name
+from dsa_export.files import remember_digest
 from dsa_export.formats import of
 from dsa_export.models.checkpoint import (SCALE_SUFFIX, Checkpoint, TensorReader, check_finite, open_checkpoint,
                                           tensor_sources)
@@ -92,7 +94,9 @@ class CheckpointWeights:
             check_finite(name, tensor)
             if dequantize:
                 bo = self.block[0]
-                scale = self.reader.rows(name.removesuffix(".weight") + SCALE_SUFFIX, start // bo, -(-stop // bo))
+                scale_name = name.removesuffix(".weight") + SCALE_SUFFIX
+                scale = self.reader.rows(scale_name, start // bo, -(-stop // bo))
+                check_finite(scale_name, scale)
                 tensor = dequantize_weight(tensor, scale, self.block, dtype)
             elif fp8:
                 tensor = tensor.view(torch.uint8)
@@ -127,42 +131,63 @@ class ModelWeights:
         pass
 
 
+class _DataFile:
+    """One external data file being written, its sha256 computed as it is written (the build's runner records it
+    without reading the file again: files.remember_digest)."""
+
+    def __init__(self, path: Path):
+        self.path, self.handle, self.hash, self.size = path, open(path, "wb"), hashlib.sha256(), 0
+
+    def write(self, data) -> None:
+        self.handle.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+
+    def pad_to(self, offset: int) -> None:
+        """Zeros up to `offset` (tensors start aligned)."""
+        if offset > self.size:
+            self.write(bytes(offset - self.size))
+
+    def close(self, finished: bool = True) -> None:
+        self.handle.close()
+        if finished:
+            remember_digest(self.path, self.hash.hexdigest())
+
+
 def write_weights(specs: list[tuple[str, WeightSpec]], source: WeightSource, out_dir: Path,
                   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False) -> list[onnx.TensorProto]:
     """Write every (initializer name, spec) into data files in `out_dir`; the initializers that point at them."""
     if max_file_bytes < 1:
         raise DSAExportError(f"the data file size must be > 0 bytes, got {max_file_bytes}")
-    initializers, index, offset = [], 0, 0
-    handle = open(out_dir / data_file_name(0), "wb")
+    initializers, index = [], 0
+    data_file = _DataFile(out_dir / data_file_name(0))
     total = sum(spec.nbytes for _, spec in specs)
+    finished = False
     try:
         with tqdm(total=total, desc="writing weights", unit="B", unit_scale=True, disable=None if progress else True,
                   leave=False) as bar:
             for onnx_name, spec in specs:
-                offset = -(-offset // ALIGN) * ALIGN
+                offset = -(-data_file.size // ALIGN) * ALIGN
                 if offset and offset + spec.nbytes > max_file_bytes:  # next file (a lone tensor may exceed it)
-                    handle.close()
+                    data_file.close()
                     index, offset = index + 1, 0
-                    handle = open(out_dir / data_file_name(index), "wb")
-                handle.seek(offset)
-                written = 0
+                    data_file = _DataFile(out_dir / data_file_name(index))
+                data_file.pad_to(offset)
                 for chunk in source.chunks(spec):
                     data = chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-                    handle.write(data)
-                    written += data.size
+                    data_file.write(data)
                     bar.update(data.size)
-                if written != spec.nbytes:
-                    raise DSAExportError(f"tensor '{spec.name}': wrote {written:,} bytes, the graph expects "
-                                         f"{spec.nbytes:,} ({list(spec.shape)} {spec.dtype})")
+                if data_file.size - offset != spec.nbytes:
+                    raise DSAExportError(f"tensor '{spec.name}': wrote {data_file.size - offset:,} bytes, the graph "
+                                         f"expects {spec.nbytes:,} ({list(spec.shape)} {spec.dtype})")
                 tensor = onnx.TensorProto(name=onnx_name, dims=spec.shape, data_type=of(spec.dtype).onnx,
                                           data_location=onnx.TensorProto.EXTERNAL)
                 for key, value in (("location", data_file_name(index)), ("offset", offset),
                                    ("length", spec.nbytes)):
                     tensor.external_data.add(key=key, value=str(value))
                 initializers.append(tensor)
-                offset += spec.nbytes
+        finished = True
     finally:
-        handle.close()
+        data_file.close(finished)
         source.close()
     return initializers
-

@@ -23,6 +23,7 @@ from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from dsa_export.errors import DSAExportError
+from dsa_export.files import regular_file_inside
 from dsa_export.formats import FORMATS
 from dsa_export.models.config import DSAConfig, load_config
 from dsa_export.models.fp8 import FP8, dequantize_weight
@@ -104,16 +105,17 @@ def expected_tensors(config: DSAConfig, model: DSAForCausalLM | None = None) -> 
 def _shard_files(path: Path) -> list[Path]:
     index = path / INDEX_FILE
     if index.exists():
+        regular_file_inside(index, path, "the checkpoint's index", CheckpointError)
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
-        files = sorted({path / f for f in weight_map.values()})
-        for f in files:
-            if not f.exists():
-                raise CheckpointError(f"{f}: listed in {INDEX_FILE} but missing")
-        return files
-    files = sorted(path.glob("*.safetensors"))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) and f for f in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index (its weight_map must map tensor names to file names)")
+        return [regular_file_inside(f, path, f"shard listed in {INDEX_FILE}", CheckpointError)
+                for f in sorted({path / name for name in weight_map.values()})]
+    files = [regular_file_inside(f, path, "shard of the checkpoint", CheckpointError)
+             for f in sorted(path.glob("*.safetensors"))]
     if not files:
         raise CheckpointError(f"{path}: no *.safetensors files")
     return files
@@ -261,8 +263,13 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
             tensor = read(source)
             check_finite(source, tensor)
             if tensor.dtype == FP8:
-                tensor = (tensor.view(torch.uint8) if target.dtype == torch.uint8  # kept as FP8 codes
-                          else dequantize_weight(tensor, read(source.removesuffix(".weight") + SCALE_SUFFIX), block))
+                if target.dtype == torch.uint8:  # kept as FP8 codes
+                    tensor = tensor.view(torch.uint8)
+                else:
+                    scale_name = source.removesuffix(".weight") + SCALE_SUFFIX
+                    scale = read(scale_name)
+                    check_finite(scale_name, scale)
+                    tensor = dequantize_weight(tensor, scale, block)
             source_view(target, where, len(sources) // config.n_routed_experts).copy_(tensor.to(target.dtype))
     return model
 

@@ -22,6 +22,13 @@ class ConfigError(DSAExportError):
     pass
 
 
+# Sizes no model of this architecture comes near (the 671B model: 61 layers, hidden 7168, vocabulary 129,280, 256
+# experts): a corrupt or hostile config is refused at once, not after minutes of building a skeleton of its size.
+MAX_DIM = 1 << 20
+LIMITS = {"num_hidden_layers": 1024, "vocab_size": 1 << 24, "n_routed_experts": 4096, "num_attention_heads": 1024,
+          "index_n_heads": 1024, "max_position_embeddings": 1 << 24}
+MAX_CONFIG_BYTES = 1 << 20
+
 @dataclass(frozen=True)
 class YarnScaling:
     factor: float
@@ -70,7 +77,7 @@ class DSAConfig:
     # False: DeepSeek's fixed (non-interleaved) indexer RoPE; True: GLM-5-style checkpoints (interleaved).
     indexer_rope_interleave: bool = False
     bos_token_id: int | None = 0
-    eos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 1  # HF configs write one id or a list of them
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # other config.json keys, written back as-is
 
     def __post_init__(self):
@@ -121,9 +128,20 @@ class DSAConfig:
 
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and f.name not in ("bos_token_id", "eos_token_id"):
+            if f.type == "int":
                 need(isinstance(value, int) and not isinstance(value, bool), f.name, f"must be an integer, got {value!r}")
                 need(value >= 0, f.name, f"must not be negative, got {value}")
+                need(value <= LIMITS.get(f.name, MAX_DIM), f.name,
+                     f"is {value:,}, beyond what any model of this architecture has "
+                     f"({LIMITS.get(f.name, MAX_DIM):,}): is the config corrupt?")
+            elif f.type == "float":
+                need(isinstance(value, float) and math.isfinite(value), f.name, f"must be a finite number, got {value!r}")
+        for name in ("bos_token_id", "eos_token_id"):
+            ids = getattr(self, name)
+            ids = ids if isinstance(ids, list) else [] if ids is None else [ids]
+            need(bool(ids) or getattr(self, name) is None, name, "must be a token id or a non-empty list of them")
+            need(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size for t in ids), name,
+                 f"must hold token ids in [0, vocab_size={self.vocab_size}), got {getattr(self, name)!r}")
         need(self.q_lora_rank > 0, "q_lora_rank", "must be > 0 (the indexer reads the query latent)")
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
                      "v_head_dim", "index_n_heads", "index_topk", "vocab_size", "max_position_embeddings"):
@@ -151,9 +169,17 @@ class DSAConfig:
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
         if self.rope_scaling is not None:
             y = self.rope_scaling
+            for f in dataclasses.fields(y):
+                value = getattr(y, f.name)
+                need(math.isfinite(value), f"rope_scaling.{f.name}", f"must be a finite number, got {value!r}")
             need(y.factor >= 1, "rope_scaling.factor", f"must be >= 1, got {y.factor}")
+            need(self.rope_theta > 1, "rope_theta", f"must be > 1 with YaRN scaling (it takes log(rope_theta)), got "
+                                                    f"{self.rope_theta}")
             need(y.original_max_position_embeddings > 0, "rope_scaling.original_max_position_embeddings", "must be > 0")
             need(y.beta_fast > y.beta_slow > 0, "rope_scaling.beta_fast", "must be > beta_slow > 0")
+        if self.quantization_config is not None:
+            need(isinstance(self.quantization_config, dict), "quantization_config",
+                 f"must be an object or null, got {self.quantization_config!r}")
         if self.quantization_config:
             q = self.quantization_config
             need(q.get("quant_method") == "fp8", "quantization_config.quant_method",
@@ -218,6 +244,8 @@ def _read_rope(raw: dict) -> tuple[float, YarnScaling | None]:
     params = raw.get("rope_scaling")
     if params is None and isinstance(raw.get("rope_parameters"), dict):
         params = raw["rope_parameters"]
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"config field 'rope_scaling' must be an object or null, got {params!r}")
     theta = raw.get("rope_theta", (params or {}).get("rope_theta"))
     if theta is None:
         raise ConfigError("config field 'rope_theta' is missing")
@@ -234,8 +262,8 @@ def _read_rope(raw: dict) -> tuple[float, YarnScaling | None]:
     for f in dataclasses.fields(YarnScaling):
         if f.name in params:
             value = params[f.name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"config field 'rope_scaling.{f.name}' must be a number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"config field 'rope_scaling.{f.name}' must be a finite number, got {value!r}")
             kwargs[f.name] = int(value) if f.type == "int" else float(value)
         elif f.default is dataclasses.MISSING:
             raise ConfigError(f"config field 'rope_scaling.{f.name}' is missing")
@@ -252,10 +280,16 @@ def load_config(path: str | Path) -> DSAConfig:
     file = path / "config.json" if path.is_dir() else path
     if not file.exists():
         raise ConfigError(f"{file}: config.json not found")
+    if not file.is_file():
+        raise ConfigError(f"{file}: not a regular file")
+    if file.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{file}: {file.stat().st_size:,} bytes, not a config.json")
     try:
         raw = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{file}: nested too deeply to be a config.json") from None
     try:
         return DSAConfig.from_hf_dict(raw)
     except ConfigError as e:

@@ -9,6 +9,8 @@ import json
 import shutil
 from pathlib import Path
 
+from dsa_export.files import regular_file_inside
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
@@ -39,8 +41,12 @@ Café, naïve, 東京, Привет, emoji 🙂: text is encoded as UTF-8 bytes,
 
 
 def tokenizer_files(directory: str | Path) -> list[Path]:
-    """The tokenizer files present in a checkpoint directory."""
-    return [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    """The tokenizer files present in a checkpoint directory: regular files of its own (a link out of it, or a FIFO,
+    is refused: the export copies them, serving reads them)."""
+    directory = Path(directory)
+    present = [directory / name for name in TOKENIZER_FILES if (directory / name).exists()
+               or (directory / name).is_symlink()]
+    return [regular_file_inside(path, directory, "tokenizer file of the checkpoint") for path in present]
 
 
 def copy_tokenizer(checkpoint_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -72,3 +78,28 @@ def small_tokenizer(vocab_size: int) -> dict[str, str]:
               "add_bos_token": True, "chat_template": CHAT_TEMPLATE}
     return {"tokenizer.json": tokenizer.to_str(pretty=True) + "\n",
             "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n"}
+
+
+def check_text(directory: str | Path) -> None:
+    """The tokenizer files of a checkpoint are tried before anything is built from it, the way serving uses them
+    (serving/generation.py's TextWorker: in a process of its own, with time and memory limits): a text prompt is
+    encoded, and a conversation rendered by the chat template. A checkpoint without tokenizer files passes (token ids
+    are served)."""
+    from dsa_export.errors import DSAExportError
+    from dsa_export.serving.generation import RequestError, TextCodec, TextWorker
+
+    directory = Path(directory)
+    tokenizer_files(directory)  # regular files of its own
+    if not TextCodec.exists(directory):
+        return
+    worker = None
+    try:
+        worker = TextWorker(directory)
+        worker.encode("Hello, world!")
+        if (directory / "tokenizer_config.json").is_file() and TextCodec(directory).chat_template:
+            worker.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    except (ValueError, RequestError) as e:
+        raise DSAExportError(f"{directory}: its tokenizer cannot serve text ({' '.join(str(e).split())})") from None
+    finally:
+        if worker is not None:
+            worker.close()

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
-from dsa_export.parity.thresholds import Thresholds
+from dsa_export.parity.thresholds import PROMPT_BATCHES, Thresholds
 from dsa_export.runtime import Session
 
 
@@ -38,7 +38,7 @@ def default_prompts(vocab_size: int, seed: int = 0) -> list[list[list[int]]]:
     def prompt(n: int) -> list[int]:
         return torch.randint(0, vocab_size, (n,), generator=gen).tolist()
 
-    return [[prompt(17), prompt(29)], [prompt(23)], [prompt(11)]]
+    return [[prompt(n) for n in batch] for batch in PROMPT_BATCHES]
 
 
 def _compare_step(ref, cand, lengths: torch.Tensor, totals: _Totals) -> None:

@@ -6,6 +6,17 @@ from dataclasses import dataclass, fields
 
 from dsa_export.errors import DSAExportError
 
+PROMPT_BATCHES = ((17, 29), (23,), (11,))  # the lengths of the parity prompts, by batch (parity/accuracy.py)
+
+
+def check_room(new_tokens: int, capacity: int) -> None:
+    """The parity prompts and their greedy tokens fit the export's cache capacity (checked before any work)."""
+    longest = max(n for batch in PROMPT_BATCHES for n in batch)
+    if longest + new_tokens - 1 > capacity:
+        raise DSAExportError(f"--new-tokens {new_tokens}: the parity prompts of up to {longest} tokens and their "
+                             f"{new_tokens} new tokens do not fit the export's cache capacity {capacity} (at most "
+                             f"{capacity - longest + 1} new tokens)")
+
 
 @dataclass(frozen=True)
 class Thresholds:

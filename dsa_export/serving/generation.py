@@ -81,37 +81,71 @@ def pick_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.rando
 
 def _token_text(value) -> str | None:
     """tokenizer_config.json writes special tokens as a string or as {"content": ...} (an AddedToken)."""
-    return value.get("content") if isinstance(value, dict) else value
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) else None
+
+
+# Limits of what text work may cost (TextWorker enforces them in a process of its own).
+TEXT_SECONDS = 5.0  # one encode or chat rendering
+TEXT_MEMORY_BYTES = 4 << 30  # the worker process's address space
+MAX_RENDERED_CHARS = 4 << 20  # a rendered chat
+MAX_CONFIG_BYTES = 16 << 20  # tokenizer_config.json
+# Stand-ins for message contents while the template renders (private-use characters no tokenizer merges away): the
+# contents are then encoded apart, with special tokens off, so that text a user sends stays text (no forged turns).
+_MARK = "\ue000{}\ue001"
 
 
 class TextCodec:
     """A checkpoint's tokenizer (tokenizer.json) and chat template (tokenizer_config.json), as HF transformers
     applies them: plain text encoded with the tokenizer's special tokens (its BOS), a chat rendered by the jinja
-    template (which writes the BOS itself) and encoded without."""
+    template (which writes the BOS itself) and encoded without. Special tokens inside what a user sends (a prompt, a
+    message's content) stay text. A file that is not what it should be is a ValueError with one line."""
 
     def __init__(self, directory: str | Path):
         from tokenizers import Tokenizer
 
         directory = Path(directory)
-        self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        try:
+            self.tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises its own error types
+            raise ValueError(f"{directory / 'tokenizer.json'}: not a tokenizer ({str(e).splitlines()[0][:200]})") \
+                from None
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        config = {}
+        if config_path.is_file():
+            if config_path.stat().st_size > MAX_CONFIG_BYTES:
+                raise ValueError(f"{config_path}: {config_path.stat().st_size:,} bytes, not a tokenizer config")
+            try:
+                config = json.loads(config_path.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+                raise ValueError(f"{config_path}: not valid JSON ({type(e).__name__})") from None
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_path}: must hold a JSON object")
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: HF uses "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+            template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                            None)
+        if template is not None and not isinstance(template, str):
+            raise ValueError(f"{config_path}: chat_template must be a string (or named templates)")
         self.chat_template: str | None = template
         self.bos_token = _token_text(config.get("bos_token"))
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_id = self.tokenizer.token_to_id(self.eos_token) if self.eos_token else None
+        self._template = None
+        if template:
+            from jinja2 import TemplateError
+
+            try:
+                self._template = self._environment().from_string(template)
+            except TemplateError as e:
+                raise ValueError(f"{config_path}: its chat_template does not compile ({e})") from None
 
     @staticmethod
     def exists(directory: str | Path) -> bool:
         return (Path(directory) / "tokenizer.json").is_file()
 
-    def render_chat(self, text: str) -> str:
-        """The chat template applied to one user message, with the assistant's turn opened."""
-        if not self.chat_template:
-            raise RequestError("APPLY_CHAT_TEMPLATE: this model's tokenizer_config.json has no chat_template")
+    @staticmethod
+    def _environment():
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -121,20 +155,184 @@ class TextCodec:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
-        return env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": text}], add_generation_prompt=True,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        return env
 
-    def encode(self, text: str, chat: bool = False) -> list[int]:
-        if chat:
-            return self.tokenizer.encode(self.render_chat(text), add_special_tokens=False).ids
-        return self.tokenizer.encode(text).ids
+    def _ids(self, text: str, special: bool) -> list[int]:
+        """special: special-token strings in `text` are those tokens (template text); else they stay text."""
+        self.tokenizer.encode_special_tokens = not special
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=False).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
+    def encode(self, text: str) -> list[int]:
+        """A plain prompt: the tokenizer's own special tokens around it (its BOS), the text itself as text."""
+        if not text:
+            raise RequestError("the prompt is empty: send some text")
+        self.tokenizer.encode_special_tokens = True
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=True).ids
+        finally:
+            self.tokenizer.encode_special_tokens = False
+
+    def render(self, messages: list[dict], **kwargs) -> str:
+        """The chat template applied to `messages` (with the assistant's turn opened unless told otherwise), its
+        output bounded (MAX_RENDERED_CHARS)."""
+        if self._template is None:
+            raise RequestError("this model's tokenizer_config.json has no chat_template")
+        from jinja2 import TemplateError
+
+        context = {"add_generation_prompt": True, "bos_token": self.bos_token or "", "eos_token": self.eos_token or "",
+                   **kwargs, "messages": messages}
+        parts, size = [], 0
+        try:
+            for part in self._template.generate(**context):
+                size += len(part)
+                if size > MAX_RENDERED_CHARS:
+                    raise RequestError(f"the chat template renders more than {MAX_RENDERED_CHARS:,} characters")
+                parts.append(part)
+        except TemplateError as e:
+            raise RequestError(f"chat template: {e}") from None
+        return "".join(parts)
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
+        """A conversation through the template: the template's own text with its special tokens, every message's
+        content as text (special-token strings in it stay text)."""
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("content", ""), str) for m in messages):
+            raise RequestError("messages must be a non-empty list of objects with a string content")
+        contents = [m.get("content") or "" for m in messages]
+        marked = [{**m, "content": _MARK.format(i)} if m.get("content") else m for i, m in enumerate(messages)]
+        rendered = self.render(marked, **kwargs)
+        ids, rest = [], rendered
+        for i, content in enumerate(contents):
+            if not content:
+                continue
+            head, found, rest = rest.partition(_MARK.format(i))
+            if not found:
+                raise RequestError(f"the chat template dropped or changed message {i}: it cannot be encoded safely")
+            ids += self._ids(head, special=True) + self._ids(content, special=False)
+        return ids + self._ids(rest, special=True)
+
+    def encode_prompt(self, text: str, chat: bool = False) -> list[int]:
+        """A text prompt as sent to the generation model: plain, or as one user message through the template."""
+        if chat and not text:
+            raise RequestError("the prompt is empty: send some text")
+        return self.encode_chat([{"role": "user", "content": text}]) if chat else self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def stream(self) -> "TextStream":
         return TextStream(self.tokenizer)
+
+
+class TextWorker:
+    """Tokenization and chat templates in a process of their own (this file, run as a script): a template that loops
+    or a prompt that is huge costs that process, never the caller. Each request has a time limit (past it the worker
+    is killed, and started again for the next request) and the worker a memory limit; a worker that dies is one
+    error for that request. Thread-safe (one request at a time)."""
+
+    def __init__(self, directory: str | Path, seconds: float = TEXT_SECONDS, memory_bytes: int = TEXT_MEMORY_BYTES,
+                 python: str | None = None):
+        import sys
+        import threading
+
+        self.directory, self.seconds, self.memory_bytes = str(directory), seconds, memory_bytes
+        self.python = python or sys.executable
+        self.lock = threading.Lock()
+        self.process = None
+        try:
+            self._call({"op": "ping"})  # the files load, or this raises with the reason
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self):
+        import subprocess
+
+        def limit_memory():
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
+
+        self.process = subprocess.Popen([self.python, str(Path(__file__).resolve()), "--text-worker", self.directory],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        text=True, preexec_fn=limit_memory)
+
+    def _call(self, request: dict):
+        import select
+
+        with self.lock:
+            if self.process is None or self.process.poll() is not None:
+                self._start()
+            process = self.process
+            try:
+                process.stdin.write(json.dumps(request) + "\n")
+                process.stdin.flush()
+                ready, _, _ = select.select([process.stdout], [], [], self.seconds)
+                line = process.stdout.readline() if ready else None
+            except (BrokenPipeError, OSError):
+                line = ""
+            if not line:
+                process.kill()
+                process.wait()
+                self.process = None
+                why = f"took longer than {self.seconds:g} s" if line is None else "failed (out of memory?)"
+                raise RequestError(f"tokenizing the request {why}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise (RequestError if reply.get("request") else ValueError)(reply["error"])
+        return reply.get("result")
+
+    def encode(self, text: str) -> list[int]:
+        return self._call({"op": "encode", "text": text})
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> list[int]:
+        return self._call({"op": "chat", "messages": messages, "kwargs": kwargs})
+
+    def close(self) -> None:
+        with self.lock:
+            if self.process is not None:
+                self.process.kill()
+                self.process.wait()
+                self.process = None
+
+
+def _serve_text(directory: str) -> None:
+    """The TextWorker's process: one JSON request per line on stdin, one JSON reply per line on stdout."""
+    import sys
+
+    try:
+        codec = TextCodec(directory)
+    except ValueError as e:  # the files themselves: every request gets the reason
+        codec, broken = None, str(e)
+    for line in sys.stdin:
+        request = json.loads(line)
+        try:
+            if codec is None:
+                raise ValueError(broken)
+            if request["op"] == "encode":
+                result = codec.encode(request["text"])
+            elif request["op"] == "chat":
+                result = codec.encode_chat(request["messages"], **request["kwargs"])
+            else:
+                result = None
+            reply = {"result": result}
+        except RequestError as e:
+            reply = {"error": str(e), "request": True}
+        except MemoryError:
+            import resource
+
+            limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+            reply = {"error": f"tokenizing the request needs more than the {limit / 2**30:g} GB it may use",
+                     "request": True}
+        except ValueError as e:  # the files: their reason
+            reply = {"error": str(e)}
+        except Exception as e:  # a bug: one line
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        sys.stdout.write(json.dumps(reply) + "\n")
+        sys.stdout.flush()
 
 
 class TextStream:
@@ -164,3 +362,10 @@ class TextStream:
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text += delta
         return delta
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--text-worker":
+        _serve_text(sys.argv[2])

@@ -51,10 +51,10 @@ class TritonPythonModel:
         self.capacity, self.vocab_size, self.hidden_size = io.capacity, io.vocab_size, io.hidden_size
         tokenizer_dir = here / parameters["tokenizer_dir"]
         self.codec = TextCodec(tokenizer_dir) if TextCodec.exists(tokenizer_dir) else None
-        eos = model_config.get("eos_token_id")
+        eos = model_config.get("eos_token_id")  # one id or a list of them
         if eos is None and self.codec is not None:
             eos = self.codec.eos_id
-        self.default_stop_ids = [] if eos is None else [int(eos)]
+        self.default_stop_ids = [] if eos is None else [int(t) for t in (eos if isinstance(eos, list) else [eos])]
         # correlation ids are server-wide: a random base, so that two instances (or a restart) never collide
         self.sequence_ids = itertools.count(random.SystemRandom().randrange(1 << 40, 1 << 62))
         self.lock = threading.Lock()
@@ -95,7 +95,7 @@ class TritonPythonModel:
                 text = prompt[0].decode("utf-8") if isinstance(prompt[0], bytes) else str(prompt[0])
             except UnicodeDecodeError:
                 raise RequestError("PROMPT is not valid UTF-8") from None
-            prompt_ids = self.codec.encode(text, chat)
+            prompt_ids = self.codec.encode_prompt(text, chat)
         elif chat:
             raise RequestError("APPLY_CHAT_TEMPLATE applies to a text PROMPT, not to INPUT_IDS")
         else:
