@@ -120,23 +120,26 @@ def _token_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="gRPC port.")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
+              help="Prometheus metrics port (GET /metrics: pool blocks in use, requests running and waiting, tokens).")
 @click.option("--tritonserver", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A tritonserver binary [default: `tritonserver` on PATH, else the one in the serving environment "
                    "the tool creates on first use].")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Where the server's log goes [default: a temporary file].")
 @click.option("--verbose", is_flag=True, help="Log the server's info messages too.")
-def serve(source: Path, grpc_port: int, http_port: int, tritonserver: Path | None, log_file: Path | None,
-          verbose: bool):
+def serve(source: Path, grpc_port: int, http_port: int, metrics_port: int, tritonserver: Path | None,
+          log_file: Path | None, verbose: bool):
     """Serve SOURCE (a build directory, or a model repository) with Triton Inference Server on 127.0.0.1 until
-    Ctrl-C: the generation model and its step model (the engine where the build has one, else ONNX Runtime on CPU).
+    Ctrl-C (running requests finish first): the generation model, batching every request into each step (the
+    engines where the build has them, else ONNX Runtime on CPU).
 
     \b
     Example: dsa-export serve build/h100   (then: dsa-export generate --prompt-ids 1,2,3)
     """
     from dsa_export.deploy.server import serve_repository
 
-    serve_repository(source, grpc_port, http_port, tritonserver, log_file, verbose, log=click.echo)
+    serve_repository(source, grpc_port, http_port, metrics_port, tritonserver, log_file, verbose, log=click.echo)
 
 
 @cli.command()
@@ -150,6 +153,8 @@ def serve(source: Path, grpc_port: int, http_port: int, tritonserver: Path | Non
               help="0: greedy; else sampled.")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="Sample from the top k "
               "(0: all).")
+@click.option("--top-p", default=1.0, show_default=True, type=FiniteFloat(min=0, max=1, min_open=True),
+              help="Sample from the smallest set of tokens whose probability reaches p.")
 @click.option("--seed", default=0, show_default=True, type=SEED, help="Sampling seed.")
 @click.option("--stop-ids", callback=_token_ids, help="Stop at any of these ids [default: the model's eos].")
 @click.option("--ignore-eos", is_flag=True, help="Do not stop at any id (generate --max-new-tokens).")
@@ -158,8 +163,8 @@ def serve(source: Path, grpc_port: int, http_port: int, tritonserver: Path | Non
 @click.option("--wait", default=0.0, show_default=True, type=FiniteFloat(min=0),
               help="Seconds to wait for the server to be ready (one just started).")
 def generate(url: str, prompt_ids: list[int] | None, prompt: str | None, chat: bool, max_new_tokens: int,
-             temperature: float, top_k: int, seed: int, stop_ids: list[int] | None, ignore_eos: bool,
-             timeout: float, wait: float):
+             temperature: float, top_k: int, top_p: float, seed: int, stop_ids: list[int] | None,
+             ignore_eos: bool, timeout: float, wait: float):
     """Stream a generation from a running server (`dsa-export serve`): token ids printed as they arrive, or text
     for a --prompt.
 
@@ -176,7 +181,7 @@ def generate(url: str, prompt_ids: list[int] | None, prompt: str | None, chat: b
         raise click.UsageError("--chat applies to --prompt")
     if ignore_eos and stop_ids is not None:
         raise click.UsageError("--ignore-eos and --stop-ids exclude each other")
-    inputs = client.request_inputs(prompt_ids, prompt, chat, max_new_tokens, temperature, top_k, seed,
+    inputs = client.request_inputs(prompt_ids, prompt, chat, max_new_tokens, temperature, top_k, top_p, seed,
                                    [] if ignore_eos else stop_ids)
     start, first, count = time.perf_counter(), None, 0
     for chunk in client.stream(url, inputs, timeout=timeout, wait=wait):
@@ -202,7 +207,7 @@ def _build(**values):
 
 def _plan(**values):
     """Print how the model is cut across the target's GPUs: pipeline stages of contiguous layers balanced by memory
-    (weights as the export stores them, caches at capacity for the largest batch, activations, TensorRT workspace),
+    (weights as the export stores them, the cache pool (--pool-tokens), activations, TensorRT workspace),
     with each GPU's bytes and headroom. Reads no weight; exit 2 with the shortfall if a stage cannot fit.
 
     \b
@@ -216,10 +221,13 @@ def _plan(**values):
     plan = ctx.pipeline_plan()
     capacity = ctx.options.capacity or default_capacity(ctx.config)
     experts = "FP8" if ctx.experts_fp8() else ctx.options.dtype
+    shapes = ctx.engine_shapes
+    pool = shapes.pool_rows(capacity)
     click.echo(f"{ctx.options.source}: {ctx.config.num_hidden_layers} layers on {plan.gpus} x {plan.target} "
                f"({plan.gpu_bytes / 1e9:.0f} GB each); {ctx.options.dtype} weights and caches, {experts} routed "
-               f"experts, capacity {capacity:,}, decode batch "
-               f"{ctx.options.max_batch}")
+               f"experts; steps of up to {shapes.max_batch} sequences and {shapes.step_tokens(capacity):,} tokens; a "
+               f"cache pool of {pool:,} tokens per stage (the longest sequence {capacity:,}: "
+               f"{pool / capacity:.3g} of them, or {pool // 1024:,} of 1K)")
     click.echo(plan.table())
     check_plan(plan)
 
@@ -233,8 +241,8 @@ def _register_commands() -> None:
                    "dsa-export kernels --gpu h100 --out build/h100")
     _step_command("export", "Export ONNX into <out>: per layer one dsa::LightningIndexer and one dsa::SparseMLA node, "
                    "per MoE layer one dsa::RoutedExperts node (with standard-op decompositions as model-local "
-                   "functions), per-layer caches at a fixed capacity written in place (TensorScatter), dynamic batch "
-                   "and sequence; then check the graph.", "dsa-export export --preset tiny --out build/onnx")
+                   "functions), per-layer paged cache pools written in place (dsa::WriteCache), packed tokens of any "
+                   "mix of sequences with their block tables, sampling in the last stage; then check the graph.", "dsa-export export --preset tiny --out build/onnx")
     _step_command("engine", "Build the TensorRT engine <out>/engine/model.plan from <out>'s export and AOT kernels, the "
                    "dsa:: ops as ahead-of-time Triton plugins (needs TensorRT >= 10.15 and a GPU of the target's "
                    "architecture; elsewhere the step is skipped, or refused with --require-engine).",

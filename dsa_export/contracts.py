@@ -17,9 +17,11 @@ from dsa_export.formats import name_of
 FLOAT_TYPES = ("float32", "bfloat16")
 INDEX_TYPES = ("int32", "int64")
 FP8 = "float8_e4m3fn"
-# FP8 expert weights travel as their bytes: ONNX has no Gather/Slice for float8 tensors, so an ONNX consumer could
-# not pick one expert's weights out of a float8 tensor; a kernel reads the same bytes as e4m3.
-FP8_BYTES = "uint8"
+# FP8 expert weights travel as their bytes, typed int8: ONNX has no Gather/Slice for float8 tensors, so an ONNX
+# consumer could not pick one expert's weights out of a float8 tensor, and TensorRT keeps INT8 initializers byte for
+# byte (UINT8 ones its parser widened to INT32 up to 10.12, and addConstant does not take at all); a kernel reads the
+# same bytes as e4m3.
+FP8_BYTES = "int8"
 
 
 @dataclass(frozen=True)
@@ -50,15 +52,27 @@ class Attribute:
 @dataclass(frozen=True)
 class Workload:
     """What an op's cost depends on besides its shapes: the named dims, the bytes per element of each tensor, and
-    where the queries sit (an aligned batch: query s of every row is at position `past + s`)."""
+    where the tokens sit: N tokens of `sequences` aligned sequences, token s of each at position `past + s`."""
     dims: dict[str, int]
     itemsize: dict[str, int]  # tensor name -> bytes per element
     past: int = 0
+    sequences: int = 1
+
+    @property
+    def per_sequence(self) -> int:
+        """Tokens of each sequence in the step (S)."""
+        return self.dims["N"] // self.sequences
 
     def visible_keys(self) -> int:
-        """Σ over the queries of a row of the keys each may see (t <= its position): S·past + S(S+1)/2."""
-        S = self.dims["S"]
-        return S * self.past + S * (S + 1) // 2
+        """Σ over the tokens of the keys each may see (t <= its position): sequences · (S·past + S(S+1)/2)."""
+        S = self.per_sequence
+        return self.sequences * (S * self.past + S * (S + 1) // 2)
+
+    def scored_keys(self, topk: int) -> int:
+        """Σ of the keys each token scores when a token that sees no more than `topk` keys scores none (it keeps
+        them all: the indexer skips it)."""
+        low, high = max(self.past + 1, topk + 1), self.past + self.per_sequence  # visible counts that score
+        return self.sequences * (low + high) * (high - low + 1) // 2 if low <= high else 0
 
     def nbytes(self, name: str, *dims: str) -> int:
         return self.itemsize[name] * math.prod(self.dims[d] for d in dims)
@@ -128,12 +142,12 @@ class OpContract:
         return input_dtypes[value] if kind == "like" else value
 
     def cost(self, shapes: dict[str, tuple[int, ...]], attributes: dict, itemsize: dict[str, int],
-             past: int = 0) -> OpCost:
+             past: int = 0, sequences: int = 1) -> OpCost:
         dims = self.input_dims(shapes, attributes)
         sizes = dict(itemsize)
         for spec in self.outputs:
             sizes.setdefault(spec.name, 4)
-        return self.cost_model(Workload(dims, sizes, past))
+        return self.cost_model(Workload(dims, sizes, past, sequences))
 
     def check(self, inputs: dict, attributes: dict, outputs: dict | None = None) -> dict[str, int]:
         """Raise ValueError naming the first tensor whose rank, dims or dtype break the contract; return the dims.
@@ -155,37 +169,62 @@ class OpContract:
                     if dims.setdefault(dim, size) != size:
                         raise ValueError(f"{self.qualified_name}: '{spec.name}' dim {dim}={size} disagrees with "
                                          f"{dim}={dims[dim]} elsewhere")
-                dtype = name_of(tensor.dtype)
-                allowed = spec.allowed({k: name_of(t.dtype) for k, t in inputs.items()})
-                if dtype not in allowed:
-                    raise ValueError(f"{self.qualified_name}: '{spec.name}' must be {'/'.join(allowed)}, got {dtype}")
+            self.check_dtypes({k: name_of(t.dtype) for k, t in tensors.items()}, arg,
+                              {k: name_of(t.dtype) for k, t in inputs.items()})
         return dims
+
+    def check_dtypes(self, dtypes: Mapping[str, str], specs: Sequence[TensorArg] | None = None,
+                     input_dtypes: Mapping[str, str] | None = None) -> None:
+        """Raise ValueError naming the first tensor (of `specs`, default the inputs) whose dtype, by name, the
+        contract does not allow (a TensorRT plugin checks its inputs with this before launching a kernel)."""
+        for spec in self.inputs if specs is None else specs:
+            if spec.name in dtypes:
+                allowed = spec.allowed(dtypes if input_dtypes is None else input_dtypes)
+                if dtypes[spec.name] not in allowed:
+                    raise ValueError(f"{self.qualified_name}: '{spec.name}' must be {'/'.join(allowed)}, got "
+                                     f"{dtypes[spec.name]}")
+
+
+# ---- the paged caches --------------------------------------------------------------------------------------------------
+# Every layer's caches are pools of fixed-size blocks shared by all sequences (models/cache.py): [ROWS, D], ROWS a
+# multiple of the block size. A step's tokens are packed (N of them, any mix of sequences); token n belongs to
+# sequence `sequence[n]` (a row of `block_tables` [R, M], that sequence's blocks in order) at `positions[n]`, so key t
+# of that sequence lives in pool row block_tables[s, t // block_size]·block_size + t % block_size.
+_PAGING = (
+    TensorArg("positions", ("N",), INDEX_TYPES, "each token's position in its sequence"),
+    TensorArg("sequence", ("N",), ("int32",), "each token's sequence: a row of block_tables"),
+    TensorArg("block_tables", ("R", "M"), ("int32",), "each sequence's blocks of the pool, in order"),
+)
 
 
 # ---- dsa::LightningIndexer ---------------------------------------------------------------------------------------------
 def _indexer_cost(w: Workload) -> OpCost:
     d = w.dims
-    scored = d["B"] * w.visible_keys()  # (query, key) pairs
-    keys_read = d["B"] * min(w.past + d["S"], d["T"])  # each row's visible keys, once
+    scored = w.scored_keys(d["topk"])  # (token, key) pairs; none for a token that keeps all its keys
+    # each sequence's visible keys, once, if any of its tokens scores them
+    keys_read = w.sequences * (w.past + w.per_sequence) if scored else 0
     return OpCost(flops=scored * (2 * d["HI"] * d["DI"] + 2 * d["HI"]),
                   cache_bytes=keys_read * d["DI"] * w.itemsize["k"],
-                  activation_bytes=w.nbytes("q", "B", "S", "HI", "DI") + w.nbytes("w", "B", "S", "HI")
-                  + w.nbytes("positions", "B", "S") + w.nbytes("indices", "B", "S", "topk"))
+                  activation_bytes=w.nbytes("q", "N", "HI", "DI") + w.nbytes("w", "N", "HI")
+                  + w.nbytes("positions", "N") + w.nbytes("indices", "N", "topk"))
 
 
 LIGHTNING_INDEXER = OpContract(
     domain="dsa", onnx_name="LightningIndexer", torch_name="lightning_indexer", version=1,
     inputs=(
-        TensorArg("q", ("B", "S", "HI", "DI"), FLOAT_TYPES + (FP8,), "indexer queries after RoPE"),
-        TensorArg("k", ("B", "T", "DI"), FLOAT_TYPES + (FP8,), "indexer key cache (capacity T) incl. current tokens"),
-        TensorArg("w", ("B", "S", "HI"), ("float32",), "per-head weights, already scaled"),
-        TensorArg("positions", ("B", "S"), INDEX_TYPES, "absolute position of each query"),
+        TensorArg("q", ("N", "HI", "DI"), FLOAT_TYPES + (FP8,), "indexer queries after RoPE, one row per token"),
+        TensorArg("k", ("ROWS", "DI"), FLOAT_TYPES + (FP8,), "indexer key pool (the step's keys already written)"),
+        TensorArg("w", ("N", "HI"), ("float32",), "per-head weights, already scaled"),
+        *_PAGING,
     ),
-    attributes=(Attribute("topk", "int", "keys kept per query"),),
-    outputs=(TensorArg("indices", ("B", "S", "topk"), ("int32",), "selected keys; -1 beyond the visible count"),),
-    doc="indices of the visible keys t <= positions[b,s] with the largest Σ_h w[b,s,h]·ReLU(q[b,s,h]·k[b,t]); "
-        "ties go to the lower t; order within a row is not part of the contract; rows of k beyond a query's "
-        "position are never read",
+    attributes=(Attribute("topk", "int", "keys kept per token"),
+                Attribute("block_size", "int", "rows per block of the pool")),
+    outputs=(TensorArg("indices", ("N", "topk"), ("int32",), "pool rows of the selected keys; -1 beyond the "
+                                                             "visible count"),),
+    doc="for token n of sequence s = sequence[n] at position p = positions[n]: the pool rows of the keys t <= p of s "
+        "with the largest Σ_h w[n,h]·ReLU(q[n,h]·k[row of t]); ties go to the lower t; order within a row is not "
+        "part of the contract; no other row of the pool is read; a token that sees at most topk keys keeps them all, "
+        "unscored",
     cost_model=_indexer_cost,
 )
 
@@ -193,25 +232,47 @@ LIGHTNING_INDEXER = OpContract(
 # ---- dsa::SparseMLA ----------------------------------------------------------------------------------------------------
 def _sparse_mla_cost(w: Workload) -> OpCost:
     d = w.dims
-    slots = d["B"] * sum(min(d["K"], w.past + s + 1) for s in range(d["S"]))  # valid (non −1) slots read
-    return OpCost(flops=d["B"] * d["S"] * d["K"] * d["H"] * 2 * (d["DK"] + d["dv"]),
+    S = w.per_sequence
+    slots = w.sequences * sum(min(d["K"], w.past + s + 1) for s in range(S))  # valid (non −1) slots read
+    return OpCost(flops=d["N"] * d["K"] * d["H"] * 2 * (d["DK"] + d["dv"]),
                   cache_bytes=slots * d["DK"] * w.itemsize["kv"],
-                  activation_bytes=w.nbytes("q", "B", "S", "H", "DK") + w.nbytes("indices", "B", "S", "K")
-                  + w.nbytes("out", "B", "S", "H", "dv"))
+                  activation_bytes=w.nbytes("q", "N", "H", "DK") + w.nbytes("indices", "N", "K")
+                  + w.nbytes("out", "N", "H", "dv"))
 
 
 SPARSE_MLA = OpContract(
     domain="dsa", onnx_name="SparseMLA", torch_name="sparse_mla", version=1,
     inputs=(
-        TensorArg("q", ("B", "S", "H", "DK"), FLOAT_TYPES, "absorbed queries q_nope·W_UK ‖ q_pe"),
-        TensorArg("kv", ("B", "T", "DK"), FLOAT_TYPES, "latent cache: normalised latent ‖ roped k_pe"),
-        TensorArg("indices", ("B", "S", "K"), ("int32",), "selected rows, -1 = empty slot"),
+        TensorArg("q", ("N", "H", "DK"), FLOAT_TYPES, "absorbed queries q_nope·W_UK ‖ q_pe, one row per token"),
+        TensorArg("kv", ("ROWS", "DK"), FLOAT_TYPES, "latent pool: normalised latent ‖ roped k_pe"),
+        TensorArg("indices", ("N", "K"), ("int32",), "pool rows to attend, -1 = empty slot"),
     ),
     attributes=(Attribute("scale", "float", "softmax scale (with YaRN mscale)"),
                 Attribute("dv", "int", "value width = kv_lora_rank; the value is kv[..., :dv]")),
-    outputs=(TensorArg("out", ("B", "S", "H", "dv"), ("like:q",), "attention output in the latent space"),),
-    doc="softmax over the selected keys only; a row with no valid index gives zeros",
+    outputs=(TensorArg("out", ("N", "H", "dv"), ("like:q",), "attention output in the latent space"),),
+    doc="softmax over the selected rows only; a token with no valid index gives zeros",
     cost_model=_sparse_mla_cost,
+)
+
+
+# ---- dsa::WriteCache ---------------------------------------------------------------------------------------------------
+def _write_cache_cost(w: Workload) -> OpCost:
+    return OpCost(flops=0, cache_bytes=w.nbytes("cache", "N", "D"), activation_bytes=w.nbytes("rows", "N", "D"))
+
+
+WRITE_CACHE = OpContract(
+    domain="dsa", onnx_name="WriteCache", torch_name="write_cache", version=1,
+    inputs=(
+        TensorArg("cache", ("ROWS", "D"), FLOAT_TYPES, "a layer's pool"),
+        TensorArg("rows", ("N", "D"), ("like:cache",), "the step's new rows, one per token"),
+        TensorArg("slots", ("N",), ("int64",), "the pool row each token's row goes to"),
+    ),
+    attributes=(),
+    outputs=(TensorArg("out", ("ROWS", "D"), ("like:cache",), "the pool with the new rows"),),
+    doc="out = cache with row slots[n] replaced by rows[n]; in place: the output is the cache (TensorRT aliases "
+        "them, ONNX Runtime writes into the buffer bound as both); no other row is touched",
+    cost_model=_write_cache_cost,
+    aliases=(("out", "cache"),),
 )
 
 
@@ -274,7 +335,7 @@ ROUTED_EXPERTS_FP8 = OpContract(
     aliases=(("out", "base"),),
 )
 
-CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)
+CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)
 
 
 def fp8_scale_shape(rows: int, cols: int, block_out: int, block_in: int, stacked: int = 1) -> tuple[int, int]:

@@ -57,7 +57,7 @@ def make_readable(root: Path) -> None:
             os.chmod(path, default_mode(directory=path.is_dir()))
 
 
-def write_atomic(path: str | Path, data: bytes | str) -> None:
+def write_atomic(path: str | Path, data: bytes | memoryview | str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:

@@ -40,11 +40,12 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("float16", 2, 10, "tensor(float16)", "F16", "fp16", "TYPE_FP16", "float16", "float16"),
     Format("float8_e4m3fn", 1, 17, "tensor(float8e4m3fn)", "F8_E4M3", "fp8e4nv", None, None, "fp8"),
     Format("uint8", 1, 2, "tensor(uint8)", "U8", "u8", "TYPE_UINT8", "uint8", "uint8"),
+    Format("int8", 1, 3, "tensor(int8)", "I8", "i8", "TYPE_INT8", "int8", "int8"),
     Format("int32", 4, 6, "tensor(int32)", "I32", "i32", "TYPE_INT32", "int32", "int32"),
     Format("int64", 8, 7, "tensor(int64)", "I64", "i64", "TYPE_INT64", "int64", "int64"),
     Format("bool", 1, 9, "tensor(bool)", "BOOL", "i1", "TYPE_BOOL", "bool_", "bool"),
 )}
-TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8e4m3", "uint8": "u8",
+TAGS = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float8_e4m3fn": "fp8e4m3", "uint8": "u8", "int8": "i8",
         "int32": "i32", "int64": "i64", "bool": "bool"}
 ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
            "fp8": "float8_e4m3fn"}

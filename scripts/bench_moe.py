@@ -28,7 +28,7 @@ from dsa_export.exporter.onnx_export import export_onnx
 from dsa_export.kernels import use_custom_ops
 from dsa_export.models import get_preset
 from dsa_export.models.init import random_model
-from dsa_export.cost.report import random_cache_contents
+from dsa_export.cost.measure import random_cache_contents
 from dsa_export.runtime import EagerBackend, GraphBackend
 
 EXPERTS = (8, 16, 32, 64)  # routed experts; 8 of them active per token
@@ -48,7 +48,7 @@ def moe_config(experts: int):
 
 def decode_step(backend, config, capacity: int, past: int):
     """A function running one decode step on top of `past` random cached tokens."""
-    caches = backend.new_caches(1, [t.to(backend.cache_dtype) for t in random_cache_contents(config, capacity, past)])
+    caches = backend.new_caches(1, [t.to(backend.cache_dtype) for t in random_cache_contents(config, past)])
     ids, positions = torch.tensor([[7]]), torch.tensor([[past]])
     return lambda: backend.step(ids, positions, caches)
 
@@ -133,7 +133,7 @@ def main() -> None:
     lines += ["", "## ONNX Runtime decode step vs capacity (1,024 cached tokens)", "",
               "| capacity | ms |", "|---:|---:|"]
     lines += [f"| {r['capacity']:,} | {r['ms']:.2f} |" for r in capacity]
-    lines += ["", "The caches are bound once (IOBinding, the same buffer as input and output of each TensorScatter): "
+    lines += ["", "The caches are bound once (IOBinding, the same buffer as input and output of each dsa::WriteCache): "
                   "a step's cost follows the context the indexer scores, not the capacity."]
     if prefill:
         lines += ["", "## ONNX Runtime prefill, peak resident memory (tiny, child process)", "",

@@ -8,7 +8,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dsa_export.cli import main
 from dsa_export.models import DSAForCausalLM, get_preset
-from dsa_export.cost.model import Assumptions, calibration, cost_curves, token_components, token_cost
+from dsa_export.models.cache import Paging
+from dsa_export.cost.model import (Assumptions, calibration, cost_curves, step_cost, token_components,
+                                   token_cost)
 from dsa_export.targets import get_target
 
 
@@ -20,11 +22,13 @@ def test_analytic_decode_flops_equal_flop_counter(variant):
     model.attention = "sparse" if variant == "dsa" else "dense"
     past = 99
     L = config.num_hidden_layers
-    cache = model.new_cache(1, capacity=past + 1)
+    cache = model.new_cache(1, capacity=past + 1)  # a pool of 2 blocks: 128 rows, 28 of them beyond the capacity
     for t in cache.tensors():
         t.normal_()
+    positions = torch.tensor([[past]])
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.forward_with_cache(torch.tensor([[5]]), torch.tensor([[past]]), cache.latent, cache.index_keys)
+        model.forward_with_cache(torch.tensor([[5]]), positions, cache.latent, cache.index_keys,
+                                 Paging.identity(positions, cache.rows))
     analytic = sum(p.flops for p in token_components(config, past + 1, "decode", variant))
     if variant == "dense":
         # the eager "dense" mode is the MHA reference (expands every cached latent per step), not the absorbed MQA
@@ -38,6 +42,32 @@ def test_analytic_decode_flops_equal_flop_counter(variant):
         index_keys = L * 2 * config.hidden_size * config.index_head_dim  # eager dense still fills the index-key cache
         analytic = shared - absorbed_query + mha + index_keys
     assert counter.get_total_flops() == analytic
+
+
+def test_step_flops_price_the_logits_of_each_rows_last_token_only():
+    """A chunk of 5 tokens on a past of 99 in 2 rows, the logits of each row's last token only (what a serving step
+    asks for: `logits_index`): torch's flop counter on the eager step against cost/model.py `step_cost`."""
+    config = get_preset("tiny")
+    model = DSAForCausalLM(config).eval()
+    past, B, S = 99, 2, 5
+    cache = model.new_cache(B, capacity=past + S)
+    for t in cache.tensors():
+        t.normal_()
+    positions = (past + torch.arange(S)).expand(B, S).contiguous()
+    paging = Paging.identity(positions, cache.rows)
+    ids = torch.randint(0, config.vocab_size, (B, S), generator=torch.Generator().manual_seed(0))
+
+    def flops(**kw):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.forward_with_cache(ids, positions, cache.latent, cache.index_keys, paging, **kw)
+        return counter.get_total_flops()
+
+    # the readable indexer scores every key up to the step's last position, then masks the ones a token cannot see
+    masked = config.num_hidden_layers * B * sum(S - 1 - s for s in range(S)) * (
+        2 * config.index_n_heads * config.index_head_dim + 2 * config.index_n_heads)
+    closed = step_cost(config, B, S, past, 4, 4).flops
+    assert flops(logits_index=torch.tensor([S - 1, 2 * S - 1])) == closed + masked
+    assert flops() == closed + masked + (B * S - B) * 2 * config.hidden_size * config.vocab_size  # every token's
 
 
 def test_calibration_reproduces_the_papers_four_points_within_10_percent():

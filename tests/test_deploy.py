@@ -1,18 +1,16 @@
-"""The model repository and the generation helpers, without a server: every config parses with Triton's own schema
-and says what io.json says; the tokenizer `init` writes; text decoded incrementally; token picking; request checks."""
+"""The model repository and the generation helpers, without a server: the config parses with Triton's own schema and
+points at the export's files; the tokenizer `init` writes; text decoded incrementally; request checks."""
 
 import json
 import random
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer
 
+from dsa_export.deploy.repository import GENERATE, read_config, serving_parameters, write_repository
+from dsa_export.exporter.plan import EngineShapes
 from dsa_export.serving.generation import (GENERATE_INPUTS, GENERATE_OUTPUTS, GenerationRequest, RequestError,
-                                          TextCodec, check_request, pick_token)
-from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, STEP_ONNX, read_config, write_repository
-from dsa_export.formats import of
-from dsa_export.exporter.graph_io import GraphIO
+                                          TextCodec, check_request)
 from dsa_export.models.tokenizer import BOS, EOS, TOKENIZER_FILES, copy_tokenizer
 
 
@@ -60,16 +58,6 @@ def test_text_deltas_add_up_to_the_decoded_tokens(tiny_checkpoint):
     assert held_back > 0  # multi-byte characters were held back at least sometimes
 
 
-def test_pick_token_greedy_top_k_and_seed():
-    logits = np.array([0.1, 3.0, 3.0, -1.0, 2.9], dtype=np.float32)
-    rng = np.random.default_rng(0)
-    assert pick_token(logits, 0.0, 0, rng) == 1  # the first maximum, as torch.argmax
-    assert {pick_token(logits, 1.0, 2, np.random.default_rng(s)) for s in range(50)} == {1, 2}
-    assert pick_token(np.array([0.1, 3.0, 2.95, 2.9]), 5.0, 1, rng) == 1  # top-1 sampling is greedy
-    draws = [pick_token(logits, 1.0, 0, np.random.default_rng(7)) for _ in range(3)]
-    assert len(set(draws)) == 1
-
-
 @pytest.mark.parametrize("change, message", [
     ({"prompt_ids": []}, "the prompt is empty"),
     ({"prompt_ids": [1, 320]}, "token id 320 is outside the vocabulary [0, 320)"),
@@ -79,7 +67,11 @@ def test_pick_token_greedy_top_k_and_seed():
     ({"temperature": -0.5}, "TEMPERATURE must be a number >= 0"),
     ({"temperature": float("nan")}, "TEMPERATURE must be a number >= 0"),
     ({"top_k": -1}, "TOP_K must be >= 0"),
+    ({"top_p": 0.0}, "TOP_P must be in (0, 1]"),
+    ({"top_p": 1.5}, "TOP_P must be in (0, 1]"),
     ({"seed": -2}, "SEED must be >= 0"),
+    ({"prompt_ids": [1] * 64}, "a prompt of 64 tokens does not fit the cache capacity 63"),
+    ({"stop_ids": list(range(1025))}, "at most 1024 STOP_IDS"),
 ])
 def test_bad_requests_are_refused_with_one_line(change, message):
     good = dict(prompt_ids=[1, 2, 3], max_new_tokens=61)
@@ -89,63 +81,55 @@ def test_bad_requests_are_refused_with_one_line(change, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
-def test_repository_configs_parse_and_follow_io_json(export_dir):
+def test_repository_is_one_batching_model_that_reads_the_export(export_dir):
     from tritonclient.grpc import model_config_pb2 as mc
 
-    written = write_repository(export_dir)
+    written = write_repository(export_dir, shapes=EngineShapes(max_batch=4, max_tokens=100, pool_tokens=1000))
     repository = export_dir / "model_repository"
-    assert written["step_models"] == [STEP_ONNX] and not written["engine"]  # no engine in this build
-    io = GraphIO.load(export_dir / "io.json")
-    configs = {path.parent.name: read_config(path) for path in repository.glob("*/config.pbtxt")}
-    assert sorted(configs) == sorted([GENERATE, STEP_ONNX, STEP_ENGINE])
-    for name in (STEP_ONNX, STEP_ENGINE):
-        config = configs[name]
-        assert config.name == name and config.backend == "python" and config.max_batch_size == 0
-        expected = [(t.name, of(t.dtype).server, [d if isinstance(d, int) else -1 for d in t.dims])
-                    for t in (*io.inputs[:2], io.outputs[0])]
-        actual = [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in (*config.input, *config.output)]
-        assert actual == expected
-        # the export's files, relative to the model's directory (the models read the export from there)
-        assert (repository / name / config.parameters["io_file"].string_value).resolve() == \
-            (export_dir / "io.json").resolve()
-        assert (repository / name / config.parameters["model_file"].string_value).resolve() == \
-            (export_dir / "model.onnx").resolve()
-        assert sorted(p.name for p in (repository / name / "1").iterdir()) == sorted(
-            ["model.py", "io_spec.py", "trt_graph.py" if name == STEP_ENGINE else "ort_graph.py"])
-    assert configs[STEP_ENGINE].instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU
-    assert configs[STEP_ENGINE].parameters["runtime"].string_value == "tensorrt"
-    assert configs[STEP_ONNX].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-    generate = configs[GENERATE]
-    assert generate.model_transaction_policy.decoupled
-    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in generate.input] == \
+    assert written["models"] == [GENERATE] and written["runtime"] == "onnxruntime" and not written["engine"]
+    assert sorted(p.name for p in repository.iterdir()) == [GENERATE]  # nothing else a client could call
+    config = read_config(repository / GENERATE / "config.pbtxt")
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
+    assert not config.HasField("sequence_batching")  # no correlation ids: a request reaches only itself
+    assert config.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU and config.instance_group[0].count == 1
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims), t.optional) for t in config.input] == \
         [(name, *spec) for name, (*spec,) in GENERATE_INPUTS.items()]
-    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in generate.output] == \
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == \
         [(name, dtype, dims) for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()]
-    assert generate.parameters["step_models"].string_value == STEP_ONNX
-    assert (repository / GENERATE / generate.parameters["io_file"].string_value).resolve() == \
-        (export_dir / "io.json").resolve()
-    assert (repository / GENERATE / generate.parameters["tokenizer_dir"].string_value).resolve() == \
-        export_dir.resolve()
+    parameters = serving_parameters(repository)
+    # the pool in whole blocks of 64 rows; at most 100 tokens per step
+    assert (parameters["max_batch"], parameters["max_tokens"], parameters["pool_tokens"]) == ("4", "100", "1024")
+    (stage,) = json.loads(parameters["stages"])
+    model_dir = repository / GENERATE
+    assert (model_dir / stage["io_file"]).resolve() == (export_dir / "io.json").resolve()
+    assert (model_dir / stage["model_file"]).resolve() == (export_dir / "model.onnx").resolve()
+    assert (model_dir / parameters["tokenizer_dir"]).resolve() == export_dir.resolve()
+    assert sorted(p.name for p in (model_dir / "1").iterdir()) == sorted(
+        ["model.py", "generation.py", "io_spec.py", "scheduler.py", "ort_graph.py", "trt_graph.py"])
 
 
-def test_repository_steps_by_the_engine_where_the_build_has_one(export_dir, tmp_path):
+def test_the_engines_shapes_win_where_the_build_has_engines(export_dir, tmp_path):
+    """An engine's profile and pool are built in: the repository serves with them, whatever the options say."""
     import shutil
 
     build = tmp_path / "b"
     shutil.copytree(export_dir, build, ignore=shutil.ignore_patterns("model_repository"))
     (build / "engine").mkdir()
     (build / "engine" / "model.plan").write_bytes(b"plan")
-    (build / "engine" / "engine.json").write_text('{"profiles": ["prefill", "decode"]}')
-    assert write_repository(build)["step_models"] == [STEP_ENGINE]
-    assert read_config(build / "model_repository" / GENERATE / "config.pbtxt").parameters["step_models"] \
-        .string_value == STEP_ENGINE
+    (build / "engine" / "engine.json").write_text(json.dumps(
+        {"profiles": ["step"], "shapes": {"max_batch": 2, "max_tokens": 64, "pool_tokens": 640}}))
+    written = write_repository(build, shapes=EngineShapes(max_batch=16))
+    assert written["runtime"] == "tensorrt" and (written["max_batch"], written["pool_tokens"]) == (2, 640)
+    parameters = serving_parameters(build / "model_repository")
+    (stage,) = json.loads(parameters["stages"])
+    assert parameters["runtime"] == "tensorrt"
+    assert (build / "model_repository" / GENERATE / stage["plan_file"]).resolve() == \
+        (build / "engine" / "model.plan").resolve()
 
 
-def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, tmp_path):
-    """Pipeline stages: dsa_onnx_i / dsa_engine_i for stage i (engine i on GPU i), chained by dsa_generate."""
+def test_a_staged_build_lists_its_stages_in_layer_order(export_dir, tmp_path):
+    """Pipeline stages: one model still, which runs stage i's graph (engine i on GPU i) for every step."""
     import shutil
-
-    from tritonclient.grpc import model_config_pb2 as mc
 
     from dsa_export.exporter.graph_io import graph_io
     from dsa_export.models import get_preset
@@ -155,25 +139,12 @@ def test_a_staged_build_gets_a_step_model_per_stage_each_on_its_gpu(export_dir, 
         shutil.copytree(export_dir, build / f"stage-{i}", ignore=shutil.ignore_patterns("model_repository"))
         io = graph_io(get_preset("tiny"), "bfloat16", capacity=64, layers=(i, i + 1))
         (build / f"stage-{i}" / "io.json").write_text(json.dumps(io.to_json()))
-        (build / f"stage-{i}" / "engine").mkdir()
-        (build / f"stage-{i}" / "engine" / "model.plan").write_bytes(b"plan")
-        (build / f"stage-{i}" / "engine" / "engine.json").write_text('{"profiles": ["prefill", "decode"]}')
     written = write_repository(build)
-    assert written["step_models"] == [f"{STEP_ENGINE}_{i}" for i in range(3)] and written["stages"] == 3
-    repository = build / "model_repository"
-    for i in range(3):
-        engine = read_config(repository / f"{STEP_ENGINE}_{i}" / "config.pbtxt")
-        assert engine.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and list(engine.instance_group[0].gpus) \
-            == [i]
-        assert (repository / f"{STEP_ENGINE}_{i}" / engine.parameters["plan_file"].string_value).resolve() == \
-            (build / f"stage-{i}" / "engine" / "model.plan").resolve()
-        assert (repository / f"{STEP_ONNX}_{i}" / "config.pbtxt").is_file()
-        # the hidden state crosses between stages in float32 (numpy has no bfloat16; the step model casts it)
-        wire = {t.name: mc.DataType.Name(t.data_type) for t in (*engine.input, *engine.output)}
-        assert wire == {"input_ids" if i == 0 else "hidden_in": "TYPE_INT64" if i == 0 else "TYPE_FP32",
-                        "positions": "TYPE_INT64", "logits" if i == 2 else "hidden_out": "TYPE_FP32"}
-    generate = read_config(repository / GENERATE / "config.pbtxt")
-    assert generate.parameters["step_models"].string_value == ",".join(written["step_models"])
+    assert written["stages"] == 3
+    stages = json.loads(serving_parameters(build / "model_repository")["stages"])
+    assert [(build / "model_repository" / GENERATE / s["io_file"]).resolve() for s in stages] == \
+        [(build / f"stage-{i}" / "io.json").resolve() for i in range(3)]
+    assert "float32 exports only" in written["note"]  # a bf16 build without engines is not served on the CPU
 
 
 def test_a_broken_config_is_one_clear_error(tmp_path):
@@ -188,3 +159,15 @@ def test_tokenizer_json_is_hf_tokenizers_own_format(tiny_checkpoint):
     tokenizer = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
     assert tokenizer.decode(tokenizer.encode("DeepSeek Sparse Attention").ids, skip_special_tokens=True) == \
         "DeepSeek Sparse Attention"
+
+
+def test_serve_waits_in_proportion_to_what_the_server_loads(export_dir, tmp_path):
+    """The readiness wait grows with the bytes the stages load (a v3.2 stage's plan is tens of GB), from 3 minutes."""
+    from dsa_export.deploy.repository import serving_parameters
+    from dsa_export.deploy.server import bytes_to_load, ready_timeout
+
+    repository = tmp_path / "repository"
+    write_repository(export_dir, repository, served_from=repository)
+    graph = sum(f.stat().st_size for f in export_dir.glob("model.onnx*"))
+    assert bytes_to_load(repository, serving_parameters(repository)) == graph > 0
+    assert ready_timeout(0) == 180 and ready_timeout(40 * 10**9) == 380  # a 40 GB plan: 200 s more

@@ -17,29 +17,48 @@ from dsa_export.targets import TARGETS, get_target
 from conftest import TINY_CAPACITY
 
 
-def test_profiles_vary_batch_and_sequence_and_keep_the_cache_capacity(tiny_onnx):
+def test_one_step_profile_varies_tokens_sequences_and_samples_and_keeps_the_pool(tiny_onnx, tiny_config):
     io = GraphIO.load(tiny_onnx / "io.json")
-    shapes = plan.EngineShapes(max_batch=16, prefill_batch=2, max_prefill=10_000)
+    shapes = plan.EngineShapes(max_batch=16, max_tokens=10_000, pool_tokens=1000)
     profiles = engine.profiles(io, shapes)
-    assert list(profiles) == list(engine.PROFILES) == ["prefill", "decode"]
-    assert profiles["prefill"]["input_ids"] == ((1, 1), (1, min(512, TINY_CAPACITY)), (2, TINY_CAPACITY))
-    assert profiles["decode"]["positions"] == ((1, 1), (16, 1), (16, 1))
-    latent = profiles["decode"]["latent_cache.0"]
-    assert latent == ((1, 1, TINY_CAPACITY, 40), (16, 1, TINY_CAPACITY, 40), (16, 1, TINY_CAPACITY, 40))
-    assert set(profiles["prefill"]) == {t.name for t in io.inputs}
+    assert list(profiles) == list(engine.PROFILES) == ["step"]
+    step = profiles["step"]
+    assert set(step) == {t.name for t in io.inputs}
+    pool = 16 * 64  # 1000 tokens round up to 16 blocks of 64 rows
+    for name in ("input_ids", "positions", "sequence", "slots"):  # up to the pool's rows (< --max-tokens)
+        assert step[name] == ((1,), (16,), (pool,))  # optimum: a full decode batch
+    assert step["block_tables"] == ((1, 4), (16, 4), (16, 4))  # capacity 256: 4 blocks per sequence
+    for name in ("logits_index", "temperature", "top_k", "top_p", "uniform"):
+        assert step[name] == ((1,), (16,), (16,))
+    assert step["latent_cache.0"] == ((pool, 40),) * 3  # fixed: the pools are allocated once
+    assert step["index_key_cache.2"] == ((pool, tiny_config.index_head_dim),) * 3
+    # --max-tokens caps a step; a step always takes one token of each of --max-batch sequences
+    assert engine.profiles(io, plan.EngineShapes(max_batch=16, max_tokens=100))["step"]["input_ids"] == \
+        ((1,), (16,), (100,))
+    assert engine.profiles(io, plan.EngineShapes(max_batch=16, max_tokens=4))["step"]["input_ids"] == \
+        ((1,), (16,), (16,))
+    default = engine.profiles(io, plan.EngineShapes(max_batch=2))["step"]  # pool: 2 sequences at the capacity
+    assert default["latent_cache.1"][0] == (2 * TINY_CAPACITY, 40) and default["slots"][2] == (2 * TINY_CAPACITY,)
 
 
-def test_memory_plan_counts_weights_caches_and_refuses_what_does_not_fit(tiny_onnx):
+def test_memory_plan_counts_weights_pools_and_refuses_what_does_not_fit(tiny_onnx):
     h100 = get_target("h100")
     memory = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(max_batch=4), workspace_gb=1)
     assert memory["weights_gb"] == pytest.approx((tiny_onnx / "model.onnx.data").stat().st_size / 1e9)
-    per_sequence = 3 * TINY_CAPACITY * (40 + 16) * 4  # 3 layers × capacity × (latent + index key) × fp32
-    assert memory["caches_gb"] == pytest.approx(4 * per_sequence / 1e9)
+    per_row = 3 * (40 + 16) * 4  # 3 layers × (latent + index key) × fp32
+    assert memory["caches_gb"] == pytest.approx(4 * TINY_CAPACITY * per_row / 1e9)  # default: 4 × capacity rows
+    assert memory["activations_gb"] == pytest.approx((256 * 2**20 + 4 * 320 * 4) / 1e9)  # + 4 samples' logits
     assert memory["fits"] and memory["gpu_gb"] == 80
+    pooled = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(max_batch=4, pool_tokens=100),
+                              workspace_gb=1)
+    assert pooled["caches_gb"] == pytest.approx(128 * per_row / 1e9)  # 100 tokens: 2 blocks of 64 rows
     huge = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(max_batch=10**7), workspace_gb=1)
     assert not huge["fits"] and huge["shortfall_gb"] == pytest.approx(huge["total_gb"] - 80)
-    with pytest.raises(DSAExportError, match=r"needs [\d.]+ GB on h100 .* which has 80 GB: [\d.]+ GB short"):
+    with pytest.raises(DSAExportError, match=r"needs [\d.]+ GB on h100 .* which has 80 GB: [\d.]+ GB short; lower "
+                                             r"--pool-tokens"):
         plan.check_fits(huge, h100)
+    big_pool = plan.memory_plan(StageDir(tiny_onnx), h100, plan.EngineShapes(pool_tokens=10**9), workspace_gb=1)
+    assert not big_pool["fits"] and big_pool["caches_gb"] == pytest.approx(10**9 * per_row / 1e9)
 
 
 def test_a_dsa_node_built_from_its_decomposition_is_refused():
@@ -81,13 +100,13 @@ def test_build_records_the_engine_as_skipped_with_the_command_that_finishes_it(c
     if engine.unavailable(get_target("h100")) is None:
         pytest.skip("this machine can build engines")
     out = build_dir
-    code = main(["engine", "--out", str(out), "--max-batch", "4"])
+    code = main(["engine", "--out", str(out), "--max-batch", "4", "--max-tokens", "512", "--pool-tokens", "1000"])
     stdout = capsys.readouterr().out
     assert code == 0 and "to finish engine: dsa-export engine --gpu h100 --out" in stdout
     record = json.loads((out / "manifest.json").read_text())["steps"]["engine"]
     assert record["status"] == "skipped" and record["reason"].startswith("TensorRT is not installed")
-    assert re.match(rf"dsa-export engine --gpu h100 --out {out} --max-batch 4 +# with TensorRT >= 10.15 and a h100",
-                    record["command"])
+    assert re.match(rf"dsa-export engine --gpu h100 --out {out} --max-batch 4 --max-tokens 512 --pool-tokens 1000 "
+                    rf"+# with TensorRT >= 10.15 and a h100", record["command"])
     assert [plan["fits"] for plan in record["memory"]] == [True] and not (out / "engine").exists()
     # demanded: an error, before anything is written
     manifest = (out / "manifest.json").read_text()
@@ -101,6 +120,7 @@ def test_build_records_the_engine_as_skipped_with_the_command_that_finishes_it(c
     (["--precision", "bfloat16"], r"--precision bfloat16: the export is float32"),
     (["--precision", "fp8"], r"--precision fp8: the export holds no FP8 experts"),
     (["--max-batch", "100000000"], r"the engine needs [\d.]+ GB on h100 .* GB short"),
+    (["--pool-tokens", "10000000000"], r"the engine needs [\d.]+ GB on h100 \(weights [\d.]+, caches 6720\.0"),
 ])
 def test_engines_that_cannot_be_are_refused_before_anything_is_written(capsys, build_dir, argv, message):
     out = build_dir
@@ -142,5 +162,8 @@ def test_engine_builds_on_this_gpu_and_matches_the_eager_model(capsys, tmp_path,
     assert code == 0, capsys.readouterr().err
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert steps["engine"]["status"] == "ok" and (out / "engine" / "model.plan").stat().st_size > 0
-    assert steps["engine"]["engine"]["plugin_layers"] == 3 * 2 + 2  # indexer + sparse MLA per layer, 2 MoE layers
+    engine_record = steps["engine"]["engine"]
+    # indexer + sparse MLA + a WriteCache per pool in each layer, 2 MoE layers
+    assert engine_record["plugin_layers"] == 3 * 2 + 3 * 2 + 2
+    assert engine_record["profiles"] == ["step"]
     assert steps["parity"]["metrics"]["tensorrt"]["greedy_match"] == 1.0

@@ -147,7 +147,10 @@ def test_twenty_timed_signals_never_show_a_traceback_or_leave_temporary_data(tmp
             proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert "Traceback" not in err and err.count("\n") <= 1, (step, delay, err)
-        if proc.returncode != 0:  # the step may have finished within the delay
+        if proc.returncode == -sig:  # the build had finished: the signal reached the exiting interpreter, whose
+            # finalisation restores the default handlers (a shell shows it as 130/143, like any program killed then)
+            assert err == "" and {r["status"] for r in steps(out).values()} <= {"ok", "reused", "skipped"}, err
+        elif proc.returncode != 0:  # the step may have finished within the delay
             expected = 130 if sig == signal.SIGINT else 143
             assert proc.returncode == expected and err.strip() == f"dsa-export: interrupted " \
                 f"({'SIGINT' if sig == signal.SIGINT else 'SIGTERM'})", (step, delay, err)

@@ -4,41 +4,147 @@ import pytest
 import torch
 
 import dsa_export.kernels.reference as reference
-from dsa_export.kernels import CUSTOM_OPS, use_custom_ops
+from dsa_export.kernels import CUSTOM_OPS, EXPORT_OPS, use_custom_ops
 from dsa_export.models import semantics
-from dsa_export.contracts import LIGHTNING_INDEXER, SPARSE_MLA
+from dsa_export.models.cache import Paging
+from dsa_export.contracts import LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE
 from conftest import random_ids
 
+BS = 4  # rows per block of the test pools
 
-def indexer_inputs(B=2, S=5, T=23, HI=3, DI=8, past=18, dtype=torch.float32, seed=0):
+
+class Step:
+    """One packed step over scattered pools: a sequence continuing a prompt with a chunk of 4 tokens (positions
+    18..21), another decoding one token (position 9), a fresh prompt of 3 tokens (positions 0..2, fewer keys than
+    topk), interleaved; a fourth sequence with no token in the step owns two blocks of huge values; the free blocks
+    and the tails of the sequences' last blocks hold NaN. Every sequence's blocks lie out of order in the pool."""
+    TABLES = torch.tensor([[11, 3, 7, 0, 12, 5],  # 22 keys: 6 blocks
+                           [9, 2, 13, -1, -1, -1],  # 10 keys
+                           [14, -1, -1, -1, -1, -1],  # 3 keys
+                           [6, 1, -1, -1, -1, -1]], dtype=torch.int32)  # not in the step: junk to it
+    BLOCKS = 16  # blocks 4, 8, 10, 15 are free
+    LENGTHS = (22, 10, 3)
+    SEQUENCE = torch.tensor([0, 1, 0, 2, 0, 2, 0, 2], dtype=torch.int32)
+    POSITIONS = torch.tensor([18, 9, 19, 0, 20, 1, 21, 2])
+
+    @classmethod
+    def slot(cls, s, t):
+        return int(cls.TABLES[s, t // BS]) * BS + t % BS
+
+    @classmethod
+    def paging(cls):
+        slots = torch.tensor([cls.slot(s, p) for s, p in zip(cls.SEQUENCE.tolist(), cls.POSITIONS.tolist())])
+        return Paging(cls.POSITIONS, cls.SEQUENCE, slots, cls.TABLES, BS)
+
+    @classmethod
+    def pools(cls, D, dtype=torch.float32, seed=0):
+        """(paged pool [BLOCKS·BS, D], contiguous [3, 24, D]: sequence s's keys by position, zeros beyond)."""
+        gen = torch.Generator().manual_seed(seed)
+        contiguous = torch.zeros(3, 24, D)
+        pool = torch.full((cls.BLOCKS * BS, D), float("nan"))
+        pool[cls.TABLES[3, :2].repeat_interleave(BS).long() * BS + torch.arange(BS).repeat(2)] = 1e30
+        for s, length in enumerate(cls.LENGTHS):
+            contiguous[s, :length] = torch.randn(length, D, generator=gen)
+            for t in range(length):
+                pool[cls.slot(s, t)] = contiguous[s, t]
+        return pool.to(dtype), contiguous.to(dtype)
+
+    @staticmethod
+    def identity():
+        """The contiguous layout's paging: sequence s owns rows s·24 ... in order."""
+        return torch.arange(18, dtype=torch.int32).view(3, 6)
+
+
+def indexer_inputs(B=2, S=5, HI=3, DI=8, past=18, dtype=torch.float32, seed=0, block_size=BS):
+    """A [B, S] step over the identity paging, packed: row 0 continues after `past` tokens, row 1 is a fresh prompt
+    (fewer visible keys than topk). Returns q, k (the pool), w, positions, sequence, block_tables."""
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, S, HI, DI, generator=gen).to(dtype)
-    k = torch.randn(B, T, DI, generator=gen).to(dtype)
-    w = torch.randn(B, S, HI, generator=gen)
     positions = (past + torch.arange(S)).expand(B, S).clone()
-    positions[1] = torch.arange(S)  # row 1: a fresh prompt, fewer visible keys than topk
-    return q, k, w, positions
+    positions[1] = torch.arange(S)
+    capacity = -(-(past + S) // block_size) * block_size
+    paging = Paging.identity(positions, capacity, block_size)
+    q = torch.randn(B * S, HI, DI, generator=gen).to(dtype)
+    k = torch.randn(B * capacity, DI, generator=gen).to(dtype)
+    w = torch.randn(B * S, HI, generator=gen)
+    return q, k, w, paging.positions, paging.sequence, paging.block_tables
 
 
-def mla_inputs(B=2, S=3, H=4, T=17, DK=12, K=6, dtype=torch.float32, seed=0):
+def mla_inputs(N=6, H=4, ROWS=17, DK=12, K=6, dtype=torch.float32, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, S, H, DK, generator=gen).to(dtype)
-    kv = torch.randn(B, T, DK, generator=gen).to(dtype)
-    indices = torch.randint(0, T, (B, S, K), generator=gen, dtype=torch.int32)
-    indices[0, 0, 2:] = -1
-    indices[1, 2] = -1  # an empty row
+    q = torch.randn(N, H, DK, generator=gen).to(dtype)
+    kv = torch.randn(ROWS, DK, generator=gen).to(dtype)
+    indices = torch.randint(0, ROWS, (N, K), generator=gen, dtype=torch.int32)
+    indices[0, 2:] = -1
+    indices[5] = -1  # an empty row
     return q, kv, indices
+
+
+def write_inputs(ROWS=12, D=5, N=4, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    cache = torch.randn(ROWS, D, generator=gen).to(dtype)
+    rows = torch.randn(N, D, generator=gen).to(dtype)
+    slots = torch.tensor([9, 0, 4, 11])[:N]
+    return cache, rows, slots
+
+
+def to_rows(positions, sequence, tables):
+    """[N, K] positions of each token's sequence (−1 = none) → the pool rows under `tables`."""
+    rows = tables.long()[sequence.long()[:, None], positions.clamp(min=0) // BS] * BS + positions.clamp(min=0) % BS
+    return torch.where(positions >= 0, rows, -1).to(torch.int32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_indexer_reference_equals_semantics_and_contract(dtype, monkeypatch):
-    monkeypatch.setattr(reference, "TILE_BYTES", 3 * 23 * 4 * 2)  # two query rows per tile: several tiles
-    q, k, w, positions = indexer_inputs(dtype=dtype)
-    got = CUSTOM_OPS.lightning_indexer(q, k, w, positions, 7)
-    expected = semantics.lightning_indexer(q, k, w, positions, 7)
+    monkeypatch.setattr(reference, "TILE_BYTES", 2 * 4 * (23 + 23 * 3))  # two tokens of row 0 per tile
+    q, k, w, positions, sequence, tables = indexer_inputs(dtype=dtype)
+    got = CUSTOM_OPS.lightning_indexer(q, k, w, positions, sequence, tables, 7, BS)
+    expected = semantics.lightning_indexer(q, k, w, positions, sequence, tables, 7, BS)
     assert torch.equal(got.sort(-1).values, expected.sort(-1).values)  # same sets; order is not in the contract
-    LIGHTNING_INDEXER.check({"q": q, "k": k, "w": w, "positions": positions}, {"topk": 7}, {"indices": got})
-    assert (got[1, 0, 1:] == -1).all()
+    dims = LIGHTNING_INDEXER.check({"q": q, "k": k, "w": w, "positions": positions, "sequence": sequence,
+                                    "block_tables": tables}, {"topk": 7, "block_size": BS}, {"indices": got})
+    assert (dims["N"], dims["ROWS"], dims["R"], dims["M"]) == (10, 48, 2, 6)
+    assert got[5, 0] == 24 and (got[5, 1:] == -1).all()  # row 1's first token: its sequence's first pool row only
+    assert ((got[:5] >= 0) & (got[:5] < 24)).all() and (got[5:] < 29).all()  # each token's own sequence's rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_indexer_equals_the_contiguous_semantics(dtype, monkeypatch):
+    """Scattered, out-of-order blocks, sequences of different lengths in one step, a prefill chunk, a decode token
+    and a fresh prompt interleaved: the same selection as over contiguous caches, mapped through the block tables;
+    the NaN and huge rows outside the sequences' keys change nothing."""
+    monkeypatch.setattr(reference, "TILE_BYTES", 2 * 4 * (22 + 22 * 3))  # two tokens of the long sequence per tile
+    HI, DI, topk = 3, 8, 7
+    gen = torch.Generator().manual_seed(1)
+    q, w = torch.randn(8, HI, DI, generator=gen).to(dtype), torch.randn(8, HI, generator=gen)
+    pool, contiguous = Step.pools(DI, dtype)
+    assert pool.isnan().any() and (pool == 1e30).any()
+    contiguous_rows = semantics.lightning_indexer(q, contiguous.flatten(0, 1), w, Step.POSITIONS, Step.SEQUENCE,
+                                                  Step.identity(), topk, BS)
+    expected = torch.where(contiguous_rows >= 0, contiguous_rows % 24, -1)  # positions in each token's sequence
+    assert (expected[3, 1:] == -1).all() and (expected[1] >= 0).all()  # the fresh prompt pads, the decode token not
+    paging = Step.paging()
+    for op in (semantics.lightning_indexer, CUSTOM_OPS.lightning_indexer):
+        got = op(q, pool, w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, topk, BS)
+        assert torch.equal(got.sort(-1).values, to_rows(expected, Step.SEQUENCE, Step.TABLES).sort(-1).values)
+        assert torch.equal(paging.logical(got).sort(-1).values, expected.sort(-1).values)
+
+
+def test_indexer_reads_no_pool_row_outside_the_tokens_visible_keys():
+    """Every row a token may not see set to NaN or ±huge, one variant at a time: not one index changes."""
+    HI, DI, topk = 3, 8, 7
+    gen = torch.Generator().manual_seed(2)
+    q, w = torch.randn(8, HI, DI, generator=gen), torch.randn(8, HI, generator=gen)
+    pool, _ = Step.pools(DI)
+    visible = torch.zeros(pool.shape[0], dtype=torch.bool)
+    for s, length in enumerate(Step.LENGTHS):
+        visible[[Step.slot(s, t) for t in range(length)]] = True
+    clean = pool.masked_fill(~visible[:, None], 0.0)
+    expected = semantics.lightning_indexer(q, clean, w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, topk, BS)
+    for junk in (float("nan"), float("inf"), -3e38, 3e38):
+        dirty = clean.masked_fill(~visible[:, None], junk)
+        for op in (semantics.lightning_indexer, CUSTOM_OPS.lightning_indexer):
+            got = op(q, dirty, w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, topk, BS)
+            assert torch.equal(got.sort(-1).values, expected.sort(-1).values), (op, junk)
 
 
 def test_select_topk_breaks_ties_towards_lower_keys():
@@ -48,61 +154,150 @@ def test_select_topk_breaks_ties_towards_lower_keys():
 
 
 def test_indexer_tiles_bound_the_score_block(monkeypatch):
-    """Never the whole [S,T] matrix: each tile's score block stays within TILE_BYTES."""
-    budget = 2 * 4 * (23 + 23 * 3)  # two query rows: their scores over T=23 keys + a 23-key chunk × 3 heads
+    """Never the whole [S,T] matrix: each tile's score block stays within TILE_BYTES, and a sequence's tiles score
+    only its own keys up to its last position (row 1 has 9, not 23)."""
+    budget = 2 * 4 * (23 + 23 * 3)  # two tokens: their scores over T=23 keys + a 23-key chunk × 3 heads
     monkeypatch.setattr(reference, "TILE_BYTES", budget)
     blocks = []
     real = reference.select_topk
-    monkeypatch.setattr(reference, "select_topk", lambda s, k: blocks.append(s.numel()) or real(s, k))
-    q, k, w, positions = indexer_inputs(S=9)
-    reference.lightning_indexer_reference(q, k, w, positions, 4)
-    assert len(blocks) == 2 * 5 and max(blocks) == 2 * 23
+    monkeypatch.setattr(reference, "select_topk", lambda s, k: blocks.append(tuple(s.shape)) or real(s, k))
+    q, k, w, positions, sequence, tables = indexer_inputs(S=9, past=14)
+    reference.lightning_indexer_reference(q, k, w, positions, sequence, tables, 4, BS)
+    # row 0: 9 tokens, 2 per tile; row 1: 9 keys → budget // (4·(9 + 9·3)) = 5 tokens per tile
+    assert blocks == [(2, 23)] * 4 + [(1, 23), (5, 9), (4, 9)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_mla_reference_equals_semantics_and_contract(dtype, monkeypatch):
-    monkeypatch.setattr(reference, "TILE_BYTES", 6 * 12 * 4)  # one query row per tile
+    monkeypatch.setattr(reference, "TILE_BYTES", 6 * 12 * 4)  # one token per tile
     q, kv, indices = mla_inputs(dtype=dtype)
     got = CUSTOM_OPS.sparse_mla(q, kv, indices, 0.3, 8)
     torch.testing.assert_close(got, semantics.sparse_mla(q, kv, indices, 0.3, 8))
-    SPARSE_MLA.check({"q": q, "kv": kv, "indices": indices}, {"scale": 0.3, "dv": 8}, {"out": got})
-    assert torch.equal(got[1, 2], torch.zeros_like(got[1, 2]))
+    dims = SPARSE_MLA.check({"q": q, "kv": kv, "indices": indices}, {"scale": 0.3, "dv": 8}, {"out": got})
+    assert (dims["N"], dims["ROWS"], dims["K"]) == (6, 17, 6)
+    assert got.shape == (6, 4, 8) and got.dtype == dtype
+    assert torch.equal(got[5], torch.zeros_like(got[5]))
 
 
-def test_contract_rejects_a_wrong_shape():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_sparse_mla_equals_the_contiguous_semantics(dtype):
+    """The contiguous selection's positions mapped through the scattered block tables to pool rows: the same
+    attention output, the free blocks and block tails NaN, another sequence's blocks huge. (Pool row 0, which the CPU
+    implementations gather for −1 slots and weight by 0, is a sequence's key here: finite, as in a served pool.)"""
+    H, DK, dv, K = 4, 12, 8, 7
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(8, H, DK, generator=gen).to(dtype)
+    pool, contiguous = Step.pools(DK, dtype, seed=4)
+    # K positions of each token's sequence it may see, in random order, −1 padded (the fresh prompt's tokens)
+    positions = torch.stack([torch.cat([torch.randperm(p + 1, generator=gen), torch.full((K,), -1)])[:K]
+                             for p in Step.POSITIONS.tolist()])
+    expected = semantics.sparse_mla(q, contiguous.flatten(0, 1), to_rows(positions, Step.SEQUENCE, Step.identity()),
+                                    0.3, dv)
+    paged = to_rows(positions, Step.SEQUENCE, Step.TABLES)
+    assert (paged[3, 1:] == -1).all() and paged[3, 0] == Step.slot(2, 0)
+    for op in (semantics.sparse_mla, CUSTOM_OPS.sparse_mla):
+        torch.testing.assert_close(op(q, pool, paged, 0.3, dv), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_cache_op_equals_semantics_and_leaves_its_input(dtype):
+    """torch.ops.dsa.write_cache is functional (the export makes it one in-place dsa::WriteCache); the eager ops
+    write the pool in place."""
+    cache, rows, slots = write_inputs(dtype=dtype)
+    before = cache.clone()
+    got = torch.ops.dsa.write_cache(cache, rows, slots)
+    assert torch.equal(cache, before) and got.data_ptr() != cache.data_ptr()
+    WRITE_CACHE.check({"cache": cache, "rows": rows, "slots": slots}, {}, {"out": got})
+    assert torch.equal(got[slots], rows)
+    untouched = [r for r in range(12) if r not in slots.tolist()]
+    assert torch.equal(got[untouched], before[untouched])
+    eager = CUSTOM_OPS.write_cache(cache, rows, slots)
+    assert eager is cache and torch.equal(cache, got)
+
+
+def test_contract_rejects_a_wrong_shape_or_dtype():
     q, kv, indices = mla_inputs()
     with pytest.raises(ValueError, match="'kv' dim DK=11 disagrees with DK=12"):
         SPARSE_MLA.check({"q": q, "kv": kv[..., :11], "indices": indices}, {"scale": 1.0, "dv": 8})
     with pytest.raises(ValueError, match="'indices' must be int32"):
         SPARSE_MLA.check({"q": q, "kv": kv, "indices": indices.long()}, {"scale": 1.0, "dv": 8})
+    q, k, w, positions, sequence, tables = indexer_inputs()
+    inputs = {"q": q, "k": k, "w": w, "positions": positions, "sequence": sequence, "block_tables": tables}
+    attributes = {"topk": 7, "block_size": BS}
+    with pytest.raises(ValueError, match="'sequence' must be int32, got int64"):
+        LIGHTNING_INDEXER.check({**inputs, "sequence": sequence.long()}, attributes)
+    with pytest.raises(ValueError, match="'sequence' dim N=9 disagrees with N=10"):
+        LIGHTNING_INDEXER.check({**inputs, "sequence": sequence[:9]}, attributes)
+    with pytest.raises(ValueError, match=r"'block_tables' must have rank 2 \[R,M\]"):
+        LIGHTNING_INDEXER.check({**inputs, "block_tables": tables.flatten()}, attributes)
+    cache, rows, slots = write_inputs()
+    with pytest.raises(ValueError, match="'slots' must be int64, got int32"):
+        WRITE_CACHE.check({"cache": cache, "rows": rows, "slots": slots.int()}, {})
+    with pytest.raises(ValueError, match="'rows' must be float32, got bfloat16"):
+        WRITE_CACHE.check({"cache": cache, "rows": rows.bfloat16(), "slots": slots}, {})
+    with pytest.raises(ValueError, match="'rows' dim D=4 disagrees with D=5"):
+        WRITE_CACHE.check({"cache": cache, "rows": rows[:, :4], "slots": slots}, {})
+
+
+def test_write_cache_contract_is_in_place_and_costs_the_written_rows_only():
+    assert WRITE_CACHE.aliases == (("out", "cache"),)
+    itemsize = {"cache": 2, "rows": 2, "slots": 8}
+    small = WRITE_CACHE.cost({"cache": (64, 40), "rows": (3, 40), "slots": (3,)}, {}, itemsize)
+    large = WRITE_CACHE.cost({"cache": (1 << 20, 40), "rows": (3, 40), "slots": (3,)}, {}, itemsize)
+    assert small == large and small.flops == 0 and small.bytes == 2 * 3 * 40 * 2  # the pool's size is free
 
 
 def test_torch_schemas_come_from_the_contracts():
     assert LIGHTNING_INDEXER.torch_schema() == \
-        "lightning_indexer(Tensor q, Tensor k, Tensor w, Tensor positions, int topk) -> Tensor"
+        ("lightning_indexer(Tensor q, Tensor k, Tensor w, Tensor positions, Tensor sequence, Tensor block_tables, "
+         "int topk, int block_size) -> Tensor")
+    assert str(torch.ops.dsa.lightning_indexer.default._schema) == f"dsa::{LIGHTNING_INDEXER.torch_schema()}"
     assert str(torch.ops.dsa.sparse_mla.default._schema) == \
         "dsa::sparse_mla(Tensor q, Tensor kv, Tensor indices, float scale, int dv) -> Tensor"
+    assert str(torch.ops.dsa.write_cache.default._schema) == \
+        "dsa::write_cache(Tensor cache, Tensor rows, Tensor slots) -> Tensor"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_opcheck(dtype):
-    q, k, w, positions = indexer_inputs(dtype=dtype)
-    torch.library.opcheck(torch.ops.dsa.lightning_indexer.default, (q, k, w, positions, 7))
+    q, k, w, positions, sequence, tables = indexer_inputs(dtype=dtype)
+    torch.library.opcheck(torch.ops.dsa.lightning_indexer.default, (q, k, w, positions, sequence, tables, 7, BS))
+    pool, _ = Step.pools(8, dtype)
+    gen = torch.Generator().manual_seed(5)
+    q, w = torch.randn(8, 3, 8, generator=gen).to(dtype), torch.randn(8, 3, generator=gen)
+    torch.library.opcheck(torch.ops.dsa.lightning_indexer.default,
+                          (q, pool.nan_to_num(0.0), w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, 7, BS))
     q, kv, indices = mla_inputs(dtype=dtype)
     torch.library.opcheck(torch.ops.dsa.sparse_mla.default, (q, kv, indices, 0.3, 8))
+    torch.library.opcheck(torch.ops.dsa.write_cache.default, write_inputs(dtype=dtype))
 
 
 def test_torch_export_keeps_each_op_as_one_node():
-    class Both(torch.nn.Module):
-        def forward(self, q, k, w, positions, mq, kv):
-            indices = CUSTOM_OPS.lightning_indexer(q, k, w, positions, 4)
-            return CUSTOM_OPS.sparse_mla(mq, kv, indices, 0.5, 8)
+    class Layer(torch.nn.Module):
+        def forward(self, q, k_pool, k_rows, w, positions, sequence, tables, slots, mq, kv_pool, kv_rows):
+            k_pool = EXPORT_OPS.write_cache(k_pool, k_rows, slots)
+            indices = EXPORT_OPS.lightning_indexer(q, k_pool, w, positions, sequence, tables, 4, BS)
+            kv_pool = EXPORT_OPS.write_cache(kv_pool, kv_rows, slots)
+            return EXPORT_OPS.sparse_mla(mq, kv_pool, indices, 0.5, 8), k_pool, kv_pool
 
-    q, k, w, positions = indexer_inputs()
-    mq, kv, _ = mla_inputs(S=5, T=23)
-    graph = torch.export.export(Both(), (q, k, w, positions, mq, kv)).graph
-    targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
-    assert targets == ["dsa.lightning_indexer.default", "dsa.sparse_mla.default"]
+    gen = torch.Generator().manual_seed(6)
+    paging = Step.paging()
+    k_pool, _ = Step.pools(8)
+    kv_pool, _ = Step.pools(12, seed=1)
+    k_pool, kv_pool = k_pool.nan_to_num(0.0), kv_pool.nan_to_num(0.0)
+    args = (torch.randn(8, 3, 8, generator=gen), k_pool, torch.randn(8, 8, generator=gen),
+            torch.randn(8, 3, generator=gen), paging.positions, paging.sequence, paging.block_tables, paging.slots,
+            torch.randn(8, 4, 12, generator=gen), kv_pool, torch.randn(8, 12, generator=gen))
+    program = torch.export.export(Layer(), args)
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert targets == ["dsa.write_cache.default", "dsa.lightning_indexer.default", "dsa.write_cache.default",
+                       "dsa.sparse_mla.default"]
+    out, k_out, kv_out = program.module()(*args)
+    k_expected = semantics.write_cache(k_pool.clone(), args[2], paging.slots)
+    kv_expected = semantics.write_cache(kv_pool.clone(), args[10], paging.slots)
+    indices = semantics.lightning_indexer(args[0], k_expected, args[3], *args[4:7], 4, BS)
+    assert torch.equal(k_out, k_expected) and torch.equal(kv_out, kv_expected)
+    torch.testing.assert_close(out, semantics.sparse_mla(args[8], kv_expected, indices, 0.5, 8))
 
 
 def test_model_through_custom_ops_equals_masked_dense_reference(tiny_model, tiny_config):
@@ -114,6 +309,44 @@ def test_model_through_custom_ops_equals_masked_dense_reference(tiny_model, tiny
         through_ops = tiny_model(ids)
     assert tiny_model.ops is CUSTOM_OPS
     assert (through_ops - masked).abs().max() < 1e-4
+
+
+def test_model_over_scattered_pools_equals_each_sequence_alone(tiny_model, tiny_config):
+    """Two prompts of different lengths packed into one step, then a mixed step (a decode token of the first, a
+    4-token chunk of the second) over blocks scattered through shared pools: each sequence's logits and cache rows
+    are those of the sequence run alone on the model's own (contiguous) cache; the free blocks stay untouched."""
+    bs = 8
+    use_custom_ops(tiny_model).attention = "sparse"
+    a, b = random_ids(tiny_config, 1, 21, seed=7)[0], random_ids(tiny_config, 1, 9, seed=8)[0]
+    tables = torch.tensor([[5, 0, 6], [3, 7, -1]], dtype=torch.int32)  # blocks 1, 2, 4 stay free
+    steps = [(torch.cat([a[:20], b[:5]]), torch.cat([torch.arange(20), torch.arange(5)]), [0] * 20 + [1] * 5),
+             (torch.cat([b[5:7], a[20:], b[7:]]), torch.tensor([5, 6, 20, 7, 8]), [1, 1, 0, 1, 1])]
+    c = tiny_config
+    pools = ([torch.full((8 * bs, c.kv_lora_rank + c.qk_rope_head_dim), float("nan"))
+              for _ in range(c.num_hidden_layers)],
+             [torch.full((8 * bs, c.index_head_dim), float("nan")) for _ in range(c.num_hidden_layers)])
+    packed = []
+    with torch.no_grad():
+        for ids, positions, sequence in steps:
+            sequence = torch.tensor(sequence, dtype=torch.int32)
+            slots = tables.long()[sequence.long(), positions // bs] * bs + positions % bs
+            paging = Paging(positions, sequence, slots, tables, bs)
+            logits, _, _ = tiny_model.forward_with_cache(ids[None], positions[None], *pools, paging)
+            packed.append(logits[0])
+        alone = {}
+        for name, ids in (("a", a), ("b", b)):
+            cache = tiny_model.new_cache(1, len(ids))
+            alone[name] = (tiny_model(ids[None], cache=cache)[0], cache)
+    first, second = packed
+    for got, want in ((first[:20], alone["a"][0][:20]), (first[20:], alone["b"][0][:5]),
+                      (second[2], alone["a"][0][20]), (second[[0, 1, 3, 4]], alone["b"][0][5:])):
+        assert (got - want).abs().max() < 1e-4
+    for s, (name, length) in enumerate((("a", 21), ("b", 9))):
+        rows = tables.long()[s, torch.arange(length) // bs] * bs + torch.arange(length) % bs
+        for pool, own in zip([*pools[0], *pools[1]], alone[name][1].sequences()):
+            torch.testing.assert_close(pool[rows], own[0, :length], atol=1e-5, rtol=1e-5)
+    free = torch.cat([torch.arange(k * bs, (k + 1) * bs) for k in (1, 2, 4)])
+    assert all(pool[free].isnan().all() for pool in [*pools[0], *pools[1]])
 
 
 # ---- routed experts --------------------------------------------------------------------------------------------------
@@ -130,7 +363,7 @@ def experts_inputs(N=7, H=16, I=8, E=6, k=2, dtype=torch.float32, seed=0):
 
 
 def quantise_experts(gate_up, down, block):
-    """FP8 codes (uint8) + block scales per projection, as the checkpoint loader keeps them."""
+    """FP8 codes (int8) + block scales per projection, as the checkpoint loader keeps them."""
     from dsa_export.models.fp8 import quantize_weight
 
     E, two_i, _ = gate_up.shape
@@ -138,7 +371,7 @@ def quantise_experts(gate_up, down, block):
 
     def one(w):
         q, s = quantize_weight(w.float(), block)
-        return q.view(torch.uint8), s
+        return q.view(torch.int8), s
 
     gu = [[one(gate_up[e, :inter]), one(gate_up[e, inter:])] for e in range(E)]
     gate_up8 = torch.stack([torch.cat([g[0], u[0]]) for g, u in gu])

@@ -1,14 +1,12 @@
-"""The accuracy gate: eager vs ONNX Runtime on the tiny preset (acceptance of the ONNX issue), and its failure path."""
+"""The accuracy gate: eager vs ONNX Runtime on the tiny preset (acceptance of the ONNX issue), and its failure path
+(FP8 checkpoints pass it in test_streamed_export.py)."""
 
+import dataclasses
 import json
 
-import onnx
 import pytest
-import torch
 
 from dsa_export.errors import CheckFailure
-from dsa_export.exporter.onnx_export import export_onnx
-from dsa_export.models import init_checkpoint, load_checkpoint
 from dsa_export.parity.accuracy import Thresholds, default_prompts
 from dsa_export.parity.run import run_parity
 
@@ -30,23 +28,29 @@ def test_onnxruntime_passes_the_gate_on_the_tiny_preset(tiny_onnx, tiny_model, t
     assert "**PASSED**" in (tmp_path / "parity" / "parity.md").read_text()
 
 
-@pytest.mark.parametrize("dequantize", [False, True])
-def test_fp8_checkpoint_exports_and_passes_the_gate(tmp_path, tiny_config, dequantize):
-    """FP8 experts stay FP8 codes + block scales in the graph (one byte per expert parameter), or are dequantised."""
-    model = load_checkpoint(init_checkpoint(tiny_config, tmp_path / "fp8", seed=5, fp8=True), progress=False)
-    assert model.routed_experts()[0].gate_up_proj.dtype == torch.uint8
-    export_onnx(model, tmp_path / "onnx", capacity=128, dequantize_experts=dequantize)
-    graph = onnx.load(tmp_path / "onnx" / "model.onnx", load_external_data=False)
-    ops = {n.op_type for n in graph.graph.node if n.domain == "dsa"}
-    assert ("RoutedExperts" if dequantize else "RoutedExpertsFP8") in ops
-    expert_weights = [t for t in graph.graph.initializer if t.name.endswith("experts.gate_up_proj")]
-    assert {t.data_type for t in expert_weights} == {onnx.TensorProto.FLOAT if dequantize else onnx.TensorProto.UINT8}
-    report = run_parity(model, tmp_path / "onnx", tmp_path / "parity", Thresholds(), new_tokens=32)
-    assert report["passed"], report["failures"]
-
-
 def test_a_missed_threshold_fails_naming_the_metric(tiny_onnx, tiny_model, tmp_path):
     with pytest.raises(CheckFailure, match="onnxruntime: max_abs_logits = .*needs <= 1e-12"):
         run_parity(tiny_model, tiny_onnx, tmp_path / "p", Thresholds(max_abs_logits=1e-12), new_tokens=2)
     saved = json.loads((tmp_path / "p" / "parity.json").read_text())
     assert not saved["passed"] and "max_abs_logits" in saved["failures"][0]
+
+
+def test_each_backend_is_judged_by_the_thresholds_of_its_precision(tiny_onnx, tiny_model, tmp_path):
+    """A bfloat16 engine is held to the bf16 thresholds (recorded beside its metrics), a float32 one to the given
+    float32 thresholds; loosening them never tightens the bf16 ones."""
+    from dsa_export.parity.accuracy import write_report
+    from dsa_export.parity.thresholds import BF16_THRESHOLDS
+
+    fp32 = run_parity(tiny_model, tiny_onnx, tmp_path / "p", Thresholds(), new_tokens=2)["backends"][0]
+    assert fp32["precision"] == "float32" and fp32["thresholds"] == dataclasses.asdict(Thresholds())
+    bf16 = json.loads(json.dumps(fp32)) | {"backend": "tensorrt", "precision": "bfloat16"}
+    bf16["metrics"] |= {"max_abs_logits": 0.2, "min_cosine": 0.9995, "greedy_match": 0.75}
+    report = write_report([fp32, bf16], Thresholds(), tmp_path / "q")
+    assert report["passed"] and report["backends"][1]["thresholds"] == dataclasses.asdict(BF16_THRESHOLDS)
+    assert "Thresholds (bfloat16): max abs logits <= 0.5" in (tmp_path / "q" / "parity.md").read_text()
+    as_fp32 = json.loads(json.dumps(bf16)) | {"precision": "float32"}
+    report = write_report([as_fp32], Thresholds(), tmp_path / "r")
+    assert not report["passed"] and "tensorrt: max_abs_logits = 0.2, needs <= 0.001" in report["failures"]
+    loose = Thresholds(max_abs_logits=2.0, min_greedy_match=0.0)
+    assert loose.for_precision("bfloat16") == dataclasses.replace(BF16_THRESHOLDS, max_abs_logits=2.0,
+                                                                 min_greedy_match=0.0)

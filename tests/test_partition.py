@@ -39,20 +39,24 @@ def hand_weights(c, bf16=2, fp32=4):
 
 def test_the_671b_plan_on_8_h200_matches_a_hand_computation(capsys):
     config = get_preset("v3.2-exp")
-    shapes = EngineShapes()  # decode batch 8, prefill 1 x 8192
+    shapes = EngineShapes()  # steps of up to 8 sequences and 8192 tokens; the pool: 8 sequences at the capacity
     plan = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, shapes, 4.0, gpus=8)
     embed, layers, head = hand_weights(config)
     cache_row = (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim) * 2  # bf16 latent + key
-    capacity = 131072  # min(max_position_embeddings, 128K)
-    logits = 8192 * config.vocab_size * 4  # the largest prefill's fp32 logits, on the last stage
+    capacity = 131072  # min(max_position_embeddings, 128K): 2048 blocks of 64
+    pool = 8 * capacity  # rows of every layer's pools: 8 sequences at the capacity
+    logits = 8 * config.vocab_size * 4  # fp32 logits of the step's 8 samples (each sequence's next token)
     assert plan.gpus == 8 and plan.fits
+    assert (plan.pool_rows, plan.capacity, plan.pool_sequences) == (pool, capacity, 8)
+    record = plan.to_json()
+    assert (record["pool_tokens"], record["capacity"], record["pool_sequences_at_capacity"]) == (pool, capacity, 8)
     assert [s.layers for s in plan.stages] == [(0, 10), (10, 17), (17, 24), (24, 31), (31, 38), (38, 46), (46, 54),
                                                (54, 61)]
     for i, stage in enumerate(plan.stages):
         start, stop = stage.layers
         weights = sum(layers[start:stop]) + (embed if i == 0 else 0) + (head if i == 7 else 0)
         assert stage.weights == weights
-        assert stage.caches == (stop - start) * cache_row * capacity * 8
+        assert stage.caches == (stop - start) * cache_row * pool
         assert stage.activations == 256 * 2**20 + (logits if i == 7 else 0)
         assert stage.workspace == 4 * GiB
         assert stage.total == weights + stage.caches + stage.activations + stage.workspace
@@ -69,6 +73,55 @@ def test_the_671b_plan_on_8_h200_matches_a_hand_computation(capsys):
         assert row[1] == f"{stage.layers[0]}-{stage.layers[1] - 1}"
         assert row[2] == f"{stage.weights / 1e9:.2f}" and row[6] == f"{stage.total / 1e9:.2f}"
         assert row[8] == f"{(141e9 - stage.total) / 1e9:.2f}"
+
+
+def test_the_pool_is_sized_from_pool_tokens_in_whole_blocks(capsys):
+    """--pool-tokens 300000: 4688 blocks of 64 rows (300,032 rows, 2 sequences at the 128K capacity) in every layer's
+    latent and key pools; the weights, activations and workspace as without it."""
+    config = get_preset("v3.2-exp")
+    embed, layers, head = hand_weights(config)
+    cache_row = (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim) * 2
+    rows = 4688 * 64
+    assert EngineShapes(pool_tokens=300_000).pool_rows(131072) == rows == 300_032
+    assert EngineShapes(max_batch=3).pool_rows(100) == 3 * 128  # default: max_batch sequences of whole blocks
+    assert EngineShapes(max_batch=3, max_tokens=10).step_tokens(100) == 10
+    assert EngineShapes(max_batch=16, max_tokens=8, pool_tokens=200).step_tokens(100) == 16  # a token per sequence
+    assert EngineShapes(max_tokens=8192, pool_tokens=200).step_tokens(100) == 256  # no more than the pool holds
+    shapes = EngineShapes(pool_tokens=300_000)
+    plan = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, shapes, 4.0, gpus=8)
+    assert (plan.pool_rows, plan.pool_sequences) == (rows, 2) and plan.fits
+    full = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, EngineShapes(), 4.0, gpus=8)
+    for i, (stage, other) in enumerate(zip(plan.stages, full.stages)):
+        start, stop = stage.layers
+        assert stage.layers == other.layers  # the same cut: every stage holds the same share of its pools
+        assert stage.weights == sum(layers[start:stop]) + (embed if i == 0 else 0) + (head if i == 7 else 0)
+        assert stage.caches == (stop - start) * cache_row * rows
+        assert stage.activations == 256 * 2**20 + (8 * config.vocab_size * 4 if i == 7 else 0)
+        assert stage.total == stage.weights + stage.caches + stage.activations + 4 * GiB
+    assert plan.largest.layers == (38, 46) and plan.largest.caches == 8 * 1408 * 300_032  # 3.38 GB
+
+    assert main(["plan", "--preset", "v3.2-exp", "--gpu", "h200", "--gpus", "8", "--dtype", "bf16",
+                 "--pool-tokens", "300000"]) == 0
+    out = capsys.readouterr().out
+    for i, stage in enumerate(plan.stages):
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(i)])
+        assert row[3] == f"{(stage.layers[1] - stage.layers[0]) * cache_row * rows / 1e9:.2f}"  # caches GB
+        assert row[6] == f"{stage.total / 1e9:.2f}"
+
+    # ten million tokens of pool: 14.08 GB per layer, more than 8 GPUs can hold beside the weights
+    huge = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, EngineShapes(pool_tokens=10**7),
+                         4.0, gpus=8)
+    assert not huge.fits and huge.largest.caches == 8 * 1408 * 10**7
+    assert main(["plan", "--preset", "v3.2-exp", "--gpu", "h200", "--gpus", "8", "--dtype", "bf16",
+                 "--pool-tokens", "10000000"]) == 2
+    assert f"{huge.shortfall / 1e9:.1f} GB short; use more GPUs (--gpus), FP8 experts, a smaller --pool-tokens" in \
+        capsys.readouterr().err
+    fewest = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, EngineShapes(pool_tokens=10**7),
+                           4.0)
+    assert fewest.fits and not plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None,
+                                             EngineShapes(pool_tokens=10**7), 4.0, gpus=fewest.gpus - 1).fits
+    assert fewest.gpus > plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, EngineShapes(),
+                                       4.0).gpus
 
 
 def test_bf16_experts_on_8_h100_are_refused_with_the_shortfall():

@@ -1,7 +1,7 @@
 """Every code block of the README runs verbatim, in order, in a fresh directory: bash blocks command by command
-(`dsa-export ...` through the CLI's entry point, `make` targets as dry runs: they install and run this suite; a
-command ending in `&` as a background job, which `kill -INT %N` stops and which must then exit 130 as the README
-says, having stopped cleanly), python blocks in one namespace, as a reader would paste them."""
+(`dsa-export ...` through the CLI's entry point, `make` targets as dry runs: they install and run this suite, other
+lines through bash; a command ending in `&` as a background job, which `kill -INT %N` stops and which must then exit
+130 as the README says, having stopped cleanly), python blocks in one namespace, as a reader would paste them."""
 
 import re
 import shlex
@@ -47,9 +47,11 @@ def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
                     assert argv[0] == "dsa-export", command
                     jobs.append(subprocess.Popen([sys.executable, "-m", "dsa_export.cli", *argv[1:]], text=True,
                                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-                else:
-                    assert argv[0] == "dsa-export", command
+                elif argv[0] == "dsa-export":
                     assert main(argv[1:]) == 0, f"{command}: {capsys.readouterr().err}"
+                else:  # a shell line (curl | grep): it succeeds and prints something
+                    shell = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
+                    assert shell.returncode == 0 and shell.stdout.strip(), (command, shell.stderr)
     finally:
         for job in jobs:
             if job.poll() is None:

@@ -5,6 +5,7 @@ import torch
 
 from dsa_export.errors import DSAExportError
 from dsa_export.runtime import EagerBackend, GraphBackend, Session
+from conftest import TINY_CAPACITY
 
 
 def test_sampled_generation_is_seeded_and_top_k_limited(tiny_onnx, tiny_config):
@@ -17,6 +18,17 @@ def test_sampled_generation_is_seeded_and_top_k_limited(tiny_onnx, tiny_config):
     assert a != greedy  # sampling at temperature 1 does not follow the argmax everywhere
     # top_k=1 sampling is greedy
     assert session.generate(prompts, 6, temperature=1.0, top_k=1, seed=9) == greedy
+
+
+def test_greedy_generation_is_the_same_on_eager_and_onnxruntime(tiny_onnx, tiny_model):
+    """Prompts of different lengths (one longer than the indexer's top-k, so the selection drops keys)."""
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8], [7, 8, 9]]
+    eager = Session(EagerBackend(tiny_model, capacity=TINY_CAPACITY))
+    ort = Session(GraphBackend.onnxruntime(tiny_onnx))
+    tokens = eager.generate(prompts, 8)
+    assert ort.generate(prompts, 8) == tokens and [len(row) for row in tokens] == [8, 8]
+    assert len({tuple(row) for row in tokens}) == 2  # the two rows really differ
+    assert torch.equal(ort.lengths, eager.lengths) and ort.lengths.tolist() == [19 + 7, 3 + 7]
 
 
 def test_session_rejects_sequences_longer_than_the_cache(tiny_model):
@@ -36,17 +48,29 @@ def test_session_rejects_sequences_longer_than_the_cache(tiny_model):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_custom_ops_on_cuda_run_the_triton_kernels_and_match_the_reference():
     from dsa_export.kernels import CUSTOM_OPS
+    from dsa_export.kernels.triton_write_cache import write_cache_triton
     from dsa_export.models import semantics
 
     gen = torch.Generator().manual_seed(0)
-    q, k, w = torch.randn(2, 3, 8, 16, generator=gen), torch.randn(2, 40, 16, generator=gen), torch.randn(2, 3, 8, generator=gen)
-    positions = (37 + torch.arange(3)).expand(2, 3).contiguous()
-    got = CUSTOM_OPS.lightning_indexer(q.cuda(), k.cuda(), w.cuda(), positions.cuda(), 8).cpu()
-    expected = semantics.lightning_indexer(q, k, w, positions, 8)
+    # a pool of 4 blocks of 64 rows; sequence 0 owns blocks 2 then 0 (positions 70-72 cross into its second block),
+    # sequence 1 block 3; packed tokens: 3 of sequence 0, 2 of sequence 1
+    q, k, w = torch.randn(5, 8, 16, generator=gen), torch.randn(256, 16, generator=gen), torch.randn(5, 8, generator=gen)
+    positions, sequence = torch.tensor([70, 71, 72, 0, 1]), torch.tensor([0, 0, 0, 1, 1], dtype=torch.int32)
+    tables = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)
+    got = CUSTOM_OPS.lightning_indexer(*(t.cuda() for t in (q, k, w, positions, sequence, tables)), 8, 64).cpu()
+    expected = semantics.lightning_indexer(q, k, w, positions, sequence, tables, 8, 64)
     assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
-    mq, kv = torch.randn(2, 3, 4, 40, generator=gen), torch.randn(2, 40, 40, generator=gen)
+    assert set(expected[3].tolist()) == {192, -1}  # pool rows: sequence 1's position 0 is row 3·64
+    mq, kv = torch.randn(5, 4, 40, generator=gen), torch.randn(256, 40, generator=gen)
     out = CUSTOM_OPS.sparse_mla(mq.cuda(), kv.cuda(), expected.cuda(), 0.2, 32).cpu()
     torch.testing.assert_close(out, semantics.sparse_mla(mq, kv, expected, 0.2, 32), atol=1e-4, rtol=1e-4)
+    pool, rows = torch.randn(256, 40, generator=gen), torch.randn(5, 40, generator=gen)
+    slots = torch.tensor([134, 135, 136, 192, 193])
+    on_gpu = pool.cuda()
+    written = write_cache_triton(on_gpu, rows.cuda(), slots.cuda())
+    assert written.data_ptr() == on_gpu.data_ptr()  # in place
+    assert torch.equal(written.cpu(), semantics.write_cache(pool.clone(), rows, slots))
+    assert torch.equal(torch.ops.dsa.write_cache(pool.cuda(), rows.cuda(), slots.cuda()).cpu(), written.cpu())
     x, experts = torch.randn(5, 64, generator=gen), torch.randint(0, 8, (5, 2), generator=gen, dtype=torch.int32)
     weights, base = torch.rand(5, 2, generator=gen), torch.randn(5, 64, generator=gen)
     gate_up, down = torch.randn(8, 64, 64, generator=gen) / 8, torch.randn(8, 64, 32, generator=gen) / 6

@@ -13,6 +13,8 @@ import torch
 
 from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.onnx_export import export_onnx
+from dsa_export.parity.accuracy import Thresholds
+from dsa_export.parity.run import run_parity
 from dsa_export.models import get_preset, init_checkpoint, load_checkpoint
 from dsa_export.models.config import load_config
 from dsa_export.runtime import GraphBackend, Session
@@ -31,14 +33,19 @@ def test_a_streamed_export_equals_the_export_of_the_loaded_model(tmp_path, fp8, 
     (a bf16 checkpoint's streamed export is the `tiny_onnx` every other test runs)."""
     checkpoint = init_checkpoint(get_preset("tiny"), tmp_path / "ckpt", seed=3, fp8=fp8)
     streamed = export_onnx(checkpoint, tmp_path / "streamed", capacity=CAPACITY, dequantize_experts=dequantize)
-    loaded = export_onnx(load_checkpoint(checkpoint, progress=False), tmp_path / "loaded", capacity=CAPACITY,
-                         dequantize_experts=dequantize)
+    model = load_checkpoint(checkpoint, progress=False)
+    loaded = export_onnx(model, tmp_path / "loaded", capacity=CAPACITY, dequantize_experts=dequantize)
     assert streamed.model_path.read_bytes() == loaded.model_path.read_bytes()
     assert data_bytes(streamed.path) == data_bytes(loaded.path)
-    experts = [t for t in onnx.load(streamed.model_path, load_external_data=False).graph.initializer
-               if t.name.endswith("experts.gate_up_proj")]
-    assert {t.data_type for t in experts} == {onnx.TensorProto.UINT8 if fp8 and not dequantize
+    graph = onnx.load(streamed.model_path, load_external_data=False).graph
+    experts = [t for t in graph.initializer if t.name.endswith("experts.gate_up_proj")]
+    assert {t.data_type for t in experts} == {onnx.TensorProto.INT8 if fp8 and not dequantize
                                               else onnx.TensorProto.FLOAT}
+    assert {n.op_type for n in graph.node if n.domain == "dsa"} >= {"RoutedExperts" if dequantize
+                                                                   else "RoutedExpertsFP8"}
+    # and it passes the accuracy gate against the FP8 model (codes + block scales: one byte per expert parameter)
+    report = run_parity(model, streamed.path, tmp_path / "parity", Thresholds(), new_tokens=32)
+    assert report["passed"], report["failures"]
 
 
 def test_every_weight_is_a_model_tensor_as_stored_not_a_folded_copy(tiny_onnx, tiny_model):
@@ -48,8 +55,8 @@ def test_every_weight_is_a_model_tensor_as_stored_not_a_folded_copy(tiny_onnx, t
         if init.data_location == onnx.TensorProto.EXTERNAL:
             name = init.name.removeprefix("model.")
             assert name in tensors and tuple(init.dims) == tuple(tensors[name].shape), init.name
-        else:  # what the optimizer folded: shapes and scalars, never a weight
-            assert np.prod(init.dims) <= 64, init.name
+        else:  # what the optimizer folded: shapes, scalars and index ranges (sampling's ranks), never a weight
+            assert init.data_type == onnx.TensorProto.INT64 or np.prod(init.dims) <= 64, init.name
 
 
 def test_bounded_data_files_run_the_same(tiny_checkpoint, tiny_onnx, tmp_path):
@@ -76,13 +83,14 @@ def test_pipeline_stages_chain_to_the_whole_model(tiny_checkpoint, tiny_onnx, tm
     for i, layers in enumerate([(0, 1), (1, 3)]):
         export_onnx(tiny_checkpoint, tmp_path / "staged" / f"stage-{i}", capacity=TINY_CAPACITY, layers=layers)
     first, last = (json.loads((tmp_path / "staged" / f"stage-{i}" / "io.json").read_text()) for i in (0, 1))
-    assert [t["name"] for t in first["inputs"]][:3] == ["input_ids", "positions", "latent_cache.0"]
-    assert [t["name"] for t in first["outputs"]][:1] == ["hidden_out"]
-    assert [t["name"] for t in last["inputs"]][:3] == ["hidden_in", "positions", "latent_cache.1"]
-    assert [t["name"] for t in last["outputs"]][:1] == ["logits"]
+    names = [[t["name"] for t in io[key]] for io in (first, last) for key in ("inputs", "outputs")]
+    assert names[0][:3] == ["input_ids", "positions", "sequence"] and "latent_cache.0" in names[0]
+    assert names[1] == ["hidden_out", "latent_cache_out.0", "index_key_cache_out.0"]
+    assert names[2][:3] == ["hidden_in", "positions", "sequence"] and "latent_cache.1" in names[2]
+    assert names[3][:3] == ["next_tokens", "logprobs", "logits"] and "latent_cache_out.0" not in names[3]
     dsa = [sum(n.domain == "dsa" for n in onnx.load(tmp_path / "staged" / f"stage-{i}" / "model.onnx",
                                                     load_external_data=False).graph.node) for i in (0, 1)]
-    assert dsa == [2, 6]  # layer 0 (dense): indexer + MLA; layers 1-2: those and their RoutedExperts
+    assert dsa == [4, 10]  # layer 0 (dense): indexer, MLA, a WriteCache per pool; layers 1-2: those + RoutedExperts
     one, two = GraphBackend.onnxruntime(whole), GraphBackend.onnxruntime(tmp_path / "staged")
     ids, positions = torch.tensor([[5, 9, 13, 200, 7]]), torch.arange(5)[None]
     caches_one, caches_two = one.new_caches(1), two.new_caches(1)

@@ -24,7 +24,8 @@ import onnx
 import pytest
 import torch
 
-from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
+from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
+                                  WRITE_CACHE)
 from dsa_export.kernels import aot, launch
 from dsa_export.models import semantics
 from dsa_export.models.presets import get_preset
@@ -136,9 +137,11 @@ except ValueError as e:
 def test_plugin_shapes_and_grids_on_concrete_shapes(shim, kernels):
     """The plugins' own functions (fed concrete ints where TensorRT feeds symbolic sizes) give the contracts' output
     shapes and the kernels' grids."""
-    shapes = {
-        "LightningIndexer": ({"q": [2, 3, 8, 16], "k": [2, 64, 16], "w": [2, 3, 8], "positions": [2, 3]}, {"topk": 8}),
-        "SparseMLA": ({"q": [2, 3, 4, 40], "kv": [2, 64, 40], "indices": [2, 3, 8]}, {"scale": 0.1, "dv": 32}),
+    shapes = {  # a packed step of 5 tokens over pools of 256 rows (4 blocks), 2 sequences of up to 3 blocks
+        "LightningIndexer": ({"q": [5, 8, 16], "k": [256, 16], "w": [5, 8], "positions": [5], "sequence": [5],
+                              "block_tables": [2, 3]}, {"topk": 8, "block_size": 64}),
+        "SparseMLA": ({"q": [5, 4, 40], "kv": [256, 40], "indices": [5, 8]}, {"scale": 0.1, "dv": 32}),
+        "WriteCache": ({"cache": [256, 40], "rows": [5, 40], "slots": [5]}, {}),
         "RoutedExperts": ({"x": [5, 64], "experts": [5, 2], "weights": [5, 2], "gate_up": [8, 64, 64],
                            "down": [8, 64, 32], "base": [5, 64]}, {}),
     }
@@ -155,7 +158,7 @@ for contract in CONTRACTS:
         continue
     tensors, attrs = shapes[contract.onnx_name]
     args = {{n: SimpleNamespace(shape_expr=s) for n, s in tensors.items()}} | attrs
-    meta = plugins.select(plugins._kernels, contract.onnx_name, {{n: "float32" if n in ("q", "x") else "x"
+    meta = plugins.select(plugins._kernels, contract.onnx_name, {{n: "float32" if n in ("q", "x", "cache") else "x"
                                                                   for n in tensors}})
     out[contract.onnx_name] = {{"dims": list(plugins.output_dims(contract, args)),
                                "grid": [plugins.grid_size(axis, args) for axis in meta["grid"]]}}
@@ -168,19 +171,30 @@ print(json.dumps(out))
         assert tuple(got[name]["dims"]) == contract.output_shape(contract.input_dims(tensors, attrs))
         meta = launch.select(metas, name, {contract.inputs[0].name: "float32"})
         assert tuple(got[name]["grid"]) == launch.grid(meta, {n: tuple(s) for n, s in tensors.items()})
-    assert got["LightningIndexer"]["grid"] == [6, 1, 1]  # B·S query rows
+    assert got["LightningIndexer"]["dims"] == [5, 8] and got["SparseMLA"]["dims"] == [5, 4, 32]
+    assert got["WriteCache"]["dims"] == [256, 40]  # the pool itself (the plugin's output aliases it)
+    assert got["LightningIndexer"]["grid"] == [5, 1, 1]  # one program per token
+    assert got["WriteCache"]["grid"] == [5, 1, 1]  # one program per token: the new rows only, never the pool
+    assert got["SparseMLA"]["grid"][0] == 5
 
 
 # ---- the kernels, launched exactly as the plugins launch them -------------------------------------------------------
 def _contract_inputs(name: str, gen: torch.Generator) -> dict:
+    """A packed step of 5 tokens over pools of 4 blocks of 64 rows: 3 tokens of sequence 0 (blocks 2 then 0, so
+    positions 70-72 lie in its second block) and 2 of sequence 1 (blocks 3 then 1)."""
     if name == "LightningIndexer":
-        return {"q": torch.randn(2, 3, 8, 16, generator=gen), "k": torch.randn(2, 30, 16, generator=gen),
-                "w": torch.randn(2, 3, 8, generator=gen), "positions": torch.tensor([[20, 21, 22], [0, 1, 2]])}
+        return {"q": torch.randn(5, 8, 16, generator=gen), "k": torch.randn(256, 16, generator=gen),
+                "w": torch.randn(5, 8, generator=gen), "positions": torch.tensor([70, 71, 72, 0, 1]),
+                "sequence": torch.tensor([0, 0, 0, 1, 1], dtype=torch.int32),
+                "block_tables": torch.tensor([[2, 0], [3, 1]], dtype=torch.int32)}
     if name == "SparseMLA":
-        indices = torch.randint(0, 30, (2, 3, 8), generator=gen, dtype=torch.int32)
-        indices[1, 0, 3:] = -1
-        return {"q": torch.randn(2, 3, 4, 40, generator=gen), "kv": torch.randn(2, 30, 40, generator=gen),
+        indices = torch.randint(0, 256, (5, 8), generator=gen, dtype=torch.int32)
+        indices[3, 3:] = -1
+        return {"q": torch.randn(5, 4, 40, generator=gen), "kv": torch.randn(256, 40, generator=gen),
                 "indices": indices}
+    if name == "WriteCache":
+        return {"cache": torch.randn(256, 40, generator=gen), "rows": torch.randn(5, 40, generator=gen),
+                "slots": torch.tensor([134, 135, 136, 192, 193])}
     experts = torch.tensor([[0, 3], [3, 5], [0, 3], [1, 0], [5, 3]], dtype=torch.int32)
     return {"x": torch.randn(5, 64, generator=gen), "experts": experts, "weights": torch.rand(5, 2, generator=gen),
             "gate_up": torch.randn(8, 64, 64, generator=gen) / 8, "down": torch.randn(8, 64, 32, generator=gen) / 6,
@@ -190,24 +204,30 @@ def _contract_inputs(name: str, gen: torch.Generator) -> dict:
 def _reference(name: str, t: dict, meta: dict) -> torch.Tensor:
     c = meta["constexprs"]
     if name == "LightningIndexer":
-        return semantics.lightning_indexer(t["q"], t["k"], t["w"], t["positions"], c["TOPK"])
+        return semantics.lightning_indexer(t["q"], t["k"], t["w"], t["positions"], t["sequence"], t["block_tables"],
+                                           c["TOPK"], c["BLOCK_SIZE"])
     if name == "SparseMLA":
         return semantics.sparse_mla(t["q"], t["kv"], t["indices"], c["SCALE"], c["DV"])
+    if name == "WriteCache":
+        return semantics.write_cache(t["cache"].clone(), t["rows"], t["slots"])
     return semantics.routed_experts(t["x"], t["experts"], t["weights"], t["gate_up"], t["down"], t["base"])
 
 
-@pytest.mark.parametrize("name", ["LightningIndexer", "SparseMLA", "RoutedExperts"])
+@pytest.mark.parametrize("name", ["LightningIndexer", "SparseMLA", "WriteCache", "RoutedExperts"])
 def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(kernels, name):
-    from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla
+    from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla, triton_write_cache
 
     jit = {"lightning_indexer_kernel": triton_indexer.lightning_indexer_kernel,
            "sparse_mla_kernel": triton_sparse_mla.sparse_mla_kernel,
+           "write_cache_kernel": triton_write_cache.write_cache_kernel,
            "routed_experts_kernel": triton_moe.routed_experts_kernel}
-    first = {"LightningIndexer": "q", "SparseMLA": "q", "RoutedExperts": "x"}[name]
+    contract = {c.onnx_name: c for c in CONTRACTS}[name]
+    first = contract.inputs[0].name
     meta = launch.select(launch.load_kernels(kernels), name, {first: "float32"})
     tensors = _contract_inputs(name, torch.Generator().manual_seed(0))
-    contract = {c.onnx_name: c for c in CONTRACTS}[name]
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    assert shapes == {n: tuple(contract.input_dims(shapes, {})[d] for d in spec.dims)
+                      for n, spec in ((s.name, s) for s in contract.inputs)}  # the contract's shapes
     output = contract.outputs[0]
     if dict(contract.aliases).get(output.name):  # written onto the aliased input, as in the engine
         tensors[output.name] = tensors[dict(contract.aliases)[output.name]].clone()
@@ -216,11 +236,18 @@ def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(k
         dims = contract.input_dims(shapes, {a.name: meta["constexprs"][a.name.upper()]
                                             for a in contract.attributes if a.type == "int"})
         tensors[output.name] = torch.empty(contract.output_shape(dims), dtype=dtype)
+    before = tensors[output.name].clone()
     jit[meta["symbol"]][launch.grid(meta, shapes)](*launch.arguments(meta, tensors), **meta["constexprs"],
                                                    num_warps=meta["num_warps"], num_stages=meta["num_stages"])
     got, expected = tensors[output.name], _reference(name, tensors, meta)
     if name == "LightningIndexer":
         assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+        assert (expected[:3] >= 128).sum() > 0 and (expected[:3] < 64).sum() > 0  # pool rows of both its blocks
+    elif name == "WriteCache":
+        assert torch.equal(got, expected)  # the new rows exactly, at their slots
+        untouched = torch.ones(256, dtype=torch.bool)
+        untouched[tensors["slots"]] = False
+        assert torch.equal(got[untouched], before[untouched])  # the rest of the pool as it was
     else:
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
@@ -228,9 +255,10 @@ def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(k
 # ---- the export carries what the plugins need -----------------------------------------------------------------------
 def test_exported_dsa_nodes_carry_every_plugin_attribute(tiny_onnx):
     graph = onnx.load(tiny_onnx / "model.onnx", load_external_data=False).graph
-    contracts = {c.onnx_name: c for c in (LIGHTNING_INDEXER, SPARSE_MLA, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)}
+    contracts = {c.onnx_name: c for c in (LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS,
+                                          ROUTED_EXPERTS_FP8)}
     nodes = [n for n in graph.node if n.domain == "dsa"]
-    assert nodes
+    assert {n.op_type for n in nodes} == {"LightningIndexer", "SparseMLA", "WriteCache", "RoutedExperts"}
     for node in nodes:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert {a.name for a in contracts[node.op_type].attributes} <= set(attrs), node.name
@@ -286,3 +314,19 @@ def test_type_check_catches_planted_mistakes(typings, tmp_path):
     messages = " | ".join(d["message"] for d in report["generalDiagnostics"] if d["severity"] == "error")
     for needle in ("STRONGLY_TYPD", "OnnxParser", "gridx", "execute_async_v2"):
         assert needle in messages or needle == "OnnxParser" and "INetworkDefinition" in messages, (needle, messages)
+
+
+def test_fp8_expert_codes_are_int8_and_every_plugin_input_is_checked_against_its_contract():
+    """FP8 expert weights ship as INT8 initializers (TensorRT keeps them byte for byte; UINT8 ones its parser widened
+    to INT32 up to 10.12 and addConstant refuses), and the plugins' AOT launch checks every input's dtype against the
+    contract before a kernel reads its bytes (plugins/tensorrt.py aot_launch)."""
+    from dsa_export.formats import FORMATS
+
+    good = {"x": "bfloat16", "experts": "int32", "weights": "float32", "gate_up": "int8", "gate_up_scale": "float32",
+            "down": "int8", "down_scale": "float32", "base": "float32"}
+    ROUTED_EXPERTS_FP8.check_dtypes(good)
+    with pytest.raises(ValueError, match="'gate_up' must be int8, got uint8"):
+        ROUTED_EXPERTS_FP8.check_dtypes(good | {"gate_up": "uint8"})
+    with pytest.raises(ValueError, match="'q' must be float32/bfloat16/float8_e4m3fn, got int32"):
+        LIGHTNING_INDEXER.check_dtypes({"q": "int32"})
+    assert FORMATS["int8"].tensorrt == "int8" and FORMATS["int8"].onnx == onnx.TensorProto.INT8

@@ -151,7 +151,7 @@ class BuildContext:
         from dsa_export.exporter.plan import EngineShapes
 
         o = self.options
-        return EngineShapes(max_batch=o.max_batch, prefill_batch=o.prefill_batch, max_prefill=o.max_prefill)
+        return EngineShapes(max_batch=o.max_batch, max_tokens=o.max_tokens, pool_tokens=o.pool_tokens)
 
     def experts_fp8(self) -> bool:
         """The export keeps the routed experts FP8: the checkpoint stores them so (a preset not yet written: its
@@ -168,7 +168,7 @@ class BuildContext:
 
         o = self.options
         return plan_pipeline(self.config, self.target, self.dtype, self.experts_fp8(), o.capacity, self.engine_shapes,
-                             o.workspace_gb, o.last_logits_only, o.gpus)
+                             o.workspace_gb, o.gpus)
 
     @cached_property
     def plan(self):

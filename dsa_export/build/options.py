@@ -73,10 +73,9 @@ class Options:
                         "runs float32; parity of a bfloat16 build compares a float32 twin).",
                         click.Choice(DTYPE_CHOICES), steps=("smoke", "export", "parity", "cost", "plan"))
     # export
-    capacity: int | None = option(None, "Cache rows per sequence [default: min(max positions, 128K)].",
-                                  click.IntRange(min=4), steps=("export", "plan"))
-    last_logits_only: bool = option(False, "Return logits for the last position only.", steps=("export", "plan"),
-                                    flag=True)
+    capacity: int | None = option(None, "The longest sequence (prompt and new tokens) [default: min(max positions, "
+                                  "128K)]; the cache pool is shared, not allocated per sequence (--pool-tokens).",
+                                  click.IntRange(min=4), steps=("export", "plan", "deploy"))
     dequantize_experts: bool = option(False, "Store FP8 routed experts in --dtype instead of keeping them FP8 with "
                                       "their block scales.", steps=("export", "plan"), flag=True)
     gpus: int | None = option(None, "GPUs to cut the model across: pipeline stages of contiguous layers, balanced by "
@@ -89,12 +88,13 @@ class Options:
     precision: str = option("auto", "Precision the engine must have (TensorRT is strongly typed: it comes from the "
                             "export): auto = the export's; fp8 = FP8 routed experts (not on a100).",
                             click.Choice(["auto", "float32", "bfloat16", "fp8"]), steps=("engine",))
-    max_batch: int = option(8, "Largest batch of the decode profile.", click.IntRange(min=1),
-                            steps=("engine", "plan"))
-    prefill_batch: int = option(1, "Largest batch of the prefill profile.", click.IntRange(min=1),
-                                steps=("engine", "plan"))
-    max_prefill: int = option(8192, "Longest prefill step (tokens) of the prefill profile (capped by the capacity).",
-                              click.IntRange(min=1), steps=("engine", "plan"))
+    max_batch: int = option(8, "Most sequences in one step (the engine's profile; the server's batch).",
+                            click.IntRange(min=1), steps=("engine", "plan", "deploy"))
+    max_tokens: int = option(8192, "Most tokens in one step: the running sequences' next tokens plus chunks of "
+                             "prompts (chunked prefill).", click.IntRange(min=1), steps=("engine", "plan", "deploy"))
+    pool_tokens: int | None = option(None, "Tokens the cache pool of each pipeline stage holds, all sequences together "
+                                     "[default: max-batch x capacity].", click.IntRange(min=1),
+                                     steps=("engine", "plan", "deploy"))
     workspace_gb: float = option(4.0, "TensorRT builder workspace limit (GB).", FiniteFloat(min=0, min_open=True),
                                  steps=("engine", "plan"))
     require_engine: bool = option(False, "Fail (exit 2) if the TensorRT engine cannot be built on this machine.",

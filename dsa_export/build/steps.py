@@ -99,7 +99,8 @@ def check_kernels(ctx: BuildContext, produced: set[str]) -> None:
 
 
 KERNELS = Step("kernels", run_kernels, lambda ctx, out: [out.kernels(ctx.target.kernel_arch)], owns=("kernels/*",),
-               inputs=kernel_inputs, check=check_kernels, doc="compile the Triton kernels ahead of time for the target (the config only)")
+               inputs=kernel_inputs, check=check_kernels,
+               doc="compile the Triton kernels ahead of time for the target (the config only)")
 
 
 # ---- export: ONNX ---------------------------------------------------------------------------------------------------
@@ -111,8 +112,8 @@ def run_export(ctx: BuildContext) -> dict:
     if plan.gpus > 1:
         ctx.log(f"{plan.gpus} pipeline stages on {plan.gpus} x {plan.target}:\n{plan.table()}")
     ctx.export = export_stages(ctx.checkpoint, ctx.out.root, [s.layers for s in plan.stages], dtype=ctx.dtype,
-                               last_logits_only=o.last_logits_only, capacity=o.capacity,
-                               dequantize_experts=o.dequantize_experts, max_data_file_bytes=int(o.data_file_gb * 1e9))
+                               capacity=o.capacity, dequantize_experts=o.dequantize_experts,
+                               max_data_file_bytes=int(o.data_file_gb * 1e9))
     tokenizer = copy_tokenizer(ctx.checkpoint_dir, ctx.out.root)  # serving reads the export only
     capacity = ctx.export.io.capacity
     stages = f", {plan.gpus} stages" if plan.gpus > 1 else ""
@@ -169,7 +170,7 @@ def engine_command(ctx: BuildContext) -> str:
     """The command that builds the engine from this build directory on a machine with TensorRT and the GPU."""
     o, defaults = ctx.options, Options()
     flags = [f"--{name.replace('_', '-')} {getattr(o, name)}" for name in
-             ("precision", "max_batch", "prefill_batch", "max_prefill", "workspace_gb")
+             ("precision", "max_batch", "max_tokens", "pool_tokens", "workspace_gb")
              if getattr(o, name) != getattr(defaults, name)]
     return (f"dsa-export engine --gpu {ctx.target.name} --out {ctx.build.root} {' '.join(flags)}".rstrip()
             + f"   # with TensorRT >= 10.15 and a {ctx.target.name} ({ctx.target.kernel_arch}) GPU; copy "
@@ -201,8 +202,7 @@ def run_parity(ctx: BuildContext) -> dict:
 
     o = ctx.options
     report = build_parity(ctx.model(torch.float32), ctx.export, ctx.out.parity, o.thresholds, o.new_tokens, o.seed,
-                          ctx.backends, dict(capacity=o.capacity, last_logits_only=o.last_logits_only,
-                                             dequantize_experts=o.dequantize_experts))
+                          ctx.backends, dict(capacity=o.capacity, dequantize_experts=o.dequantize_experts))
     return {"path": str(ctx.build.parity), "passed": report["passed"], "failures": report["failures"],
             "metrics": {b["backend"]: b["metrics"] for b in report["backends"]}, "note": summary(report)}
 
@@ -259,13 +259,14 @@ COST = Step("cost", run_cost, lambda ctx, out: [out.cost], owns=("cost",), uses=
 def run_deploy(ctx: BuildContext) -> dict:
     from dsa_export.deploy.repository import write_repository
 
-    written = write_repository(ctx.export, ctx.out.model_repository, served_from=ctx.build.model_repository)
+    written = write_repository(ctx.export, ctx.out.model_repository, served_from=ctx.build.model_repository,
+                               shapes=ctx.engine_shapes)
     return {**written, "path": str(ctx.build.model_repository)}
 
 
 DEPLOY = Step("deploy", run_deploy, lambda ctx, out: [out.model_repository], owns=("model_repository",),
               after=("export",), uses=("engine",),
               check=check_export_if_present,
-              doc="Triton Inference Server model repository (generation, CPU and GPU step models)")
+              doc="Triton Inference Server model repository (the batching generation model)")
 
 STEPS = (CHECKPOINT, SMOKE, KERNELS, EXPORT, ENGINE, PARITY, COST, DEPLOY)

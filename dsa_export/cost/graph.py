@@ -1,14 +1,14 @@
 """The exported graph's own cost: FLOPs and bytes per token read off the graph at concrete shapes, beside the
 closed form (cost/model.py `step_cost`) for the same config.
 
-How: the graph's inputs get concrete dims (batch, seq; the caches' capacity is fixed by the export), onnx shape
-inference (with data propagation) gives every tensor's shape, then each node is priced:
+How: the graph's inputs get concrete dims (a point's `batch` sequences of `seq` tokens each, packed; the logits of
+each sequence's last token; pools of `batch` sequences at the export's capacity), onnx shape inference (with data propagation) gives every tensor's shape, then each node is priced:
 - MatMul / Gemm: 2·M·N·K; a `dsa::` node: the cost its contract declares (contracts.py) at its input shapes;
 - weight traffic: each initializer a node reads (a Gather from one reads only the rows it gathers); nodes computed
   from initializers only (a weight's transpose) are folded by TensorRT and ONNX Runtime when they load the graph: they
   cost nothing per step, and what they make is priced as a weight where it is read;
-- cache traffic: the dsa ops' declared cache reads, the rows TensorScatter writes, and any other node that reads a
-  cache input or writes a cache output whole (what a graph that grows its caches by concatenation would do);
+- cache traffic: the dsa ops' declared cache reads and writes (dsa::WriteCache: the new rows only), and any other
+  node that reads a cache input or writes a cache output whole (what a graph that grows its caches by concatenation would do);
 - elementwise and data-movement work is counted apart ("other"), as the closed form leaves it out; activations are
   not counted as traffic (a fused engine keeps most of them on chip).
 This is the check that a graph really runs at DSA's cost: every expert on every token, or a cache copied per step,
@@ -30,7 +30,7 @@ from dsa_export.exporter.artifacts import ExportDir, as_export
 from dsa_export.formats import of
 from dsa_export.models.config import DSAConfig
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
-from dsa_export.serving.io_spec import BATCH, SEQ, GraphIO
+from dsa_export.serving.io_spec import POOL_ROWS, SAMPLES, SEQUENCES, TOKENS, GraphIO
 
 VIEW_OPS = {"Squeeze", "Unsqueeze", "Reshape", "Identity", "Flatten"}  # no data moved
 SHAPE_OPS = {"Shape", "Size"}  # read a tensor's dims only
@@ -66,7 +66,8 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
     """{flops, weight_bytes, cache_bytes, other_flops} of one call of the graph at `point`."""
     concrete = onnx.ModelProto()
     concrete.CopyFrom(model)
-    sizes = {BATCH: point.batch, SEQ: point.seq}
+    sizes = {TOKENS: point.tokens, SEQUENCES: point.batch, SAMPLES: point.batch,
+             POOL_ROWS: point.batch * io.blocks * io.block_size}
     for value in list(concrete.graph.input) + list(concrete.graph.output):
         for dim in value.type.tensor_type.shape.dim:
             if dim.dim_param in sizes:
@@ -103,7 +104,7 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
             names = dict(zip((t.name for t in contract.inputs), node.input))
             itemsize = {arg: nbytes(name) // max(math.prod(shape(name)), 1) for arg, name in names.items()}
             cost = contract.cost({arg: tuple(shape(name)) for arg, name in names.items()}, attrs, itemsize,
-                                 past=point.past)
+                                 past=point.past, sequences=point.batch)
             flops += cost.flops
             weight_bytes += cost.weight_bytes
             cache_bytes += cost.cache_bytes
@@ -111,9 +112,6 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
         if node.op_type in VIEW_OPS:
             if node.input[0] in caches:
                 caches.add(node.output[0])
-            continue
-        if node.op_type == "TensorScatter":  # in place: only the new rows move
-            cache_bytes += nbytes(node.input[1])
             continue
         if node.op_type in ("MatMul", "Gemm"):
             a = shape(node.input[0])

@@ -6,22 +6,17 @@ import time
 
 import torch
 
-from dsa_export.models.cache import cache_layout, cache_shape
+from dsa_export.models.cache import cache_layout
 from dsa_export.runtime import EagerBackend
 
 
 MEASURE_CONTEXTS = (512, 2048, 8192)
 
 
-def random_cache_contents(config, capacity: int, context: int, seed: int = 0) -> list[torch.Tensor]:
-    """Cache contents (layout order, batch 1) with `context` random rows, as if that many tokens had been seen."""
+def random_cache_contents(config, context: int, seed: int = 0) -> list[torch.Tensor]:
+    """Cache contents (layout order, batch 1: [1, context, width] each), as if `context` tokens had been seen."""
     gen = torch.Generator().manual_seed(seed)
-    contents = []
-    for t in cache_layout(config):
-        tensor = torch.zeros(cache_shape(t, 1, capacity))
-        tensor[:, :, :context] = torch.randn(1, 1, context, t.width, generator=gen)
-        contents.append(tensor)
-    return contents
+    return [torch.randn(1, context, t.width, generator=gen) for t in cache_layout(config)]
 
 
 def measure_decode(model, graph_backends: list | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
@@ -34,7 +29,7 @@ def measure_decode(model, graph_backends: list | None = None, contexts=MEASURE_C
     contexts = [c for c in contexts if c < capacity]
     rows = {name: [] for name in backends}
     for context in contexts:
-        contents = random_cache_contents(model.config, capacity, context)
+        contents = random_cache_contents(model.config, context)
         caches = {name: b.new_caches(1, [c.to(b.cache_dtype) for c in contents]) for name, b in backends.items()}
         ids, positions = torch.tensor([[3]]), torch.tensor([[context]])
         best = dict.fromkeys(backends, float("inf"))

@@ -77,8 +77,9 @@ def token_components(config: DSAConfig, position: int, phase: str, variant: str,
         HI, DI = c.index_n_heads, c.index_head_dim
         projections = 2 * (c.q_lora_rank * HI * DI + D * DI + D * HI)
         parts.append(Component("indexer_projections", L * projections, 0, True, gemm))
-        parts.append(Component("indexer_scoring", L * (2 * HI * DI + 2 * HI) * keys,
-                               L * index_key_bytes * keys if phase == "decode" else 0, True, "indexer"))
+        scored = keys if keys > c.index_topk else 0  # up to topk keys, all are kept: nothing to score
+        parts.append(Component("indexer_scoring", L * (2 * HI * DI + 2 * HI) * scored,
+                               L * index_key_bytes * scored if phase == "decode" else 0, True, "indexer"))
     return parts
 
 
@@ -164,14 +165,15 @@ class StepCost:
 def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsize: int, cache_itemsize: int,
               expert_itemsize: int | None = None) -> StepCost:
     """FLOPs and memory traffic of one forward over `seq` tokens per row at positions past..past+seq-1 (batch rows
-    aligned), with the weights, caches and routed experts stored with the given bytes per element (FP8 experts: 1,
-    plus their fp32 block scales)."""
+    aligned), the logits of each row's last token only (what a serving step needs), with the weights, caches and
+    routed experts stored with the given bytes per element (FP8 experts: 1, plus their fp32 block scales)."""
     from dsa_export.models.model import DSAForCausalLM
 
     c = config
     tokens = batch * seq
     phase = "decode" if seq == 1 else "prefill"
     flops = batch * sum(sum(p.flops for p in token_components(c, past + s + 1, phase, "dsa")) for s in range(seq))
+    flops -= (tokens - batch) * 2 * c.hidden_size * c.vocab_size  # no logits for a row's earlier tokens
 
     expert_itemsize = weight_itemsize if expert_itemsize is None else expert_itemsize
     routed = min(c.n_routed_experts, tokens * c.num_experts_per_tok)  # experts whose weights a MoE layer reads
@@ -190,7 +192,7 @@ def step_cost(config: DSAConfig, batch: int, seq: int, past: int, weight_itemsiz
             weight_bytes += numel * (4 if name.endswith(DSAForCausalLM.FP32_PARAMS) else weight_itemsize)
 
     latent, index = c.kv_lora_rank + c.qk_rope_head_dim, c.index_head_dim
-    index_reads = batch * (past + seq) * index
+    index_reads = batch * (past + seq) * index if past + seq > c.index_topk else 0  # no token scores: none read
     latent_reads = batch * sum(min(c.index_topk, past + s + 1) for s in range(seq)) * latent
     writes = tokens * (latent + index)
     cache_bytes = c.num_hidden_layers * (index_reads + latent_reads + writes) * cache_itemsize

@@ -27,18 +27,21 @@ class Chunk:
     index: int  # 0, 1, ... within the request
     token: int
     text: str  # the text this token completes ("" without a tokenizer, or while a character is still split)
+    logprob: float = 0.0  # the model's log-probability of the token
 
 
 def request_inputs(input_ids: Sequence[int] | None = None, prompt: str | None = None, chat: bool = False,
                    max_new_tokens: int = 32, temperature: float | None = None, top_k: int | None = None,
-                   seed: int | None = None, stop_ids: Sequence[int] | None = None) -> list:
+                   top_p: float | None = None, seed: int | None = None,
+                   stop_ids: Sequence[int] | None = None) -> list:
     """The gRPC inputs of one generation request (generation.GENERATE_INPUTS), leaving out those not given."""
     import tritonclient.grpc as grpcclient
 
     values = {"INPUT_IDS": input_ids, "PROMPT": None if prompt is None else [prompt.encode("utf-8")],
               "APPLY_CHAT_TEMPLATE": [chat] if chat else None, "MAX_NEW_TOKENS": [max_new_tokens],
               "TEMPERATURE": None if temperature is None else [temperature],
-              "TOP_K": None if top_k is None else [top_k], "SEED": None if seed is None else [seed],
+              "TOP_K": None if top_k is None else [top_k], "TOP_P": None if top_p is None else [top_p],
+              "SEED": None if seed is None else [seed],
               "STOP_IDS": stop_ids}
     inputs = []
     for name, value in values.items():
@@ -51,6 +54,18 @@ def request_inputs(input_ids: Sequence[int] | None = None, prompt: str | None = 
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
     return inputs
+
+
+def chunks(result) -> list[Chunk]:
+    """The tokens of one response (one or more: generation.GENERATE_OUTPUTS); the text they complete goes with the
+    last of them."""
+    token = result.as_numpy("TOKEN")
+    if token is None:
+        return []
+    index, logprob, text = result.as_numpy("INDEX"), result.as_numpy("LOGPROB"), result.as_numpy("TEXT")
+    text = text[0].decode("utf-8") if text is not None else ""
+    return [Chunk(int(i), int(t), text if n == len(token) - 1 else "", float(p))
+            for n, (i, t, p) in enumerate(zip(index, token, logprob))]
 
 
 def _is_final(result) -> bool:
@@ -94,11 +109,7 @@ def stream(url: str = DEFAULT_URL, inputs: list | None = None, model: str = GENE
                 raise GenerationError(f"no response from {model} at {url} within {timeout:.0f} s") from None
             if error is not None:
                 raise GenerationError(f"{model}: {error.message() if hasattr(error, 'message') else error}")
-            token = result.as_numpy("TOKEN")
-            if token is not None:
-                text = result.as_numpy("TEXT")
-                yield Chunk(int(result.as_numpy("INDEX")[0]), int(token[0]),
-                            text[0].decode("utf-8") if text is not None else "")
+            yield from chunks(result)
             if _is_final(result):
                 return
     finally:

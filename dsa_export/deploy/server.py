@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -135,38 +138,78 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+=-]+$")  # what the Python backend's stub command line survives (see serve_path)
+SHM_DIR = Path("/dev/shm")
+NOISE = "CudaDriverHelper has not been initialized"  # logged as an error by every start on a machine without a GPU
+
+
+def serve_path(repository: Path, workdir: Path) -> Path:
+    """The path to give tritonserver for `repository`: itself, or an ASCII-safe symlink to it in `workdir`. The
+    Python backend of 2.51 starts each model's stub through `bash -c` with the model's path unquoted, so a space
+    (or a shell character) splits it and the stub dies; the symlink is not resolved by the server, and the model's
+    relative paths to the build resolve through it."""
+    if SAFE_PATH.match(str(repository)):
+        return repository
+    link = workdir / "model_repository"
+    link.symlink_to(repository, target_is_directory=True)
+    return link
+
+
+DRAIN_FILE_ENV = "DSA_EXPORT_DRAIN_FILE"  # the generation model stops taking requests once this file exists
+
+
 class TritonServer:
-    """One tritonserver on 127.0.0.1 serving `repository`, loading `models` only (explicit model control, so a CPU
-    server never tries the GPU engine model); its log goes to `log_path`. A context manager: started and ready on
-    entry, stopped (SIGINT, as Ctrl-C would) on exit."""
+    """One tritonserver on 127.0.0.1 serving `repository` (gRPC, HTTP and metrics ports); its log goes to
+    `log_path`. A context manager: started and ready on entry, stopped on exit. The server runs in a process group
+    of its own, with a shared-memory prefix of its own: when it ends, however it ends, whatever it started (the
+    Python backend's stub processes) is killed and its /dev/shm regions removed; while it runs they are kept
+    readable by this user only (the Python backend creates them 0644, and requests pass through them).
+
+    Stopping drains first, on our side: the model is told (a file named by DSA_EXPORT_DRAIN_FILE in its
+    environment) to refuse new requests, and the running ones finish (its metrics say when); only then does the
+    server get SIGINT. Triton's own shutdown cannot be relied on for that: it counts a decoupled request as done once
+    execute() returns, and one malformed request (a wrong input dtype over a gRPC stream) keeps the model from ever
+    unloading in 2.51, so the server only exits at its exit timeout."""
 
     def __init__(self, repository: str | Path, models: list[str], install: ServerInstall, grpc_port: int = 0,
-                 http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False):
+                 http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False,
+                 metrics_port: int = 0, exit_timeout: float = 10.0):
         self.repository = Path(repository).resolve()
         self.models = models
         self.install = install
         self.grpc_port = grpc_port or free_port()
         self.http_port = http_port or free_port()
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="tritonserver-")) / "server.log"
+        self.metrics_port = metrics_port or free_port()
+        self.workdir = Path(tempfile.mkdtemp(prefix="dsa-serve-"))
+        self.log_path = Path(log_path) if log_path else self.workdir / "server.log"
         self.verbose = verbose
+        self.exit_timeout = exit_timeout
+        self.shm_prefix = f"dsa_export_{os.getpid()}_{secrets.token_hex(4)}_"
+        self.drain_file = self.workdir / "drain"
         self.process: subprocess.Popen | None = None
 
     @property
     def grpc_url(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
     def command(self) -> list[str]:
-        command = [str(self.install.tritonserver), f"--model-repository={self.repository}",
+        command = [str(self.install.tritonserver), f"--model-repository={serve_path(self.repository, self.workdir)}",
                    "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                    "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
-                   "--allow-metrics=false", "--exit-timeout-secs=5", "--model-control-mode=explicit",
+                   "--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
+                   f"--exit-timeout-secs={int(self.exit_timeout)}", "--model-control-mode=explicit",
+                   f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                    *[f"--load-model={m}" for m in self.models], f"--log-info={str(self.verbose).lower()}"]
-        if self.install.backend_dir is not None:
-            command.append(f"--backend-directory={self.install.backend_dir}")
+        if self.install.backend_dir is not None:  # the pip server: no GPU metrics to probe
+            command += [f"--backend-directory={self.install.backend_dir}", "--allow-gpu-metrics=false"]
         return command
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = dict(os.environ, **{DRAIN_FILE_ENV: str(self.drain_file)})
         if self.install.python_bin is not None:
             env["PATH"] = f"{self.install.python_bin}{os.pathsep}{env.get('PATH', '')}"
             env.pop("PYTHONPATH", None)  # the project's packages must not shadow the serving environment's
@@ -182,53 +225,132 @@ class TritonServer:
             text = self.log_path.read_text(errors="replace").strip().splitlines()
         except OSError:
             return ""
-        errors = [line for line in text if line[:1] == "E" and line[1:2].isdigit()]
+        errors = [line for line in text if line[:1] == "E" and line[1:2].isdigit() and NOISE not in line]
         return " | ".join(line[:300] for line in (errors or text)[-lines:])
 
-    def start(self, timeout: float = 180.0) -> "TritonServer":
-        for port in (self.grpc_port, self.http_port):
+    def shm_regions(self) -> list[Path]:
+        return sorted(SHM_DIR.glob(f"{self.shm_prefix}*"))
+
+    def protect_shm(self) -> None:
+        """The server's shared-memory regions readable by this user only."""
+        for region in self.shm_regions():
+            with contextlib.suppress(OSError):
+                os.chmod(region, 0o600)
+
+    def start(self, timeout: float = 180.0, progress: Callable[[float], None] | None = None) -> "TritonServer":
+        """Start the server and wait up to `timeout` s for it to be ready, calling `progress(seconds waited)` about
+        every 10 s meanwhile."""
+        for port in (self.grpc_port, self.http_port, self.metrics_port):
             if _port_in_use(port):
                 raise DSAExportError(f"port {port} on 127.0.0.1 is already in use (another server?); choose "
-                                     f"another with --grpc-port/--http-port")
+                                     f"another with --grpc-port/--http-port/--metrics-port")
+        for path in (self.install.tritonserver, *([self.install.backend_dir] if self.install.backend_dir else [])):
+            if not SAFE_PATH.match(str(path)):
+                raise DSAExportError(f"{path}: the server's own files need a path of ASCII letters, digits and "
+                                     f"._/+=- only (its Python backend cannot start from another); set "
+                                     f"DSA_EXPORT_SERVING_ENV to such a directory")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            env=self.environment(), preexec_fn=_stop_with_parent)
-        deadline = time.monotonic() + timeout
+                                            env=self.environment(), preexec_fn=_stop_with_parent,
+                                            start_new_session=True)
+        started = time.monotonic()
+        deadline, report = started + timeout, started + 10
         while not self.ready():
+            if progress is not None and time.monotonic() > report:
+                progress(time.monotonic() - started)
+                report += 10
             if self.process.poll() is not None:
+                self.cleanup()
                 raise DSAExportError(f"tritonserver exited ({self.process.returncode}) before it was ready: "
                                      f"{self.log_tail()} (log: {self.log_path})")
             if time.monotonic() > deadline:
                 self.stop()
                 raise DSAExportError(f"tritonserver was not ready after {timeout:.0f} s: {self.log_tail()} "
                                      f"(log: {self.log_path})")
+            self.protect_shm()
             time.sleep(0.2)
+        self.protect_shm()
         return self
 
     def ready(self) -> bool:
+        """The models loaded and every endpoint listening (the metrics service starts last)."""
         import tritonclient.grpc as grpcclient
 
+        if not _port_in_use(self.metrics_port):
+            return False
         try:
             with contextlib.closing(grpcclient.InferenceServerClient(self.grpc_url)) as client:
                 return client.is_server_ready(client_timeout=2)
         except Exception:  # not listening yet
             return False
 
-    def stop(self, timeout: float = 30.0) -> None:
-        """SIGINT (Triton unloads its models and exits), then SIGKILL if it has not after `timeout`."""
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def metrics(self) -> dict[str, float]:
+        """The server's metrics now (Prometheus text from its metrics port), name{labels} → value."""
+        import urllib.request
+
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as response:
+            text = response.read().decode("utf-8")
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
+
+    def drain(self, seconds: float) -> bool:
+        """Refuse new requests and wait up to `seconds` for the running and waiting ones to finish; whether they
+        did."""
+        self.drain_file.touch()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and self.process is not None and self.process.poll() is None:
+            try:
+                values = self.metrics()
+                if values.get("dsa_draining") == 1 and values.get("dsa_requests_running", 1) == 0 and \
+                        values.get("dsa_requests_waiting", 1) == 0:
+                    return True
+            except OSError:  # the metrics endpoint is gone: nothing more to wait for
+                return False
+            time.sleep(0.2)
+        return False
+
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Drain for up to `drain_seconds`, then SIGINT (Triton unloads its models and exits), SIGKILL if it has
+        not within its exit timeout and 10 s more; then what it left is removed."""
+        if self.process is not None and self.process.poll() is None:
+            if drain_seconds:
+                self.drain(drain_seconds)
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(self.exit_timeout + 10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.cleanup()
+
+    def cleanup(self) -> None:
+        """After the server has exited: its leftover processes killed, its shared memory removed."""
+        if self.process is not None:
+            deadline = time.monotonic() + 10
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                while time.monotonic() < deadline:  # until the kernel has taken them all
+                    os.killpg(self.process.pid, 0)
+                    time.sleep(0.05)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for region in self.shm_regions():
+            with contextlib.suppress(OSError):
+                region.unlink()
 
     def wait(self) -> int:
+        """Until the server exits (its shared memory kept private meanwhile); its exit code."""
         assert self.process is not None
-        return self.process.wait()
+        while True:
+            try:
+                return self.process.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                self.protect_shm()
 
     def __enter__(self) -> "TritonServer":
         return self.start()
@@ -251,33 +373,61 @@ def repository_of(source: str | Path) -> Path:
     return repository
 
 
-def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8000,
+def bytes_to_load(repository: Path, parameters: dict) -> int:
+    """What the server reads before it is ready: every stage's plan (TensorRT) or graph and its weights."""
+    from dsa_export.deploy.repository import GENERATE
+
+    model_dir = repository / GENERATE
+    total = 0
+    for stage in json.loads(parameters.get("stages", "[]")):
+        graph = (model_dir / stage.get("plan_file", stage["model_file"])).resolve()
+        files = [graph] if "plan_file" in stage else [graph, *graph.parent.glob(f"{graph.name}.data*")]
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return total
+
+
+def ready_timeout(bytes_loaded: int) -> float:
+    """Seconds to wait for readiness: 3 minutes, plus 1 s per 200 MB loaded (a v3.2 stage reads tens of GB of plan
+    from disk and deserializes it onto its GPU before the model is ready)."""
+    return 180.0 + bytes_loaded / 200e6
+
+
+def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
                      tritonserver: str | Path | None = None, log_file: str | Path | None = None,
                      verbose: bool = False, log: Callable[[str], None] = print) -> None:
-    """`dsa-export serve`: start the server on the repository's generation model and its step model, say where it
-    listens, and run until Ctrl-C or SIGTERM, then stop it cleanly."""
-    from dsa_export.deploy.repository import GENERATE, STEP_ENGINE, step_models_of
+    """`dsa-export serve`: start the server on the repository's generation model, say where it listens, and run
+    until Ctrl-C or SIGTERM; then let running requests finish (up to the model's drain time), stop, and re-raise
+    (the command exits 130 or 143)."""
+    from dsa_export.deploy.repository import DRAIN_SECONDS, GENERATE, serving_parameters
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server, even if started from `&`
     repository = repository_of(source)
-    step_models = step_models_of(repository)
+    parameters = serving_parameters(repository)
     install = find_server(tritonserver, log)
-    if step_models[0].startswith(STEP_ENGINE) and install.backend_dir is not None:
-        raise DSAExportError(f"{repository}: the build has a TensorRT engine (dsa_engine), which runs on a GPU with "
-                             f"the tensorrt and torch packages in the server's Python: serve it in NVIDIA's Triton "
-                             f"container (README), or pass --tritonserver")
-    server = TritonServer(repository, [*step_models, GENERATE], install, grpc_port, http_port, log_file, verbose)
-    log(f"starting {install.tritonserver} on {repository} (log: {server.log_path})")
+    if parameters.get("runtime") == "tensorrt" and install.backend_dir is not None:
+        raise DSAExportError(f"{repository}: the build has TensorRT engines, which run on a GPU with the tensorrt and "
+                             f"torch packages in the server's Python: serve it in NVIDIA's Triton container (README), "
+                             f"or pass --tritonserver")
+    server = TritonServer(repository, [GENERATE], install, grpc_port, http_port, log_file, verbose, metrics_port)
+    loaded = bytes_to_load(repository, parameters)
+    timeout = ready_timeout(loaded)
+    log(f"starting {install.tritonserver} on {repository} (log: {server.log_path}); it loads {loaded / 1e9:.1f} GB, "
+        f"allowed {timeout:.0f} s")
     started = time.monotonic()
-    server.start()
-    log(f"ready after {time.monotonic() - started:.1f} s: gRPC {server.grpc_url}, HTTP 127.0.0.1:{server.http_port}; "
-        f"models {GENERATE} (steps by {' -> '.join(step_models)}). Stop with Ctrl-C.")
-    log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
     try:
+        server.start(timeout, progress=lambda waited: log(f"loading ... {waited:.0f} s"))
+        log(f"ready after {time.monotonic() - started:.1f} s: gRPC {server.grpc_url}, HTTP "
+            f"127.0.0.1:{server.http_port}, metrics {server.metrics_url}; {GENERATE} batches up to "
+            f"{parameters.get('max_batch')} sequences per step over a pool of {parameters.get('pool_tokens')} tokens. "
+            f"Stop with Ctrl-C.")
+        log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
         code = server.wait()
-        raise DSAExportError(f"tritonserver exited ({code}): {server.log_tail()} (log: {server.log_path})")
+        how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited ({code})"
+        raise DSAExportError(f"tritonserver {how}: {server.log_tail()} (log: {server.log_path})")
     except (KeyboardInterrupt, Interrupted):
-        log("stopping the server ...")
-        server.stop()
+        log(f"stopping: running requests finish first (up to {DRAIN_SECONDS} s; Ctrl-C again stops at once) ...")
+        server.stop(drain_seconds=DRAIN_SECONDS)
         log("stopped")
         raise  # the command exits 130 (SIGINT) or 143 (SIGTERM)
+    finally:
+        server.cleanup()

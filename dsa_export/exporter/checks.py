@@ -8,7 +8,8 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 
-from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
+from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
+                                  WRITE_CACHE)
 from dsa_export.errors import DSAExportError
 from dsa_export.serving.io_spec import GraphIO
 from dsa_export.exporter.tensorrt_op_table import RESTRICTIONS, SOURCE, SUPPORTED
@@ -46,17 +47,20 @@ def checked_model(path: Path, model: onnx.ModelProto | None = None) -> onnx.Mode
 
 
 def check_dsa_nodes(graph: onnx.GraphProto, num_layers: int, moe_layers: int | None) -> Counter:
-    """One LightningIndexer and one SparseMLA per layer, one RoutedExperts[FP8] per MoE layer; every node carries
-    each attribute its contract (and so its TensorRT plugin) declares, plus the TensorRT import hints."""
+    """One LightningIndexer and one SparseMLA per layer, a WriteCache per pool, one RoutedExperts[FP8] per MoE
+    layer; every node carries each attribute its contract (and so its TensorRT plugin) declares, plus the TensorRT
+    import hints."""
     nodes = [n for n in graph.node if n.domain == DSA_DOMAIN]
     counts = Counter(n.op_type for n in nodes)
-    expected = {LIGHTNING_INDEXER.onnx_name: num_layers, SPARSE_MLA.onnx_name: num_layers}
-    for name, count in expected.items():
+    expected = {LIGHTNING_INDEXER.onnx_name: (num_layers, "one per layer"),
+                SPARSE_MLA.onnx_name: (num_layers, "one per layer"),
+                WRITE_CACHE.onnx_name: (2 * num_layers, "one per pool: two per layer")}
+    for name, (count, rule) in expected.items():
         if counts[name] != count:
-            raise GraphCheckError(f"expected one dsa::{name} node per layer ({count}), found {counts[name]}")
+            raise GraphCheckError(f"expected {count} dsa::{name} nodes ({rule}), found {counts[name]}")
     experts = counts[ROUTED_EXPERTS.onnx_name] + counts[ROUTED_EXPERTS_FP8.onnx_name]
     if moe_layers is not None and experts != moe_layers:
-        raise GraphCheckError(f"expected one dsa::RoutedExperts node per MoE layer ({moe_layers}), found {experts}")
+        raise GraphCheckError(f"expected {moe_layers} dsa::RoutedExperts nodes (one per MoE layer), found {experts}")
     contracts = {c.onnx_name: c for c in CONTRACTS}
     for node in nodes:
         if node.op_type not in contracts:
@@ -73,14 +77,16 @@ def check_dsa_nodes(graph: onnx.GraphProto, num_layers: int, moe_layers: int | N
 
 
 def check_cache_writes(graph: onnx.GraphProto, io: GraphIO) -> None:
-    """Each cache is written in place: one TensorScatter (TensorRT's KVCacheUpdate) whose cache operand is the graph
-    input itself and whose result is the graph output, nothing else writing either."""
+    """Each pool is written in place: one dsa::WriteCache (whose output aliases its cache input in TensorRT, and is
+    the same buffer in ONNX Runtime) whose cache operand is the graph input itself and whose result is the graph
+    output, nothing else writing either."""
     writers = {n.output[0]: n for n in graph.node}
     for cache_in, cache_out in zip(io.cache_inputs, io.cache_outputs):
         node = writers.get(cache_out.name)
-        if node is None or node.op_type != "TensorScatter" or node.input[0] != cache_in.name:
-            raise GraphCheckError(f"graph output '{cache_out.name}' is not one TensorScatter of input "
-                                  f"'{cache_in.name}' (the in-place cache write TensorRT needs)")
+        if node is None or (node.domain, node.op_type) != (DSA_DOMAIN, WRITE_CACHE.onnx_name) or \
+                node.input[0] != cache_in.name:
+            raise GraphCheckError(f"graph output '{cache_out.name}' is not one dsa::WriteCache of input "
+                                  f"'{cache_in.name}' (the in-place pool write)")
 
 
 def _all_nodes(nodes):

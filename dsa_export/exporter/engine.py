@@ -2,12 +2,11 @@
 
 The build parses model.onnx (weights from its external data) into a strongly typed network (the flag is needed on
 TensorRT 10.x and ignored by 11.x, where strong typing is always on: precision comes from the export's dtypes), then
-refuses a network in which any dsa:: node was imported as its decomposition instead of our plugin. Two optimisation
-profiles: prefill (sequences up to --max-prefill, batches up to --prefill-batch) and decode (one token, batches up to
---max-batch); the caches keep the export's fixed capacity (TensorRT's KVCacheUpdate layer, which TensorScatter
-becomes, needs a static length) and are written in place (each cache output aliases its input; RoutedExperts writes
-onto its `base` input, an aliased plugin output). A timing cache is kept beside the plan and reused; the plan is
-written atomically.
+refuses a network in which any dsa:: node was imported as its decomposition instead of our plugin. One optimisation
+profile covers every step (a packed batch: up to --max-tokens tokens of up to --max-batch sequences, decode tokens and
+prefill chunks mixed); the pools have the fixed size the memory plan gives them (--pool-tokens) and are written in
+place (dsa::WriteCache's output aliases its pool, as RoutedExperts' aliases its `base` input). A timing cache is kept
+beside the plan and reused; the plan is written atomically.
 
 Everything that needs no GPU is a plain function here and tested on CPU: the profiles, the memory plan (weights +
 caches at the maximum shapes must fit the target), what this machine lacks to build. `build_engine` imports
@@ -22,19 +21,21 @@ from typing import Callable
 
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import StageDir
-from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO
+from dsa_export.exporter.graph_io import POOL_ROWS, SAMPLES, SEQUENCES, TOKENS, GraphIO
 from dsa_export.exporter.plan import EngineShapes
 from dsa_export.targets import GPUTarget
 
-MIN_TENSORRT = (10, 15)  # parses TensorScatter into KVCacheUpdate, and prefers a plugin when plugin_namespace is set
-PROFILES = ("prefill", "decode")  # profile 0 and 1: runtimes pick 0 for S > 1, 1 for single-token steps
+MIN_TENSORRT = (10, 15)  # prefers a plugin when plugin_namespace is set (and QDP AOT plugins, from 10.9)
+PROFILES = ("step",)  # one profile: every step is a packed batch of tokens
 
 
 def profiles(io: GraphIO, shapes: EngineShapes) -> dict[str, dict[str, tuple[tuple, tuple, tuple]]]:
-    """profile name → graph input → (min, opt, max) shapes. Only batch and sequence vary; caches keep capacity."""
-    seq = min(shapes.max_prefill, io.capacity)
-    ranges = {"prefill": {BATCH: (1, 1, shapes.prefill_batch), SEQ: (1, min(512, seq), seq)},
-              "decode": {BATCH: (1, shapes.max_batch, shapes.max_batch), SEQ: (1, 1, 1)}}
+    """profile name → graph input → (min, opt, max) shapes. Tokens, sequences and samples vary (the optimum: a full
+    decode batch); the pools keep the size the plan gives them."""
+    rows = shapes.pool_rows(io.capacity)
+    tokens = shapes.step_tokens(io.capacity)
+    ranges = {"step": {TOKENS: (1, shapes.max_batch, tokens), SEQUENCES: (1, shapes.max_batch, shapes.max_batch),
+                       SAMPLES: (1, shapes.max_batch, shapes.max_batch), POOL_ROWS: (rows, rows, rows)}}
     out = {}
     for name, dims in ranges.items():
         out[name] = {t.name: tuple(tuple(dims[d][i] if isinstance(d, str) else d for d in t.dims) for i in range(3))
@@ -89,9 +90,11 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
     import tensorrt as trt
 
     from dsa_export.files import atomic_dir, write_atomic
+    from dsa_export.kernels.launch import check_driver, cuda_driver_version, load_kernels
     from dsa_export.plugins.tensorrt import register_plugins
 
     io = stage.io
+    check_driver(load_kernels(kernel_dir), cuda_driver_version())  # before TensorRT JIT-compiles their PTX
     register_plugins(kernel_dir)  # before parsing: the parser looks plugins up by op type and namespace
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -105,10 +108,13 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * 2**30))
-    config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # RoutedExperts writes onto base
+    config.set_preview_feature(trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03, True)  # WriteCache, RoutedExperts alias
     old_cache = stage.timing_cache_path
     cache = config.create_timing_cache(old_cache.read_bytes() if old_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise DSAExportError(f"TensorRT refuses the timing cache {old_cache} (from another TensorRT or GPU?): "
+                             f"remove it and build again")
+    config.clear_flag(trt.BuilderFlag.TF32)  # on by default: fp32 layers would round their inputs to 10 bits
     for ranges in profiles(io, shapes).values():
         profile = builder.create_optimization_profile()
         for name, (low, opt, high) in ranges.items():
@@ -120,7 +126,7 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
         raise DSAExportError("TensorRT could not build the engine (see its log above)")
     timing = bytes(config.get_timing_cache().serialize())
     with atomic_dir(engine_dir or stage.engine_dir) as tmp:  # the plan, its timing cache and what it was built for, all or nothing
-        write_atomic(tmp / stage.plan_path.name, bytes(plan))
+        write_atomic(tmp / stage.plan_path.name, memoryview(plan))  # not bytes(plan): no second copy of a large plan
         write_atomic(tmp / stage.timing_cache_path.name, timing)
         record = {"tensorrt": trt.__version__, "target": target.name, "compute_capability": target.cc,
                   "profiles": list(PROFILES), "shapes": shapes.__dict__, "plugin_layers": sum(

@@ -34,7 +34,7 @@ from dsa_export._version import __version__
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.checks import check_graph
-from dsa_export.exporter.graph_io import BATCH, SEQ, GraphIO, graph_io, name_graph_dims
+from dsa_export.exporter.graph_io import GraphIO, graph_io, name_graph_dims
 from dsa_export.exporter.weights import (DEFAULT_MAX_FILE_BYTES, CheckpointWeights, ModelWeights, WeightSpec,
                                          write_weights)
 from dsa_export.files import ensure_output_dir, make_readable
@@ -42,41 +42,58 @@ from dsa_export.formats import name_of
 from dsa_export.kernels import EXPORT_OPS
 from dsa_export.models.checkpoint import Checkpoint
 from dsa_export.models.config import DSAConfig
+from dsa_export.models.cache import Paging
 from dsa_export.models.model import DSAForCausalLM
+from dsa_export.models.sampling import sample
+from dsa_export.serving.io_spec import (BLOCK_TABLES, HIDDEN_IN, INPUT_IDS, LOGITS_INDEX, POOL_ROWS, POSITIONS, SAMPLES,
+                                        SEQUENCE, SEQUENCES, SLOTS, TEMPERATURE, TOKENS, TOP_K, TOP_P, UNIFORM)
 from dsa_export.plugins.onnx_ops import OPSET, add_decompositions, translation_table
 
 WRAPPER_PREFIX = "model."  # CachedLM holds the model as `.model`: initializer names are "model." + state-dict names
 
 
 class CachedLM(nn.Module):
-    """(input_ids, positions, *caches) → (logits, *caches written) in `io`'s order, through the dsa:: ops."""
+    """One packed step, as io.json lays it out: (first, positions, sequence, slots, block_tables, [logits_index and
+    the sampling inputs], *pools) → ([next_tokens, logprobs, logits] or hidden_out, *pools written), through the dsa::
+    ops."""
 
     def __init__(self, model: DSAForCausalLM, io: GraphIO):
         super().__init__()
         self.model, self.io = model, io
         self.model.ops, self.model.attention = EXPORT_OPS, "sparse"
 
-    def forward(self, first, positions, *caches):
-        """first: input_ids, or the previous stage's hidden state (io.json says which)."""
+    def forward(self, first, positions, sequence, slots, block_tables, *rest):
+        """first: input_ids [N], or the previous stage's hidden state [N, H] (io.json says which)."""
+        sampling, pools = (rest[:5], rest[5:]) if self.io.last else ((), rest)
         L = self.io.num_layers
-        out, latents, index_keys = self.model.forward_with_cache(first, positions, list(caches[:L]), list(caches[L:]),
-                                                                 layers=range(*self.io.layers))
-        if self.io.last_logits_only:
-            out = out[:, -1:]
-        return (out, *latents, *index_keys)
+        paging = Paging(positions, sequence, slots, block_tables, self.io.block_size)
+        out, latents, index_keys = self.model.forward_with_cache(
+            first[None], positions[None], list(pools[:L]), list(pools[L:]), paging, layers=range(*self.io.layers),
+            logits_index=sampling[0] if sampling else None)
+        if not self.io.last:
+            return (out[0], *latents, *index_keys)
+        tokens, logprobs = sample(out, *sampling[1:])
+        return (tokens, logprobs, out, *latents, *index_keys)
 
 
-def sample_inputs(io: GraphIO, config, batch: int = 2, seq: int = 3, seed: int = 0) -> tuple:
-    """Trace inputs with distinct sizes >= 2 in every dynamic dim (torch.export specialises 0/1 and equal sizes).
-    Under a FakeTensorMode they take no memory (the caches of the 671B model at 128K would take tens of GB)."""
+def sample_inputs(io: GraphIO, config, tokens: int = 5, sequences: int = 2, seed: int = 0) -> tuple:
+    """Trace inputs with distinct sizes >= 2 in every dynamic dim (torch.export specialises 0/1 and equal sizes): a
+    step of `tokens` tokens of `sequences` sequences (the first sequence's 3-token chunk on a past, the other's
+    decode tokens), `sequences` + 1 samples, a pool of 3 blocks per table column. Under a FakeTensorMode they take no
+    memory (the pools of the 671B model would take tens of GB)."""
     gen = torch.Generator().manual_seed(seed)
-    past = min(5, io.capacity - seq)
-    first = io.inputs[0]
-    values = [torch.randint(0, config.vocab_size, (batch, seq), generator=gen) if io.first else
-              torch.randn(batch, seq, config.hidden_size, generator=gen).to(getattr(torch, first.dtype)),
-              (past + torch.arange(seq)).expand(batch, seq).contiguous()]
-    values += [torch.zeros(io.cache_shape(t, batch), dtype=getattr(torch, t.dtype)) for t in io.cache_inputs]
-    return tuple(values)
+    rows = 3 * io.block_size
+    seq = torch.tensor([0] * (tokens - sequences + 1) + list(range(1, sequences)), dtype=torch.int32)
+    positions = torch.arange(tokens) % max(io.capacity - 1, 1)
+    values = {INPUT_IDS: torch.randint(0, config.vocab_size, (tokens,), generator=gen),
+              HIDDEN_IN: torch.randn(tokens, config.hidden_size, generator=gen).to(getattr(torch, io.inputs[0].dtype)),
+              POSITIONS: positions, SEQUENCE: seq, SLOTS: torch.arange(tokens) % rows,
+              BLOCK_TABLES: torch.zeros(sequences, io.blocks, dtype=torch.int32),
+              LOGITS_INDEX: torch.arange(sequences + 1) % tokens, TEMPERATURE: torch.ones(sequences + 1),
+              TOP_K: torch.zeros(sequences + 1, dtype=torch.int32), TOP_P: torch.ones(sequences + 1),
+              UNIFORM: torch.full((sequences + 1,), 0.5)}
+    return tuple(values[t.name] if t.name in values else torch.zeros(io.cache_shape(t, rows), dtype=getattr(
+        torch, t.dtype)) for t in io.inputs)
 
 
 def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: tuple[int, int] | None,
@@ -94,9 +111,9 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
         model.set_indexer_fp8_sim(indexer_fp8_sim)
         args = sample_inputs(io, config)
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    dims = {BATCH: torch.export.Dim(BATCH), SEQ: torch.export.Dim(SEQ)}
+    dims = {name: torch.export.Dim(name) for name in (TOKENS, SEQUENCES, SAMPLES, POOL_ROWS)}
     specs = [{i: dims[d] for i, d in enumerate(t.dims) if d in dims} for t in io.inputs]
-    dynamic_shapes = (specs[0], specs[1], tuple(specs[2:]))  # forward(input_ids, positions, *caches)
+    dynamic_shapes = (*specs[:5], tuple(specs[5:]))  # forward(first, positions, sequence, slots, block_tables, *rest)
     # torch.onnx logs a warning per missing optional library (torchvision ops) and warns about its own internals;
     # onnxscript's optimizer logs each opaque initializer it leaves alone
     for name in ("torch.onnx", "onnxscript", "onnx_ir"):
@@ -124,7 +141,7 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
 
 
 def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32,
-                last_logits_only: bool = False, capacity: int | None = None, dequantize_experts: bool = False,
+                capacity: int | None = None, dequantize_experts: bool = False,
                 max_data_file_bytes: int = DEFAULT_MAX_FILE_BYTES, progress: bool = False,
                 layers: tuple[int, int] | None = None) -> StageDir:
     """Export, check and write `model.onnx`, its external data files and `io.json` into `out_dir`; returns the
@@ -142,7 +159,7 @@ def export_onnx(source: DSAForCausalLM | Checkpoint | str | Path, out_dir: str |
     else:
         weights = CheckpointWeights(source)
         config, fp8_experts, fp8_sim = weights.config, weights.experts_fp8, False
-    io = graph_io(config, dtype, last_logits_only, capacity, layers)
+    io = graph_io(config, dtype, capacity, layers)
     if io.capacity < 4:
         raise DSAExportError(f"capacity {io.capacity} is too small to trace the export (>= 4)")
     if max_data_file_bytes < 1:

@@ -6,8 +6,9 @@ What one stage's GPU holds (`stage_memory`, also the engine build's memory check
 - weights: the tensors its graph reads, as the export stores them (FP8 routed experts one byte per parameter plus
   fp32 block scales, the fp32 parameters in fp32, the rest in the export dtype); the first stage also holds the
   embedding, the last the final norm and the LM head;
-- caches: its layers' latent and index-key caches at the export's capacity for the largest batch of either profile;
-- activations: a working budget for the largest step, plus the logits on the last stage;
+- caches: its layers' latent and index-key pools (models/cache.py), of `pool_tokens` rows (whole blocks) shared by all
+  sequences (default: every sequence of a full step at the longest, max_batch × capacity);
+- activations: a working budget for the largest step, plus the logits of its samples on the last stage;
 - the TensorRT builder's workspace.
 Weights are counted from the model's skeleton on the meta device (`weight_bytes`: no checkpoint is read, so the
 671B model is planned in seconds); an export on disk is priced by its data files instead. The layers are split to
@@ -25,15 +26,25 @@ from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import StageDir
 from dsa_export.exporter.graph_io import GraphIO, graph_io
 from dsa_export.formats import of
+from dsa_export.models.cache import BLOCK_SIZE, blocks_for
 from dsa_export.models.config import DSAConfig
 from dsa_export.targets import GPUTarget
 
+
 @dataclass(frozen=True)
 class EngineShapes:
-    """The largest shapes an engine serves: its optimisation profiles (exporter/engine.py) and its memory."""
-    max_batch: int = 8  # decode
-    prefill_batch: int = 1
-    max_prefill: int = 8192  # tokens per prefill step (capped by the capacity)
+    """The largest step an engine serves (its optimisation profile, exporter/engine.py) and its pool."""
+    max_batch: int = 8  # sequences in a step (and samples: next tokens wanted)
+    max_tokens: int = 8192  # tokens in a step: the running sequences' next tokens plus chunks of prompts
+    pool_tokens: int | None = None  # the pool's rows, all sequences together [default: max_batch × capacity]
+
+    def pool_rows(self, capacity: int) -> int:
+        """The pools' rows: whole blocks holding pool_tokens (or max_batch sequences at the capacity)."""
+        tokens = self.pool_tokens or self.max_batch * blocks_for(capacity) * BLOCK_SIZE
+        return blocks_for(tokens) * BLOCK_SIZE
+
+    def step_tokens(self, capacity: int) -> int:
+        return max(self.max_batch, min(self.max_tokens, self.pool_rows(capacity)))
 
 
 ACTIVATION_BUDGET = 256 << 20  # a tile budget for the largest step's working set (a fused engine keeps most on chip)
@@ -56,14 +67,9 @@ class StageMemory:
 
 def stage_memory(io: GraphIO, weights: int, shapes: EngineShapes, workspace_gb: float) -> StageMemory:
     """Bytes the engine of the graph `io` (holding `weights` bytes of weights) needs at its largest shapes."""
-    itemsize = of(io.cache_dtype).itemsize
-    batch = max(shapes.max_batch, shapes.prefill_batch)
-    caches = batch * sum(io.cache_shape(t, 1)[-2] * io.cache_shape(t, 1)[-1] for t in io.cache_inputs) * itemsize
-    tokens = max(shapes.max_batch, shapes.prefill_batch * min(shapes.max_prefill, io.capacity))
-    logits = 0
-    if io.last:
-        vocab = io.outputs[0].dims[-1]
-        logits = (batch if io.last_logits_only else tokens) * vocab * 4
+    rows = shapes.pool_rows(io.capacity)
+    caches = sum(math.prod(io.cache_shape(t, rows)) for t in io.cache_inputs) * of(io.cache_dtype).itemsize
+    logits = shapes.max_batch * io.vocab_size * 4 if io.last else 0
     return StageMemory(io.layers, weights, caches, ACTIVATION_BUDGET + logits, int(workspace_gb * 2**30))
 
 
@@ -88,6 +94,13 @@ class PipelinePlan:
     target: str
     gpu_bytes: int
     stages: tuple[StageMemory, ...]
+    pool_rows: int = 0  # every stage's pools hold this many tokens (all sequences together)
+    capacity: int = 0  # the longest sequence
+
+    @property
+    def pool_sequences(self) -> int:
+        """Sequences at the longest the pools hold together (more of shorter ones)."""
+        return self.pool_rows // (blocks_for(self.capacity) * BLOCK_SIZE) if self.capacity else 0
 
     @property
     def gpus(self) -> int:
@@ -107,7 +120,8 @@ class PipelinePlan:
 
     def to_json(self) -> dict:
         return {"target": self.target, "gpus": self.gpus, "gpu_gb": self.gpu_bytes / GB, "fits": self.fits,
-                "shortfall_gb": self.shortfall / GB,
+                "shortfall_gb": self.shortfall / GB, "pool_tokens": self.pool_rows, "capacity": self.capacity,
+                "pool_sequences_at_capacity": self.pool_sequences,
                 "stages": [{**asdict(s), "layers": list(s.layers), "total": s.total,
                             "headroom_gb": (self.gpu_bytes - s.total) / GB} for s in self.stages]}
 
@@ -151,8 +165,7 @@ def split_layers(costs: list[int], first: int, last: int, parts: int) -> list[tu
 
 
 def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_experts: bool, capacity: int | None,
-                  shapes: EngineShapes, workspace_gb: float, last_logits_only: bool = False,
-                  gpus: int | None = None) -> PipelinePlan:
+                  shapes: EngineShapes, workspace_gb: float, gpus: int | None = None) -> PipelinePlan:
     """The stages for `gpus` GPUs (default: the fewest that fit, up to MAX_GPUS), balanced by memory. The plan may
     not fit (see `check_plan`)."""
     layers = config.num_hidden_layers
@@ -160,8 +173,8 @@ def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_
         raise DSAExportError(f"--gpus {gpus}: the model has {layers} layers, so 1 to {layers} stages")
     embed, per_layer, head = weight_bytes(config, dtype, fp8_experts)
     cache_dtype = of(dtype).name
-    whole = graph_io(config, cache_dtype, last_logits_only, capacity)
-    per_layer_fixed = stage_memory(graph_io(config, cache_dtype, False, capacity, (0, 1)), 0, shapes, 0).caches
+    whole = graph_io(config, cache_dtype, capacity)
+    per_layer_fixed = stage_memory(graph_io(config, cache_dtype, capacity, (0, 1)), 0, shapes, 0).caches
     fixed = stage_memory(whole, 0, shapes, workspace_gb)
     logits = fixed.activations - ACTIVATION_BUDGET  # carried by the last stage only
 
@@ -169,10 +182,11 @@ def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_
         ranges = split_layers([w + per_layer_fixed for w in per_layer], embed, head + logits, n)
         stages = []
         for start, stop in ranges:
-            io = graph_io(config, cache_dtype, last_logits_only, capacity, (start, stop))
+            io = graph_io(config, cache_dtype, capacity, (start, stop))
             weights = sum(per_layer[start:stop]) + (embed if start == 0 else 0) + (head if stop == layers else 0)
             stages.append(stage_memory(io, weights, shapes, workspace_gb))
-        return PipelinePlan(target.name, int(target.memory_gb * GB), tuple(stages))
+        return PipelinePlan(target.name, int(target.memory_gb * GB), tuple(stages), shapes.pool_rows(whole.capacity),
+                            whole.capacity)
 
     if gpus is not None:
         return plan(gpus)
@@ -191,8 +205,8 @@ def check_plan(plan: PipelinePlan) -> None:
             f"{plan.gpus} x {plan.target}: stage {plan.stages.index(s)} (layers {s.layers[0]}-{s.layers[1] - 1}) needs "
             f"{s.total / GB:.1f} GB (weights {s.weights / GB:.1f}, caches {s.caches / GB:.1f}, activations "
             f"{s.activations / GB:.1f}, workspace {s.workspace / GB:.1f}) of the GPU's {plan.gpu_bytes / GB:.0f} GB: "
-            f"{plan.shortfall / GB:.1f} GB short; use more GPUs (--gpus), FP8 experts, a smaller --capacity or "
-            f"--max-batch")
+            f"{plan.shortfall / GB:.1f} GB short; use more GPUs (--gpus), FP8 experts, a smaller --pool-tokens, "
+            f"--capacity or --max-batch")
 
 
 def memory_plan(stage: StageDir, target: GPUTarget, shapes: EngineShapes, workspace_gb: float) -> dict:
@@ -212,8 +226,8 @@ def check_fits(plan: dict, target: GPUTarget) -> None:
         raise DSAExportError(
             f"the engine needs {plan['total_gb']:.1f} GB on {target.name} (weights {plan['weights_gb']:.1f}, caches "
             f"{plan['caches_gb']:.1f}, activations {plan['activations_gb']:.1f}, workspace {plan['workspace_gb']:.1f})"
-            f", which has {plan['gpu_gb']:.0f} GB: {plan['shortfall_gb']:.1f} GB short; lower --max-batch, "
-            f"--prefill-batch, --max-prefill or the export's --capacity")
+            f", which has {plan['gpu_gb']:.0f} GB: {plan['shortfall_gb']:.1f} GB short; lower --pool-tokens, "
+            f"--max-batch or --max-tokens")
 
 
 def check_precision(stage: StageDir, precision: str) -> None:

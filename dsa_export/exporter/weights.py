@@ -87,7 +87,7 @@ class CheckpointWeights:
         stored = self.checkpoint.stored[name]
         rows, row_elems = (stored.shape[0], math.prod(stored.shape[1:])) if stored.shape else (1, 1)
         fp8 = stored.dtype == of("float8_e4m3fn").safetensors
-        dequantize = fp8 and dtype != torch.uint8  # uint8 in the graph: the FP8 codes themselves
+        dequantize = fp8 and dtype != torch.int8  # int8 in the graph: the FP8 codes themselves
         multiple = self.block[0] if dequantize else 1  # whole block rows, so each block meets its scale
         for start, stop in _row_blocks(rows, row_elems * 4, multiple):
             tensor = self.reader.rows(name, start, stop) if stored.shape else self.reader.rows(name)
@@ -99,7 +99,7 @@ class CheckpointWeights:
                 check_finite(scale_name, scale)
                 tensor = dequantize_weight(tensor, scale, self.block, dtype)
             elif fp8:
-                tensor = tensor.view(torch.uint8)
+                tensor = tensor.view(torch.int8)
             yield tensor.to(dtype)
 
     def close(self) -> None:
@@ -117,7 +117,7 @@ class ModelWeights:
     def chunks(self, spec: WeightSpec) -> Iterator[torch.Tensor]:
         tensor = self.tensors[spec.name].detach()
         experts, _, weight = spec.name.rpartition(".")
-        if experts in self.fp8_experts and tensor.dtype == torch.uint8 and spec.dtype != torch.uint8:
+        if experts in self.fp8_experts and tensor.dtype == torch.int8 and spec.dtype != torch.int8:
             for e in range(tensor.shape[0]):  # the graph wants them dequantised: expert by expert
                 yield self.fp8_experts[experts].dequantized(weight, spec.dtype, slice(e, e + 1))
             return

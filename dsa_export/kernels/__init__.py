@@ -7,7 +7,7 @@ from dsa_export.models.model import DSAForCausalLM, DSAOps
 # Eager runs: the dsa:: ops (reference on CPU, Triton on CUDA); caches written in place.
 CUSTOM_OPS = DSAOps(registration.lightning_indexer, registration.sparse_mla, registration.routed_experts,
                     registration.routed_experts_fp8, semantics.write_cache)
-# Tracing for export: the same ops, and the functional cache write that becomes one ONNX TensorScatter per cache.
+# Tracing for export: the same ops, and the functional cache write that becomes one dsa::WriteCache node per pool.
 EXPORT_OPS = CUSTOM_OPS._replace(write_cache=registration.write_cache)
 
 

@@ -2,8 +2,10 @@
 
 `compile_kernels("h100", out_dir, kernel_dims(config))` writes, for every kernel specialisation the engine needs
 (op × input dtype, model shapes compiled in; `kernel_specs`), `<name>.ptx`, `<name>.cubin` and `<name>.json` (launch
-metadata) into out_dir, and checks shared memory and registers against the architecture's limits, and dynamic shared
-memory against the 48 KiB a TensorRT plugin launch gets (DSAExportError if exceeded). `compile_targets({"a100": dir1,
+metadata) into out_dir, and checks shared memory and registers against the architecture's limits, and dynamic + static
+shared memory against the 48 KiB a TensorRT plugin launch gets (DSAExportError if exceeded). The PTX is written in the
+oldest ISA the architecture accepts (targets.py), so that the oldest possible driver loads it; each JSON records
+the CUDA driver version it needs (`min_cuda_driver`), which the engine build checks. `compile_targets({"a100": dir1,
 "h100": dir2}, dims)` does several targets in one go.
 
 How: `triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32), options)` cross-compiles
@@ -46,7 +48,8 @@ import torch
 from dsa_export.errors import DSAExportError
 from dsa_export.files import ensure_output_dir, write_atomic
 from dsa_export.formats import name_of, of
-from dsa_export.targets import GPUTarget, get_target
+from dsa_export.models.cache import BLOCK_SIZE
+from dsa_export.targets import PTX_DRIVERS, GPUTarget, get_target
 
 # triton and the kernel modules are imported inside the functions: importing this module must not fix triton's
 # interpreter-or-compiler mode for the process (module docstring).
@@ -68,9 +71,16 @@ ARCH_LIMITS: dict[tuple[int, int], ArchLimits] = {
     (9, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
     (10, 0): ArchLimits(max_shared_bytes=232448),  # 227 KiB
 }
-# Dynamic shared memory a launch gets without opting in (cudaFuncAttributeMaxDynamicSharedMemorySize). TensorRT's AOT
-# plugins launch with shared_mem = metadata.shared and never opt in, so compile_spec refuses kernels above it.
+# Shared memory a launch gets without opting in: dynamic + the function's static must stay within it (CUDA's rule for
+# cudaFuncAttributeMaxDynamicSharedMemorySize). TensorRT's AOT plugins launch with shared_mem = metadata.shared and
+# never opt in, so compile_spec refuses kernels above it.
 DEFAULT_SHARED_BYTES = 49152
+# From sm_90 on, ptxas records the 1 KiB of shared memory the system reserves per block
+# (cudaDevAttrReservedSharedMemoryPerBlock) in every cubin, as if it were static: cuobjdump shows SHARED:1024 for a
+# kernel with no static shared memory at all. The driver leaves it out of the function's static size
+# (CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, what the launch rule adds), or every 48 KiB launch on Hopper would fail;
+# scripts/gpu_check.py reads that attribute on a GPU and launches at the limit.
+RESERVED_SHARED_BYTES = {(9, 0): 1024, (10, 0): 1024}
 POSITIONS_TYPE = "*i64"  # positions arrive as torch's default int64
 
 
@@ -88,6 +98,7 @@ class KernelDims:
     moe_inter: int  # moe_intermediate_size (the routed experts' I)
     block_out: int  # FP8 weight scale blocks: rows
     block_in: int  # and columns
+    block_size: int = BLOCK_SIZE  # rows per block of the paged cache pools
 
 
 def kernel_dims(config) -> KernelDims:
@@ -145,7 +156,7 @@ class KernelSpec:
 def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
     """Every specialisation the engine needs on `target`: fp32 and bf16 for every op, fp8 indexer inputs and FP8
     expert weights where the target has fp8."""
-    from dsa_export.kernels import triton_indexer, triton_sparse_mla
+    from dsa_export.kernels import triton_indexer, triton_sparse_mla, triton_write_cache
 
     capability = target.compute_capability[0] * 10 + target.compute_capability[1]
     indexer_dtypes = [torch.float32, torch.bfloat16] + ([torch.float8_e4m3fn] if target.fp8 else [])
@@ -156,24 +167,33 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
             name=f"lightning_indexer_{of(dtype).tag}", contract="LightningIndexer",
             kernel=triton_indexer.lightning_indexer_kernel,
             arguments=(inp("q_ptr", f"*{t}", "q"), inp("k_ptr", f"*{t}", "k"), inp("w_ptr", "*fp32", "w"),
-                       inp("pos_ptr", POSITIONS_TYPE, "positions"), scalar("S", "q", 1), scalar("T", "k", 1),
+                       inp("pos_ptr", POSITIONS_TYPE, "positions"), inp("seq_ptr", "*i32", "sequence"),
+                       inp("bt_ptr", "*i32", "block_tables"), scalar("M", "block_tables", 1),
                        out("out_ptr", "*i32", "indices")),
             selector=("q", name_of(dtype)),
-            constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dtype, capability),
-            grid=((("q", 0), ("q", 1)), (1,), (1,)),  # one program per query row
+            constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dims.block_size, dtype,
+                                                         capability),
+            grid=((("q", 0),), (1,), (1,)),  # one program per token
             num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
     for dtype in (torch.float32, torch.bfloat16):
         t = of(dtype).triton
         constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
-        head_blocks = triton_sparse_mla.sparse_mla_grid(1, 1, constexprs)[1]
+        head_blocks = triton_sparse_mla.sparse_mla_grid(1, constexprs)[1]
         specs.append(KernelSpec(
             name=f"sparse_mla_{of(dtype).tag}", contract="SparseMLA", kernel=triton_sparse_mla.sparse_mla_kernel,
             arguments=(inp("q_ptr", f"*{t}", "q"), inp("kv_ptr", f"*{t}", "kv"), inp("idx_ptr", "*i32", "indices"),
-                       scalar("S", "q", 1), scalar("T", "kv", 1), scalar("K", "indices", 2),
-                       out("out_ptr", f"*{t}", "out")),
+                       scalar("ROWS", "kv", 0), scalar("K", "indices", 1), out("out_ptr", f"*{t}", "out")),
             selector=("q", name_of(dtype)), constexprs=constexprs,
-            grid=((("q", 0), ("q", 1)), (head_blocks,), (1,)),  # query rows × blocks of heads
+            grid=((("q", 0),), (head_blocks,), (1,)),  # tokens × blocks of heads
             num_warps=triton_sparse_mla.NUM_WARPS, num_stages=triton_sparse_mla.NUM_STAGES))
+        specs.append(KernelSpec(
+            name=f"write_cache_{of(dtype).tag}", contract="WriteCache", kernel=triton_write_cache.write_cache_kernel,
+            arguments=(inp("cache_ptr", f"*{t}", "cache"), inp("rows_ptr", f"*{t}", "rows"),
+                       inp("slots_ptr", "*i64", "slots"), scalar("ROWS", "cache", 0), scalar("D", "cache", 1),
+                       out("out_ptr", f"*{t}", "out")),
+            selector=("cache", name_of(dtype)), constexprs=triton_write_cache.write_cache_constexprs(dims.DK, dims.DI),
+            grid=((("rows", 0),), (1,), (1,)),  # one program per token
+            num_warps=triton_write_cache.NUM_WARPS, num_stages=triton_write_cache.NUM_STAGES))
     for fp8 in (False, True) if target.fp8 else (False,):
         for dtype in (torch.float32, torch.bfloat16):
             specs.append(_routed_experts_spec(dims, dtype, fp8))
@@ -184,7 +204,7 @@ def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> Ker
     from dsa_export.kernels import triton_moe
 
     t = of(dtype).triton
-    w = of("float8_e4m3fn").triton if fp8 else t  # FP8 weights: the uint8 codes, read as e4m3
+    w = of("float8_e4m3fn").triton if fp8 else t  # FP8 weights: the int8 codes, read as e4m3
     arguments = [inp("x_ptr", f"*{t}", "x"), inp("experts_ptr", "*i32", "experts"),
                  inp("weights_ptr", "*fp32", "weights"), inp("gate_up_ptr", f"*{w}", "gate_up")]
     arguments += [inp("gate_up_scale_ptr", "*fp32", "gate_up_scale")] if fp8 else []
@@ -264,10 +284,11 @@ def can_compile_here() -> bool:
     import triton.language as tl
     from triton.runtime import JITFunction
 
-    from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla
+    from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla, triton_write_cache
 
     functions = (tl.sum, triton_indexer.lightning_indexer_kernel, triton_sparse_mla.sparse_mla_kernel,
-                 triton_moe.routed_experts_kernel, triton_moe.routed_experts_fp8_kernel)
+                 triton_write_cache.write_cache_kernel, triton_moe.routed_experts_kernel,
+                 triton_moe.routed_experts_fp8_kernel)
     return all(isinstance(f, JITFunction) for f in functions)
 
 
@@ -281,7 +302,8 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
     signature = {**spec.signature, **{name: "constexpr" for name in spec.constexprs}}
     source = ASTSource(fn=spec.kernel, signature=signature, constexprs=spec.constexprs)
     compiled = triton.compile(source, target=TritonTarget("cuda", major * 10 + minor, 32),
-                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
+                              options={"num_warps": spec.num_warps, "num_stages": spec.num_stages,
+                                       "ptx_version": target.ptx_isa})  # the oldest ISA: the most drivers
     meta, ptx = compiled.metadata, compiled.asm["ptx"]
 
     arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
@@ -290,12 +312,19 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
                              f"for {target.name}")
     usage = resource_usage(compiled.asm["cubin"])
     threads = meta.num_warps * 32
-    shared = meta.shared + usage.get("shared", 0)  # dynamic (launch) + static
+    reserved = RESERVED_SHARED_BYTES.get(target.compute_capability, 0)
+    static = max(usage.get("shared", 0) - reserved, 0)  # the function's own
+    shared = meta.shared + static  # dynamic (launch) + static
     check_limits(spec.name, target, shared, usage.get("reg"), threads)  # before writing anything
-    if meta.shared > DEFAULT_SHARED_BYTES:
-        raise DSAExportError(f"kernel {spec.name} on {target.name} ({target.kernel_arch}) needs {meta.shared} B of "
-                             f"dynamic shared memory per block, limit {DEFAULT_SHARED_BYTES} B: TensorRT's "
-                             f"ahead-of-time plugin launcher does not opt in to more than the default 48 KiB")
+    if shared > DEFAULT_SHARED_BYTES:
+        raise DSAExportError(f"kernel {spec.name} on {target.name} ({target.kernel_arch}) needs {shared} B of "
+                             f"shared memory per block ({meta.shared} dynamic + {static} static), "
+                             f"limit {DEFAULT_SHARED_BYTES} B: TensorRT's ahead-of-time plugin launcher does not opt "
+                             f"in to more than the default 48 KiB")
+    ptx_isa = re.search(r"^\.version\s+(\d+)\.(\d)", ptx, re.M)
+    if int(ptx_isa.group(1)) * 10 + int(ptx_isa.group(2)) != target.ptx_isa:
+        raise DSAExportError(f"kernel {spec.name}: triton wrote PTX ISA {ptx_isa.group(1)}.{ptx_isa.group(2)}, "
+                             f"targets.py asks {target.ptx_isa / 10:.1f} for {target.name}")
 
     params = ptx_entry_params(ptx)
     hidden = params[len(spec.arguments):]
@@ -310,9 +339,11 @@ def compile_spec(spec: KernelSpec, target: GPUTarget, out_dir: Path) -> dict:
         "selector": {"tensor": spec.selector[0], "dtype": spec.selector[1]},
         "target": target.name, "arch": arch, "compute_capability": target.cc,
         "ptx_version": re.search(r"^\.version\s+([\d.]+)", ptx, re.M).group(1), "triton_version": triton.__version__,
+        "min_cuda_driver": "{}.{}".format(*target.min_cuda_driver), "min_linux_driver": PTX_DRIVERS[target.ptx_isa][1],
         "num_warps": meta.num_warps, "num_stages": spec.num_stages, "threads_per_block": threads,
         "block": [threads, 1, 1], "grid": [[list(f) if isinstance(f, tuple) else f for f in axis] for axis in spec.grid],
-        "shared_bytes": meta.shared, "static_shared_bytes": usage.get("shared"),
+        "shared_bytes": meta.shared, "static_shared_bytes": static if usage else None,
+        "reserved_shared_bytes": reserved,
         "registers": usage.get("reg"), "local_bytes": usage.get("local"), "stack_bytes": usage.get("stack"),
         "global_scratch_size": meta.global_scratch_size, "profile_scratch_size": meta.profile_scratch_size,
         "signature": spec.signature, "constexprs": spec.constexprs, "arguments": arguments,

@@ -57,3 +57,34 @@ def arguments(meta: dict, tensors: dict) -> list:
         elif a["kind"] == "scalar":
             out.append(shapes[a["tensor"]][a["dim"]])
     return out
+
+
+def check_driver(metas: list[dict], driver: tuple[int, int] | None) -> None:
+    """The CUDA driver (its version, as cuDriverGetVersion gives it) must load the kernels' PTX: each JSON records
+    the oldest driver that does (kernels/aot.py). A clear error before TensorRT meets the PTX
+    (CUDA_ERROR_UNSUPPORTED_PTX_VERSION at engine build or load)."""
+    if driver is None:
+        return  # no driver here: nothing will load them
+    old = [m["kernel"] for m in metas if "min_cuda_driver" not in m]
+    if old:
+        raise DSAExportError(f"kernels {', '.join(old)} predate the driver check: run `dsa-export kernels` again")
+    need = max(metas, key=lambda m: tuple(int(x) for x in m["min_cuda_driver"].split(".")))
+    needed = tuple(int(x) for x in need["min_cuda_driver"].split("."))
+    if tuple(driver) < needed:
+        raise DSAExportError(f"this machine's CUDA driver supports CUDA {driver[0]}.{driver[1]}; the {need['target']} "
+                             f"kernels (PTX ISA {need['ptx_version']}) need {need['min_cuda_driver']} "
+                             f"({need['min_linux_driver']} or newer): update the NVIDIA driver")
+
+
+def cuda_driver_version() -> tuple[int, int] | None:
+    """The installed CUDA driver's version (major, minor) from libcuda's cuDriverGetVersion; None without a driver."""
+    import ctypes
+
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int()
+    if libcuda.cuDriverGetVersion(ctypes.byref(version)) != 0:
+        return None
+    return version.value // 1000, version.value % 1000 // 10

@@ -1,9 +1,10 @@
 """CPU reference implementations of the `dsa::` ops in plain torch.
 
 Same results as the readable semantics in `dsa_export.models.semantics`, but with the costs of a real implementation:
-- the indexer and sparse MLA are tiled over queries: the indexer holds one query tile's [rows, T] scores plus one key
-  chunk's per-head scores (TILE_BYTES together), never the whole [S, T] matrix, so a 64K-token prefill fits in well
-  under a GB; keys a tile cannot see (beyond its largest position) are not scored at all;
+- the indexer gathers each sequence's visible keys once (through its block table) and is tiled over that
+  sequence's tokens: it holds one tile's [rows, T] scores plus one key chunk's per-head scores (TILE_BYTES
+  together), never the whole [S, T] matrix, so a 64K-token prefill fits in well under a GB; keys past a sequence's
+  last position are not scored at all; sparse MLA is tiled over tokens;
 - the routed experts group the (token, slot) pairs by expert and run each chosen expert once on its tokens: the
   work follows the tokens routed, not the number of experts.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dsa_export.models.semantics import dequantize_experts
+from dsa_export.models.semantics import dequantize_experts, key_rows
 
 TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
 KEY_CHUNK = 4096  # keys scored per GEMM: small, reused buffers instead of one [T, rows·HI] block
@@ -45,48 +46,58 @@ def _rows_per_tile(bytes_per_row: int) -> int:
 
 
 def lightning_indexer_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
-                                topk: int) -> torch.Tensor:
-    B, S, HI, DI = q.shape
-    T = k.shape[1]
-    out = torch.full((B, S, topk), -1, dtype=torch.int32, device=q.device)
-    chunk = min(KEY_CHUNK, T)
-    rows = _rows_per_tile(4 * (T + chunk * HI))  # a tile's score rows plus one key chunk's per-head scores
-    for b in range(B):
-        keys = k[b].float()
-        for s0 in range(0, S, rows):
-            tile = slice(s0, min(s0 + rows, S))
-            pos = positions[b, tile]
-            seen = min(int(pos.max()) + 1, T)  # keys past the tile's last position are invisible to all of it
-            queries = q[b, tile].float().reshape(-1, DI)  # [rows·HI, DI]
-            weights = w[b, tile].float().unsqueeze(-1)  # [rows, HI, 1]
+                                sequence: torch.Tensor, block_tables: torch.Tensor, topk: int,
+                                block_size: int) -> torch.Tensor:
+    """contracts.LIGHTNING_INDEXER: the tokens grouped by sequence, each sequence's visible keys gathered once
+    through its block table, then scored in tiles of tokens."""
+    N, HI, DI = q.shape
+    out = torch.full((N, topk), -1, dtype=torch.int32, device=q.device)
+    for s in torch.unique(sequence).tolist():
+        tokens = (sequence == s).nonzero().flatten()
+        pos = positions[tokens].long()
+        seen = int(pos.max()) + 1  # keys past the last position are invisible to every token of the sequence
+        rows = key_rows(torch.tensor([s], device=q.device), block_tables, seen, block_size)[0]  # [T]
+        if seen <= topk:  # every token keeps all the keys it sees: nothing to score
+            t = torch.arange(topk, device=q.device)
+            out[tokens] = torch.where(t <= pos[:, None], rows[t.clamp(max=seen - 1)], -1).to(torch.int32)
+            continue
+        keys = k.index_select(0, rows.clamp(min=0)).float()
+        chunk = min(KEY_CHUNK, seen)
+        per_tile = _rows_per_tile(4 * (seen + chunk * HI))  # a tile's score rows plus one key chunk's per-head scores
+        for t0 in range(0, len(tokens), per_tile):
+            tile = tokens[t0:t0 + per_tile]
+            tile_pos = pos[t0:t0 + per_tile]
+            queries = q[tile].float().reshape(-1, DI)  # [rows·HI, DI]
+            weights = w[tile].float().unsqueeze(-1)  # [rows, HI, 1]
             scores = queries.new_empty(weights.shape[0], seen)
-            for t0 in range(0, seen, chunk):
-                t1 = min(t0 + chunk, seen)
+            for c0 in range(0, seen, chunk):
+                c1 = min(c0 + chunk, seen)
                 # keys × (rows·heads): the long dimension as GEMM rows is much faster on CPU than the transpose
-                per_head = (keys[t0:t1] @ queries.T).relu_().view(t1 - t0, -1, HI).transpose(0, 1)
-                scores[:, t0:t1] = torch.bmm(per_head, weights).squeeze(-1)  # Σ_h w·ReLU(q·k)
-            scores.masked_fill_(torch.arange(seen, device=q.device) > pos[:, None], float("-inf"))
-            out[b, tile] = select_topk(scores, topk).to(torch.int32)
+                per_head = (keys[c0:c1] @ queries.T).relu_().view(c1 - c0, -1, HI).transpose(0, 1)
+                scores[:, c0:c1] = torch.bmm(per_head, weights).squeeze(-1)  # Σ_h w·ReLU(q·k)
+            scores.masked_fill_(torch.arange(seen, device=q.device) > tile_pos[:, None], float("-inf"))
+            chosen = select_topk(scores, topk)  # positions in the sequence, −1 padded
+            out[tile] = torch.where(chosen >= 0, rows[chosen.clamp(min=0)], -1).to(torch.int32)
     return out
 
 
 def sparse_mla_reference(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float,
                          dv: int) -> torch.Tensor:
-    B, S, H, DK = q.shape
+    N, H, DK = q.shape
     K = indices.shape[-1]
-    out = q.new_empty(B, S, H, dv)
-    rows = _rows_per_tile(K * DK * 4)
-    for b in range(B):
-        for s0 in range(0, S, rows):
-            tile = slice(s0, min(s0 + rows, S))
-            idx = indices[b, tile]
-            valid = idx >= 0
-            # gather the chosen latent rows: [rows, K, DK] (index_select is the fast gather on CPU)
-            selected = kv[b].index_select(0, idx.clamp(min=0).flatten().long()).view(*idx.shape, DK).float()
-            scores = torch.bmm(q[b, tile].float(), selected.transpose(1, 2)).mul_(scale)  # [rows, H, K]
-            scores.masked_fill_(~valid[:, None, :], float("-inf"))
-            probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a row with no valid slot → zeros
-            out[b, tile] = torch.bmm(probs, selected[..., :dv]).to(q.dtype)
+    out = q.new_empty(N, H, dv)
+    per_tile = _rows_per_tile(K * DK * 4)
+    for t0 in range(0, N, per_tile):
+        tile = slice(t0, min(t0 + per_tile, N))
+        idx = indices[tile]
+        valid = (idx >= 0) & (idx < kv.shape[0])  # a row outside the pool: an empty slot
+        # gather the chosen latent rows: [rows, K, DK] (index_select is the fast gather on CPU)
+        selected = kv.index_select(0, idx.clamp(0, kv.shape[0] - 1).flatten().long()).view(*idx.shape, DK).float()
+        selected.masked_fill_(~valid[..., None], 0.0)  # an empty slot read row 0 (another sequence's): zeroed
+        scores = torch.bmm(q[tile].float(), selected.transpose(1, 2)).mul_(scale)  # [rows, H, K]
+        scores.masked_fill_(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).nan_to_num_(0.0)  # a token with no valid slot → zeros
+        out[tile] = torch.bmm(probs, selected[..., :dv]).to(q.dtype)
     return out
 
 

@@ -1,13 +1,15 @@
 """`torch.ops.dsa.*`: schemas from the contracts, fake (meta) implementations so `torch.export` keeps each op as one
-node, the CPU references, the Triton kernels on CUDA; and `dsa::write_cache`, the functional cache write that the
-export turns into ONNX TensorScatter (eagerly the model writes its caches in place instead: kernels/__init__.py).
+node, the CPU references, the Triton kernels on CUDA. `dsa::write_cache` is functional here (a new pool): the export
+turns it into one dsa::WriteCache node whose output is its input (eagerly the model writes its pools in place
+instead: kernels/__init__.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA
+from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
+                                  WRITE_CACHE)
 from dsa_export.kernels.reference import (lightning_indexer_reference, routed_experts_reference,
                                           sparse_mla_reference)
 from dsa_export.models import semantics
@@ -15,7 +17,6 @@ from dsa_export.models import semantics
 _LIB = torch.library.Library("dsa", "DEF")
 for _contract in CONTRACTS:
     _LIB.define(_contract.torch_schema())
-_LIB.define("write_cache(Tensor cache, Tensor rows, Tensor positions) -> Tensor")
 
 
 def _fake(contract):
@@ -41,15 +42,15 @@ for _contract in CONTRACTS:
 
 # ---- lightning_indexer --------------------------------------------------------------------------------------------------
 @torch.library.impl(LIGHTNING_INDEXER.qualified_name, "cpu")
-def _lightning_indexer_cpu(q, k, w, positions, topk):
-    return lightning_indexer_reference(q, k, w, positions, topk)
+def _lightning_indexer_cpu(q, k, w, positions, sequence, block_tables, topk, block_size):
+    return lightning_indexer_reference(q, k, w, positions, sequence, block_tables, topk, block_size)
 
 
 @torch.library.impl(LIGHTNING_INDEXER.qualified_name, "cuda")
-def _lightning_indexer_cuda(q, k, w, positions, topk):
+def _lightning_indexer_cuda(q, k, w, positions, sequence, block_tables, topk, block_size):
     from dsa_export.kernels.triton_indexer import lightning_indexer_triton
 
-    return lightning_indexer_triton(q, k, w, positions, topk)
+    return lightning_indexer_triton(q, k, w, positions, sequence, block_tables, topk, block_size)
 
 
 # ---- sparse_mla -------------------------------------------------------------------------------------------------------
@@ -93,15 +94,17 @@ def _routed_experts_fp8_cuda(x, experts, weights, gate_up, gate_up_scale, down, 
                                  (gate_up_scale, down_scale, block_out, block_in))
 
 
-# ---- write_cache (export only) -------------------------------------------------------------------------------------
-@torch.library.register_fake("dsa::write_cache")
-def _write_cache_fake(cache, rows, positions):
-    return torch.empty_like(cache)
+# ---- write_cache -----------------------------------------------------------------------------------------------------
+@torch.library.impl(WRITE_CACHE.qualified_name, "cpu")
+def _write_cache_cpu(cache, rows, slots):
+    return semantics.write_cache(cache.clone(), rows, slots)  # functional: the export makes it in place
 
 
-@torch.library.impl("dsa::write_cache", "CompositeExplicitAutograd")
-def _write_cache_impl(cache, rows, positions):
-    return semantics.write_cache(cache.clone(), rows, positions)
+@torch.library.impl(WRITE_CACHE.qualified_name, "cuda")
+def _write_cache_cuda(cache, rows, slots):
+    from dsa_export.kernels.triton_write_cache import write_cache_triton
+
+    return write_cache_triton(cache.clone(), rows, slots)
 
 
 lightning_indexer = torch.ops.dsa.lightning_indexer

@@ -46,15 +46,14 @@ MAX_BLOCK_H = 8  # heads per program (MAX_BLOCK_H // 2 for fp32 inputs)
 
 @triton.jit
 def sparse_mla_kernel(
-    q_ptr, kv_ptr, idx_ptr,  # inputs: q [B,S,H,DK], kv [B,T,DK], indices [B,S,K] int32
-    S, T, K,  # int32: queries per batch row, cache length, slots per query
-    out_ptr,  # output: [B,S,H,DV] in q's dtype
+    q_ptr, kv_ptr, idx_ptr,  # inputs: q [N,H,DK], kv [ROWS,DK] (the latent pool), indices [N,K] int32 pool rows
+    ROWS, K,  # int32: rows of the pool, slots per token
+    out_ptr,  # output: [N,H,DV] in q's dtype
     H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, SCALE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, DV_P: tl.constexpr, DR_P: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # flat b*S + s
-    b = row // S
+    row = tl.program_id(0).to(tl.int64)  # the token
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     dv = tl.arange(0, DV_P)  # value part of a latent row: [0, DV)
     dr = tl.arange(0, DR_P)  # RoPE part: [DV, DK)
@@ -70,12 +69,11 @@ def sparse_mla_kernel(
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max of the scaled scores
     l = tl.zeros([BLOCK_H], tl.float32)  # running softmax denominator
     acc = tl.zeros([BLOCK_H, DV_P], tl.float32)
-    kv_base = kv_ptr + b * T * DK
     for k0 in range(0, K, BLOCK_K):
         slot = k0 + tl.arange(0, BLOCK_K)
         index = tl.load(idx_ptr + row * K + slot, mask=slot < K, other=-1)
-        valid = index >= 0
-        kv_rows = kv_base + index.to(tl.int64)[:, None] * DK
+        valid = (index >= 0) & (index < ROWS)  # a row outside the pool is never read (it would fault the GPU)
+        kv_rows = kv_ptr + index.to(tl.int64)[:, None] * DK
         kv_v = tl.load(kv_rows + dv[None, :], mask=valid[:, None] & dv_ok, other=0.0).to(tl.float32)
         kv_r = tl.load(kv_rows + DV + dr[None, :], mask=valid[:, None] & dr_ok, other=0.0).to(tl.float32)
 
@@ -106,21 +104,21 @@ def sparse_mla_constexprs(H: int, DK: int, dv: int, scale: float, dtype: torch.d
             "DOT_PRECISION": dot_precision(dtype)}
 
 
-def sparse_mla_grid(B: int, S: int, constexprs: dict) -> tuple[int, int, int]:
-    return (B * S, math.ceil(constexprs["H"] / constexprs["BLOCK_H"]), 1)
+def sparse_mla_grid(N: int, constexprs: dict) -> tuple[int, int, int]:
+    return (N, math.ceil(constexprs["H"] / constexprs["BLOCK_H"]), 1)
 
 
 def sparse_mla_triton(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int) -> torch.Tensor:
-    """out [B,S,H,dv] in q's dtype; same contract as `dsa_export.models.semantics.sparse_mla`.
+    """out [N,H,dv] in q's dtype; same contract as `dsa_export.models.semantics.sparse_mla`.
 
     Launches on CUDA tensors, or on CPU tensors when triton was imported with TRITON_INTERPRET=1."""
-    B, S, H, DK = q.shape
-    T, K = kv.shape[1], indices.shape[-1]
-    out = torch.empty((B, S, H, dv), dtype=q.dtype, device=q.device)
+    N, H, DK = q.shape
+    K = indices.shape[-1]
+    out = torch.empty((N, H, dv), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
     q, kv, indices = q.contiguous(), kv.contiguous(), indices.to(torch.int32).contiguous()
     constexprs = sparse_mla_constexprs(H, DK, dv, scale, q.dtype)
-    sparse_mla_kernel[sparse_mla_grid(B, S, constexprs)](
-        q, kv, indices, S, T, K, out, **constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    sparse_mla_kernel[sparse_mla_grid(N, constexprs)](
+        q, kv, indices, kv.shape[0], K, out, **constexprs, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     return out

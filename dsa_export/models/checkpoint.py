@@ -263,8 +263,8 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
             tensor = read(source)
             check_finite(source, tensor)
             if tensor.dtype == FP8:
-                if target.dtype == torch.uint8:  # kept as FP8 codes
-                    tensor = tensor.view(torch.uint8)
+                if target.dtype == torch.int8:  # kept as FP8 codes (model.FP8_CODES)
+                    tensor = tensor.view(torch.int8)
                 else:
                     scale_name = source.removesuffix(".weight") + SCALE_SUFFIX
                     scale = read(scale_name)

@@ -3,11 +3,11 @@
 Module names follow the HF checkpoint (`model.layers.N.self_attn.q_a_proj`, ...), so `state_dict()` keys *are*
 the checkpoint's tensor names and loading needs no renaming table.
 
-Caches are explicit tensors at a fixed capacity, one pair per layer (layout and names: models/cache.py): the MLA
-latent cache [B,1,C,kv_lora_rank+rope] (normalised latent ‖ roped k_pe) and the indexer key cache
-[B,1,C,index_head_dim]; the ops read them as [B,C,D] views.
-A step writes its new rows at `positions`, in place, so a batch of prompts of different lengths shares one cache:
-row b's junk beyond its own length is never visible, because a query at position p only sees keys t <= p.
+Caches are paged pools, one pair per layer (layout and names: models/cache.py): the MLA latent pool
+[rows, kv_lora_rank+rope] (normalised latent ‖ roped k_pe) and the indexer key pool [rows, index_head_dim]; a step's
+`Paging` says where each token's rows go and which blocks its sequence owns. A step writes its new rows in place, so a
+batch of prompts of different lengths shares one cache: row b's junk beyond its own length is never visible, because
+a query at position p only sees keys t <= p. The ops see a step's tokens packed, [N, ...].
 
 The routed experts of each MoE layer are stacked ([E,2I,H] gate ‖ up, [E,H,I] down; checkpoint.py maps HF's
 per-expert tensors onto them) and run through `ops.routed_experts`, which touches only the chosen experts. FP8
@@ -31,12 +31,12 @@ from torch import nn
 from dsa_export.contracts import fp8_scale_shape
 from dsa_export.errors import DSAExportError
 from dsa_export.models import inputs, semantics
-from dsa_export.models.cache import KVCache, check_room
+from dsa_export.models.cache import KVCache, Paging, check_room
 from dsa_export.models.config import DSAConfig, yarn_mscale
 from dsa_export.models.semantics import visible_keys
 from dsa_export.models.fp8 import hadamard_matrix, simulate_indexer_fp8
 
-FP8_CODES = torch.uint8  # FP8 e4m3 expert weights are held as their codes (contracts.FP8_BYTES)
+FP8_CODES = torch.int8  # FP8 e4m3 expert weights are held as their codes (contracts.FP8_BYTES)
 
 ATTENTION_MODES = ("sparse", "masked", "dense")
 
@@ -173,23 +173,26 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.indexer = Indexer(config)
 
-    def forward(self, x, positions, cos, sin, kv_cache, index_key_cache, mode: str, ops: DSAOps):
-        """Attention output, and the two caches with this step's rows written at `positions`."""
+    def forward(self, x, positions, cos, sin, latent_pool, index_pool, paging: Paging, mode: str, ops: DSAOps):
+        """Attention output [B,S,hidden] of a step's tokens, and the layer's two pools with their rows written at
+        `paging.slots` (models/cache.py). The ops see the tokens packed: [N = B·S, ...]."""
         B, S, _ = x.shape
+        N = B * S
         qr = self.q_a_layernorm(self.q_a_proj(x))
         q = self.q_b_proj(qr).view(B, S, self.n_heads, self.nope + self.rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_pe = rope_interleaved(q_pe, cos[:, :, None], sin[:, :, None])
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
-        kv_cache = ops.write_cache(kv_cache, torch.cat([self.kv_a_layernorm(latent), rope_interleaved(k_pe, cos, sin)],
-                                                       -1), positions)
-        index_key_cache = ops.write_cache(index_key_cache, self.indexer.keys(x, cos, sin), positions)
-        kv, index_k = kv_cache.squeeze(1), index_key_cache.squeeze(1)  # [B, C, D] views for the ops
+        rows = torch.cat([self.kv_a_layernorm(latent), rope_interleaved(k_pe, cos, sin)], -1)
+        latent_pool = ops.write_cache(latent_pool, rows.reshape(N, -1), paging.slots)
+        index_pool = ops.write_cache(index_pool, self.indexer.keys(x, cos, sin).reshape(N, -1), paging.slots)
 
         indices = None
         if mode != "dense":
             iq, iw = self.indexer.queries(x, qr, cos, sin)
-            indices = ops.lightning_indexer(iq, index_k, iw, positions, self.topk)
+            indices = ops.lightning_indexer(iq.reshape(N, *iq.shape[2:]), index_pool, iw.reshape(N, -1),
+                                            paging.positions, paging.sequence, paging.block_tables, self.topk,
+                                            paging.block_size)
 
         # wkv_b viewed per head: [H, nope + v, kv_rank]
         w_kv = self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
@@ -197,11 +200,19 @@ class MLA(nn.Module):
         if mode == "sparse":
             # absorb W_UK into the query, W_UV into the output (matmuls, not einsums: ONNX Einsum has no bf16)
             q_latent = (q_nope.transpose(1, 2) @ w_uk).transpose(1, 2)  # [B,S,H,kv_rank]
-            o_latent = ops.sparse_mla(torch.cat([q_latent, q_pe], -1), kv, indices, self.scale, self.kv_rank)
+            q_absorbed = torch.cat([q_latent, q_pe], -1).reshape(N, self.n_heads, -1)
+            o_latent = ops.sparse_mla(q_absorbed, latent_pool, indices, self.scale, self.kv_rank).view(B, S, self.n_heads,
+                                                                                                    -1)
             out = (o_latent.transpose(1, 2) @ w_uv.transpose(1, 2)).transpose(1, 2)  # [B,S,H,v_dim]
-        else:
+        else:  # the reference paths read the pool as [B, rows] (the eager cache's identity paging)
+            if paging.contiguous is None:
+                raise DSAExportError(f"attention mode {mode!r} needs the eager model's own cache")
+            rows_per_sequence = paging.contiguous[2]
+            kv = latent_pool.view(B, rows_per_sequence, -1)
+            if indices is not None:
+                indices = paging.logical(indices).view(B, S, -1)
             out = self._mha(q_nope, q_pe, kv, positions, indices, w_uk, w_uv)
-        return self.o_proj(out.flatten(2)), kv_cache, index_key_cache
+        return self.o_proj(out.flatten(2)), latent_pool, index_pool
 
     def _mha(self, q_nope, q_pe, kv, positions, indices, w_uk, w_uv):
         """MHA mode over expanded keys; the top-k selection (if any) is an additive mask on dense scores."""
@@ -250,7 +261,7 @@ class Gate(nn.Module):
 
 class RoutedExperts(nn.Module):
     """The routed experts of one MoE layer, stacked: gate ‖ up [E,2I,H] and down [E,H,I] (bf16/fp32), or after
-    `keep_fp8` FP8 e4m3 codes (held as uint8, see contracts.FP8_BYTES) with per-projection block scales
+    `keep_fp8` FP8 e4m3 codes (held as int8, see contracts.FP8_BYTES) with per-projection block scales
     (contracts.ROUTED_EXPERTS[_FP8])."""
 
     SCALES = ("gate_up_scale", "down_scale")
@@ -324,8 +335,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config) if config.is_moe_layer(layer) else MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h, positions, cos, sin, kv_cache, index_key_cache, mode, ops):
-        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, kv_cache, index_key_cache,
+    def forward(self, h, positions, cos, sin, latent_pool, index_pool, paging, mode, ops):
+        attn, kv, index_k = self.self_attn(self.input_layernorm(h), positions, cos, sin, latent_pool, index_pool, paging,
                                            mode, ops)
         h = h + attn
         x = self.post_attention_layernorm(h)
@@ -410,13 +421,15 @@ class DSAForCausalLM(nn.Module):
         return KVCache.empty(self.config, batch, capacity, self.lm_head.weight.dtype, self.lm_head.weight.device)
 
     def forward_with_cache(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                           latent_caches: list[torch.Tensor], index_key_caches: list[torch.Tensor],
-                           ops: DSAOps | None = None, attention: str | None = None, layers: range | None = None):
-        """The functional core: (logits [B,S,V] fp32, latent caches, index-key caches) with this step's rows written
-        at `positions` (into the given tensors when run eagerly). ops/attention default to the model's.
-        layers: run only these (a pipeline stage, with the caches of these layers): unless they start at 0,
-        `input_ids` is the previous stage's hidden state [B,S,H]; unless they end the model, the hidden state is
-        returned in place of the logits."""
+                           latent_pools: list[torch.Tensor], index_pools: list[torch.Tensor], paging: Paging,
+                           ops: DSAOps | None = None, attention: str | None = None, layers: range | None = None,
+                           logits_index: torch.Tensor | None = None):
+        """The functional core: (logits fp32, latent pools, index-key pools) with this step's rows written at
+        `paging.slots` (into the given pools when run eagerly). input_ids and positions [B,S] (a packed step of N
+        tokens is [1, N]); logits [B,S,V] for every token, or [L,V] for the tokens `logits_index` picks (of the N
+        flattened). ops/attention default to the model's. layers: run only these (a pipeline stage, with the pools of
+        these layers): unless they start at 0, `input_ids` is the previous stage's hidden state [B,S,H]; unless they
+        end the model, the hidden state is returned in place of the logits."""
         ops, attention = ops or self.ops, attention or self.attention
         layers = layers if layers is not None else range(self.config.num_hidden_layers)
         if attention not in ATTENTION_MODES:
@@ -424,14 +437,24 @@ class DSAForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids) if layers.start == 0 else input_ids
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_attention_factor)
         latents, index_keys = [], []
-        for i, kv_cache, ik_cache in zip(layers, latent_caches, index_key_caches):
-            h, kv, ik = self.model.layers[i](h, positions, cos, sin, kv_cache, ik_cache, attention, ops)
+        for i, latent_pool, index_pool in zip(layers, latent_pools, index_pools):
+            h, kv, ik = self.model.layers[i](h, positions, cos, sin, latent_pool, index_pool, paging, attention, ops)
             latents.append(kv)
             index_keys.append(ik)
         if layers.stop < self.config.num_hidden_layers:
             return h, latents, index_keys  # the next stage's input
+        if logits_index is not None:
+            h = h.reshape(-1, h.shape[-1]).index_select(0, logits_index)
         logits = self.lm_head(self.model.norm(h)).float()
         return logits, latents, index_keys
+
+    def step(self, input_ids, positions, cache: KVCache, ops: DSAOps | None = None, attention: str | None = None):
+        """One [B,S] step over the model's own cache (checked by the caller): logits [B,S,V], rows written in
+        place."""
+        paging = Paging.identity(positions, cache.rows)
+        logits, _, _ = self.forward_with_cache(input_ids, positions, cache.latent, cache.index_keys, paging, ops,
+                                               attention)
+        return logits
 
     def forward(self, input_ids, positions=None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits [B,S,V] for every position. input_ids and positions: [B,S] integer tensors (or nested lists).
@@ -453,6 +476,6 @@ class DSAForCausalLM(nn.Module):
                                     f"(model.new_cache)")
         inputs.check_cache_batch(cache.batch, input_ids)
         check_room(cache.capacity, positions)
-        logits, _, _ = self.forward_with_cache(input_ids, positions, cache.latent, cache.index_keys)
+        logits = self.step(input_ids, positions, cache)
         cache.length = max(cache.length, int(positions.max()) + 1)
         return logits

@@ -1,6 +1,6 @@
-"""The two DSA functions with the contracts of design.md, in plain torch: what the `dsa::` custom ops compute.
+"""The `dsa::` ops with the contracts of contracts.py, in plain torch: what the custom ops compute.
 
-The model calls exactly these two functions, so tracing can swap them for custom ops one for one.
+The model calls exactly these functions, so tracing can swap them for custom ops one for one.
 These are the simple, readable semantics; memory-bounded tiling and kernels live in `dsa_export.kernels`.
 """
 
@@ -11,52 +11,63 @@ import torch.nn.functional as F
 
 
 def visible_keys(positions: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[B,S,T] bool: key t is visible to the query at `positions[b,s]` iff t <= that position."""
+    """[..., T] bool: key t is visible to the token at `positions[...]` iff t <= that position."""
     return torch.arange(num_keys, device=positions.device) <= positions[..., None]
 
 
-def lightning_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
-                      topk: int) -> torch.Tensor:
-    """indices [B,S,topk] int32 of the visible keys with the largest I[b,s,t] = Σ_h w[b,s,h]·ReLU(q[b,s,h]·k[b,t]).
+def key_rows(sequence: torch.Tensor, block_tables: torch.Tensor, num_keys: int, block_size: int) -> torch.Tensor:
+    """[N, T] int64: the pool row of key t (t < num_keys) of each token's sequence (models/cache.py); -1 where the
+    sequence has no block there."""
+    t = torch.arange(num_keys, device=block_tables.device)
+    blocks = block_tables.long()[sequence.long()][:, t // block_size]  # [N, T]
+    return torch.where(blocks >= 0, blocks * block_size + t % block_size, -1)
 
-    q [B,S,HI,DI], k [B,T,DI], w [B,S,HI] fp32, positions [B,S]. Slots beyond the number of visible keys are −1.
-    Ties go to the lower t (a stable sort), so every implementation can agree on the exact set.
-    """
-    num_keys = k.shape[1]
-    scores = torch.einsum("bshd,btd->bsht", q.float(), k.float()).relu()
-    scores = torch.einsum("bsht,bsh->bst", scores, w.float())
+
+def lightning_indexer(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, positions: torch.Tensor,
+                      sequence: torch.Tensor, block_tables: torch.Tensor, topk: int, block_size: int) -> torch.Tensor:
+    """indices [N,topk] int32: the pool rows of the visible keys of each token's sequence with the largest
+    I[n,t] = Σ_h w[n,h]·ReLU(q[n,h]·k[row of t]).
+
+    q [N,HI,DI], k [ROWS,DI] (the pool), w [N,HI] fp32, positions [N], sequence [N], block_tables [R,M]. Slots beyond
+    the number of visible keys are −1. Ties go to the lower t (a stable sort), so every implementation can agree on
+    the exact set."""
+    num_keys = int(positions.max()) + 1
+    rows = key_rows(sequence, block_tables, num_keys, block_size)
+    keys = k[rows.clamp(min=0)].float()  # [N, T, DI]
+    scores = torch.einsum("nhd,ntd->nht", q.float(), keys).relu()
+    scores = torch.einsum("nht,nh->nt", scores, w.float())
     visible = visible_keys(positions, num_keys)
     scores = scores.masked_fill(~visible, float("-inf"))
     kept = min(topk, num_keys)
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :kept]
-    indices = torch.where(visible.gather(-1, order), order, -1)
+    indices = torch.where(visible.gather(-1, order), rows.gather(-1, order), -1)
     if kept < topk:
         indices = torch.nn.functional.pad(indices, (0, topk - kept), value=-1)
     return indices.to(torch.int32)
 
 
 def sparse_mla(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, scale: float, dv: int) -> torch.Tensor:
-    """out [B,S,H,dv]: softmax(scale · q·kv[idx]) · kv[idx, :dv] over the selected latent rows only.
+    """out [N,H,dv]: softmax(scale · q·kv[row]) · kv[row, :dv] over the selected pool rows only.
 
-    q [B,S,H,DK] absorbed queries, kv [B,T,DK] latent cache (the value is its first dv dims), indices [B,S,K]
-    int32 with −1 for an empty slot. A row with no valid index gives zeros. Computed in fp32.
-    """
-    batch = torch.arange(kv.shape[0], device=kv.device)[:, None, None]
-    valid = indices >= 0
-    rows = kv[batch, indices.clamp(min=0).long()].float()  # [B,S,K,DK]
-    scores = torch.einsum("bshd,bskd->bshk", q.float(), rows) * scale
-    scores = scores.masked_fill(~valid[:, :, None, :], float("-inf"))
+    q [N,H,DK] absorbed queries, kv [ROWS,DK] latent pool (the value is its first dv dims), indices [N,K] int32
+    pool rows with −1 for an empty slot (a row outside the pool counts as empty: a GPU kernel must never read it). A
+    token with no valid index gives zeros. Computed in fp32."""
+    valid = (indices >= 0) & (indices < kv.shape[0])
+    # [N,K,DK]; an empty slot's stand-in row (row 0, another sequence's) is zeroed: nothing of it can leak in
+    rows = kv[indices.clamp(0, kv.shape[0] - 1).long()].float().masked_fill(~valid[..., None], 0.0)
+    scores = torch.einsum("nhd,nkd->nhk", q.float(), rows) * scale
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-empty rows: softmax of all −inf is NaN → 0
-    out = torch.einsum("bshk,bskd->bshd", probs, rows[..., :dv])
+    out = torch.einsum("nhk,nkd->nhd", probs, rows[..., :dv])
     return out.to(q.dtype)
 
 
 def dequantize_experts(weight: torch.Tensor, scale: torch.Tensor, block_out: int, block_in: int, rows: int,
                        dtype: torch.dtype) -> torch.Tensor:
-    """[E, P·rows, cols] FP8 expert weights (e4m3, or its uint8 codes; P projections of `rows` rows stacked, e.g.
+    """[E, P·rows, cols] FP8 expert weights (e4m3, or its codes as int8; P projections of `rows` rows stacked, e.g.
     gate ‖ up) → `dtype`: W8 · scale per block, in fp32, each projection with its own row blocks
     (contracts.fp8_scale_shape)."""
-    if weight.dtype == torch.uint8:
+    if weight.dtype == torch.int8:
         weight = weight.view(torch.float8_e4m3fn)
     E, total, cols = weight.shape
     row = torch.arange(total, device=weight.device)
@@ -84,7 +95,7 @@ def routed_experts(x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor
 
 def routed_experts_fp8(x, experts, weights, gate_up, gate_up_scale, down, down_scale, base, block_out: int,
                        block_in: int) -> torch.Tensor:
-    """`routed_experts` with FP8 e4m3 expert weights (as uint8 codes) and their block scales
+    """`routed_experts` with FP8 e4m3 expert weights (as int8 codes) and their block scales
     (contracts.ROUTED_EXPERTS_FP8)."""
     inter = down.shape[-1]
     return routed_experts(x, experts, weights,
@@ -92,8 +103,7 @@ def routed_experts_fp8(x, experts, weights, gate_up, gate_up_scale, down, down_s
                           dequantize_experts(down, down_scale, block_out, block_in, down.shape[1], x.dtype), base)
 
 
-def write_cache(cache: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Write rows[b, s] at cache[b, 0, positions[b, s]] in place (layout: models/cache.py); returns `cache`."""
-    B, S, D = rows.shape
-    cache[:, 0].scatter_(1, positions[..., None].expand(B, S, D).long(), rows.to(cache.dtype))
+def write_cache(cache: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """Write rows[n] at pool row slots[n] in place (layout: models/cache.py); returns `cache`."""
+    cache.index_copy_(0, slots.long(), rows.to(cache.dtype))
     return cache

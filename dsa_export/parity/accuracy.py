@@ -98,6 +98,7 @@ def compare(reference, candidate, prompt_batches: list[list[list[int]]], new_tok
     recall = [h / t if t else 1.0 for h, t in zip(totals.recall_hits, totals.recall_total)]
     return {
         "backend": candidate.name,
+        "precision": str(candidate.cache_dtype).removeprefix("torch."),
         "prompts": [len(p) for batch in prompt_batches for p in batch],
         "batches": [len(batch) for batch in prompt_batches],
         "new_tokens": new_tokens,
@@ -135,7 +136,9 @@ def failures(report: dict, thresholds: Thresholds) -> list[str]:
 def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Path) -> dict:
     """parity.json + parity.md in out_dir; returns what parity.json holds ("failures" empty: every backend passed)."""
     out_dir = ensure_output_dir(out_dir)
-    missed = [f for r in reports for f in failures(r, thresholds)]
+    for r in reports:  # each backend is judged by the thresholds of its precision, recorded beside its metrics
+        r["thresholds"] = asdict(thresholds.for_precision(r["precision"]))
+    missed = [f for r in reports for f in failures(r, Thresholds(**r["thresholds"]))]
     report = {"thresholds": asdict(thresholds), "passed": not missed, "failures": missed, "backends": reports}
     write_json_atomic(out_dir / "parity.json", report)
     lines = ["# Accuracy parity against the eager model", "",
@@ -146,10 +149,13 @@ def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Pat
         lines.append(f"| {r['backend']} | {m['max_abs_logits']:.3g} | {m['mean_abs_logits']:.3g} | "
                      f"{m['min_cosine']:.6f} | {m['max_kl']:.3g} | {m['top1']:.3f} | {m['greedy_match']:.3f} | "
                      f"{m['min_indexer_recall']:.3f} |")
-    t = thresholds
-    lines += ["", f"Thresholds: max abs logits <= {t.max_abs_logits:g}, cosine >= {t.min_cosine:g}, KL <= {t.max_kl:g}, "
-                  f"top-1 >= {t.min_top1:g}, greedy match >= {t.min_greedy_match:g}, indexer recall >= "
-                  f"{t.min_indexer_recall:g}.", ""]
+    lines.append("")
+    for precision in dict.fromkeys(r["precision"] for r in reports):
+        t = thresholds.for_precision(precision)
+        lines.append(f"Thresholds ({precision}): max abs logits <= {t.max_abs_logits:g}, cosine >= {t.min_cosine:g}, "
+                     f"KL <= {t.max_kl:g}, top-1 >= {t.min_top1:g}, greedy match >= {t.min_greedy_match:g}, indexer "
+                     f"recall >= {t.min_indexer_recall:g}.")
+    lines.append("")
     for r in reports:
         lines.append(f"{r['backend']}: prompts of {r['prompts']} tokens in batches of {r['batches']}, "
                      f"{r['new_tokens']} greedy tokens each; {r['positions_compared']} positions compared; indexer "

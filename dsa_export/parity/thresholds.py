@@ -34,3 +34,20 @@ class Thresholds:
                 raise DSAExportError(f"parity threshold {f.name} must be a number >= 0, got {value!r}")
             if f.name.startswith("min_") and value > 1:
                 raise DSAExportError(f"parity threshold {f.name} is a fraction in [0, 1], got {value!r}")
+
+    def for_precision(self, precision: str) -> "Thresholds":
+        """The gate for a backend computing in `precision` (its caches' dtype): these thresholds for float32; for
+        bfloat16 (7-bit mantissas: logits off by ~0.1, a near-tie may flip a greedy token and everything after it)
+        BF16_THRESHOLDS, or these where they are looser. Engines with TF32 would need the same; they are built with it
+        off (exporter/engine.py). The MoE kernels sum with fp32 atomics, in any order: ~1e-6 relative, inside both."""
+        if precision == "float32":
+            return self
+        low = BF16_THRESHOLDS
+        return Thresholds(**{f.name: (min if f.name.startswith("min_") else max)(getattr(self, f.name),
+                                                                               getattr(low, f.name))
+                             for f in fields(self)})
+
+
+BF16_THRESHOLDS = Thresholds(max_abs_logits=0.5, min_cosine=0.999, max_kl=0.02, min_top1=0.9, min_greedy_match=0.5,
+                             min_indexer_recall=0.9)
+

@@ -7,11 +7,12 @@ function with the same domain and name, so ONNX Runtime (or any consumer without
 node (needs the registered schema, §1.2 style 2), and the functions added after export.
 
 The decompositions have the costs of a real implementation, not of the readable semantics:
-- LightningIndexer and SparseMLA run over tiles of query rows (a Loop whose scan output collects the tiles), the
-  tile height chosen in the graph so that one tile's scores stay within TILE_BYTES: a prefill never holds the
-  [S, HI, T] score tensor; each tile reads only the keys up to its last position.
+- LightningIndexer and SparseMLA run over tiles of tokens (a Loop whose scan output collects the tiles), the tile
+  height chosen in the graph so that one tile's gathered keys and scores stay within TILE_BYTES: a prefill never
+  holds the [S, HI, T] score tensor; each token gathers its own sequence's keys through the block table, only up to
+  the tile's last position; WriteCache is one ScatterND of the rows at their slots.
 - RoutedExperts loops over the experts some token chose (at most min(E, N·k)), running each once on its tokens.
-Helper functions live in the `dsa.impl` domain. Everything is opset 24 (TensorScatter writes the caches).
+Helper functions live in the `dsa.impl` domain. Everything is opset 24.
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT32, INT64
 from onnxscript.values import Opset
 
-from dsa_export.contracts import CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA, OpContract
+from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
+                                  WRITE_CACHE, OpContract)
 from dsa_export.formats import of
 
-OPSET = 24  # TensorScatter (in-place cache writes) is opset 24
+OPSET = 24
 DSA_DOMAIN = "dsa"
 IMPL_DOMAIN = "dsa.impl"  # helper functions of the decompositions
 PLUGIN_NAMESPACE = "dsa"
@@ -41,11 +43,12 @@ TILE_BYTES = 256 << 20  # fp32 scores of one query tile in the tiled decompositi
 
 
 def _e4m3_table() -> onnx.TensorProto:
-    """The value of each of the 256 FP8 e4m3fn codes (contracts.FP8_BYTES), to decode gathered expert weights."""
+    """The value of each of the 256 FP8 e4m3fn codes (contracts.FP8_BYTES: int8), in the order of the codes as int8
+    (-128 first), to decode gathered expert weights: value of code c = table[c + 128]."""
     import ml_dtypes
     import numpy as np
 
-    values = np.arange(256, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    values = np.arange(-128, 128, dtype=np.int8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     return onnx.numpy_helper.from_array(values, "e4m3_values")
 
 
@@ -108,9 +111,10 @@ def register_schemas() -> None:
             onnx.defs.register_schema(onnx_schema(contract))
 
 
-# ---- translations: torch.ops.dsa.* → one custom node (or TensorScatter) -------------------------------------------
-def _lightning_indexer_node(q, k, w, positions, topk: int):
-    return DSA.LightningIndexer(q, k, w, positions, topk=topk, **TRT_ATTRIBUTES)
+# ---- translations: torch.ops.dsa.* → one custom node -------------------------------------------------------------
+def _lightning_indexer_node(q, k, w, positions, sequence, block_tables, topk: int, block_size: int):
+    return DSA.LightningIndexer(q, k, w, positions, sequence, block_tables, topk=topk, block_size=block_size,
+                                **TRT_ATTRIBUTES)
 
 
 def _sparse_mla_node(q, kv, indices, scale: float, dv: int):
@@ -127,12 +131,8 @@ def _routed_experts_fp8_node(x, experts, weights, gate_up, gate_up_scale, down, 
                                 block_out=block_out, block_in=block_in, **TRT_ATTRIBUTES)
 
 
-def _write_cache_node(cache, rows, positions):
-    """The step's rows land at [positions[b,0], positions[b,0] + S) of row b: ONNX TensorScatter (in place in
-    TensorRT, whose parser makes it a KVCacheUpdate layer, and in ONNX Runtime with IOBinding)."""
-    start = op.Gather(positions, op.Constant(value_int=0), axis=1)
-    update = op.Unsqueeze(op.CastLike(rows, cache), op.Constant(value_ints=[1]))  # [B, 1, S, D] like the cache
-    return op.TensorScatter(cache, update, start, axis=-2)
+def _write_cache_node(cache, rows, slots):
+    return DSA.WriteCache(cache, rows, slots, **TRT_ATTRIBUTES)
 
 
 def translation_table() -> dict:
@@ -148,51 +148,56 @@ def translation_table() -> dict:
             torch.ops.dsa.write_cache.default: _write_cache_node}
 
 
-# ---- decompositions, part 1: one tile of query rows (dsa.impl helpers) ---------------------------------------------
+# ---- decompositions, part 1: one tile of tokens (dsa.impl helpers) -------------------------------------------------
 @onnxscript.script(IMPL, default_opset=op)
 def TileRows(per_row_bytes: INT64, num_rows: INT64, budget: int) -> INT64:
-    """Query rows per tile: as many as fit `budget` bytes, at least 1, at most all ([1] int64)."""
+    """Tokens per tile: as many as fit `budget` bytes, at least 1, at most all ([1] int64)."""
     rows = op.Div(op.Reshape(op.Constant(value_int=budget), op.Constant(value_ints=[1])), per_row_bytes)
     return op.Max(op.Min(rows, num_rows), op.Constant(value_ints=[1]))
 
 
 @onnxscript.script(IMPL, default_opset=op)
 def RowSlice(x: FLOAT, index: INT64, rows: INT64) -> FLOAT:
-    """Rows [index·rows, index·rows + rows) of x along axis 1 (fewer at the end)."""
+    """Rows [index·rows, index·rows + rows) of x along axis 0 (fewer at the end)."""
     start = op.Mul(op.Unsqueeze(index, op.Constant(value_ints=[0])), rows)
-    return op.Slice(x, start, op.Add(start, rows), op.Constant(value_ints=[1]))
+    return op.Slice(x, start, op.Add(start, rows), op.Constant(value_ints=[0]))
 
 
 @onnxscript.script(IMPL, default_opset=op)
 def PadRows(x: FLOAT, rows: INT64, value: float) -> FLOAT:
-    """Pad axis 1 of a rank-3/4 tensor to `rows` (the last tile is shorter; every scan output must match)."""
+    """Pad axis 0 of a tensor to `rows` (the last tile is shorter; every scan output must match)."""
     rank = op.Shape(op.Shape(x))  # [1]
-    missing = op.Sub(rows, op.Shape(x, start=1, end=2))
+    missing = op.Sub(rows, op.Shape(x, start=0, end=1))
     pads = op.ConstantOfShape(op.Mul(rank, op.Constant(value_ints=[2])),
                               value=onnx.helper.make_tensor("zero", TensorProto.INT64, [1], [0]))
-    pads = op.ScatterElements(pads, op.Add(rank, op.Constant(value_ints=[1])), missing)  # end of axis 1
+    pads = op.ScatterElements(pads, rank, missing)  # end of axis 0
     return op.Pad(x, pads, op.CastLike(op.Constant(value_float=value), x))
 
 
 @onnxscript.script(IMPL, default_opset=op)
-def IndexerTile(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, index: INT64, rows: INT64, topk: int) -> INT32:
-    q_tile = IMPL.RowSlice(q, index, rows)  # [B, R, HI, DI]
-    w_tile = IMPL.RowSlice(w, index, rows)  # [B, R, HI]
-    pos = op.Cast(IMPL.RowSlice(positions, index, rows), to=TensorProto.INT64)  # [B, R]
-    num_keys = op.Min(op.Add(op.ReduceMax(pos, keepdims=0), op.Constant(value_int=1)),
-                      op.Squeeze(op.Shape(k, start=1, end=2)))  # keys this tile can see (rows past it are unread)
+def KeyRows(sequence: INT32, block_tables: INT32, num_keys: INT64, block_size: int) -> INT64:
+    """[R, T]: the pool row of key t < num_keys of each token's sequence (models/cache.py)."""
+    bs = op.Constant(value_int=block_size)
+    t = op.Range(op.Constant(value_int=0), num_keys, op.Constant(value_int=1))
+    tables = op.Gather(block_tables, op.Cast(sequence, to=TensorProto.INT64), axis=0)  # [R, M]
+    blocks = op.Cast(op.Gather(tables, op.Div(t, bs), axis=1), to=TensorProto.INT64)  # [R, T]
+    return op.Add(op.Mul(blocks, bs), op.Mod(t, bs))
+
+
+@onnxscript.script(IMPL, default_opset=op)
+def IndexerTile(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, sequence: INT32, block_tables: INT32, index: INT64,
+                rows: INT64, topk: int, block_size: int) -> INT32:
+    q_tile = op.Cast(IMPL.RowSlice(q, index, rows), to=TensorProto.FLOAT)  # [R, HI, DI]
+    w_tile = IMPL.RowSlice(w, index, rows)  # [R, HI]
+    pos = op.Cast(IMPL.RowSlice(positions, index, rows), to=TensorProto.INT64)  # [R]
+    seq = IMPL.RowSlice(sequence, index, rows)  # [R]
+    num_keys = op.Add(op.ReduceMax(pos, keepdims=0), op.Constant(value_int=1))  # keys this tile can see
     seen = op.Reshape(num_keys, op.Constant(value_ints=[1]))
-    keys = op.Cast(op.Slice(k, op.Constant(value_ints=[0]), seen, op.Constant(value_ints=[1])),
-                   to=TensorProto.FLOAT)  # [B, T, DI]
-    B = op.Shape(q_tile, start=0, end=1)
-    R = op.Shape(q_tile, start=1, end=2)
-    HI = op.Shape(q_tile, start=2, end=3)
-    flat_q = op.Reshape(op.Cast(q_tile, to=TensorProto.FLOAT), op.Concat(B, op.Constant(value_ints=[-1]),
-                                                                         op.Shape(q_tile, start=3), axis=0))
-    head_scores = op.Relu(op.MatMul(flat_q, op.Transpose(keys, perm=[0, 2, 1])))  # [B, R·HI, T]
-    head_scores = op.Reshape(head_scores, op.Concat(B, R, HI, seen, axis=0))  # [B, R, HI, T]
-    scores = op.Squeeze(op.MatMul(op.Unsqueeze(w_tile, op.Constant(value_ints=[2])), head_scores),
-                        op.Constant(value_ints=[2]))  # Σ_h w·ReLU(q·k): [B, R, T]
+    key_rows = IMPL.KeyRows(seq, block_tables, num_keys, block_size=block_size)  # [R, T]
+    keys = op.Cast(op.Gather(k, key_rows, axis=0), to=TensorProto.FLOAT)  # [R, T, DI]: each token's sequence
+    head_scores = op.Relu(op.MatMul(q_tile, op.Transpose(keys, perm=[0, 2, 1])))  # [R, HI, T]
+    scores = op.Squeeze(op.MatMul(op.Unsqueeze(w_tile, op.Constant(value_ints=[1])), head_scores),
+                        op.Constant(value_ints=[1]))  # Σ_h w·ReLU(q·k): [R, T]
     key_ids = op.Range(op.Constant(value_int=0), num_keys, op.Constant(value_int=1))
     visible = op.LessOrEqual(key_ids, op.Unsqueeze(pos, op.Constant(value_ints=[-1])))
     neg_inf = op.Constant(value_float=float("-inf"))
@@ -200,45 +205,58 @@ def IndexerTile(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, index: INT64, ro
     want = op.Reshape(op.Constant(value_int=topk), op.Constant(value_ints=[1]))
     kept = op.Min(want, seen)
     top_scores, top_keys = op.TopK(masked, kept, axis=-1)  # ONNX TopK: ties → lower index first
-    chosen = op.Where(op.Equal(top_scores, neg_inf), op.Constant(value_int=-1), top_keys)
-    padded = op.Pad(chosen, op.Concat(op.Constant(value_ints=[0, 0, 0, 0, 0]), op.Sub(want, kept), axis=0),
+    chosen = op.Where(op.Equal(top_scores, neg_inf), op.Constant(value_int=-1),
+                      op.GatherElements(key_rows, top_keys, axis=1))  # the keys' pool rows
+    padded = op.Pad(chosen, op.Concat(op.Constant(value_ints=[0, 0, 0]), op.Sub(want, kept), axis=0),
                     op.Constant(value_int=-1))
     return IMPL.PadRows(op.Cast(padded, to=TensorProto.INT32), rows, value=-1.0)
 
 
 @onnxscript.script(IMPL, default_opset=op)
-def IndexerRows(q: FLOAT, k: FLOAT, positions: INT64, budget: int) -> INT64:
-    seen = op.Min(op.Add(op.ReduceMax(op.Cast(positions, to=TensorProto.INT64), keepdims=1),
-                         op.Constant(value_int=1)), op.Shape(k, start=1, end=2))
-    per_row = op.Mul(op.Mul(op.Shape(q, start=0, end=1), op.Shape(q, start=2, end=3)),
-                     op.Mul(op.Reshape(seen, op.Constant(value_ints=[1])), op.Constant(value_ints=[8])))
-    return IMPL.TileRows(per_row, op.Shape(q, start=1, end=2), budget=budget)
+def IndexerRows(q: FLOAT, positions: INT64, budget: int) -> INT64:
+    """Each token gathers its sequence's keys and scores them per head: fp32 [T, DI + HI] and int64 rows [T]."""
+    seen = op.Add(op.ReduceMax(op.Cast(positions, to=TensorProto.INT64), keepdims=1), op.Constant(value_int=1))
+    per_key = op.Add(op.Mul(op.Add(op.Shape(q, start=1, end=2), op.Shape(q, start=2, end=3)),
+                            op.Constant(value_ints=[4])), op.Constant(value_ints=[8]))
+    per_row = op.Mul(op.Reshape(seen, op.Constant(value_ints=[1])), per_key)
+    return IMPL.TileRows(per_row, op.Shape(q, start=0, end=1), budget=budget)
 
 
 @onnxscript.script(IMPL, default_opset=op)
 def SparseMLATile(q: FLOAT, kv: FLOAT, indices: INT32, index: INT64, rows: INT64, scale: float, dv: int) -> FLOAT:
-    q_tile = op.Cast(IMPL.RowSlice(q, index, rows), to=TensorProto.FLOAT)  # [B, R, H, DK]
-    idx = IMPL.RowSlice(indices, index, rows)  # [B, R, K]
+    q_tile = op.Cast(IMPL.RowSlice(q, index, rows), to=TensorProto.FLOAT)  # [R, H, DK]
+    idx = IMPL.RowSlice(indices, index, rows)  # [R, K]
     zero = op.CastLike(op.Constant(value_int=0), idx)
-    valid = op.GreaterOrEqual(idx, zero)
-    rows_idx = op.Unsqueeze(op.Cast(op.Max(idx, zero), to=TensorProto.INT64), op.Constant(value_ints=[-1]))
-    selected = op.Cast(op.GatherND(kv, rows_idx, batch_dims=1), to=TensorProto.FLOAT)  # [B, R, K, DK]
-    logits = op.Mul(op.MatMul(q_tile, op.Transpose(selected, perm=[0, 1, 3, 2])), op.Constant(value_float=scale))
-    valid_heads = op.Unsqueeze(valid, op.Constant(value_ints=[2]))  # [B, R, 1, K]
+    pool_rows = op.CastLike(op.Shape(kv, start=0, end=1), idx)
+    valid = op.And(op.GreaterOrEqual(idx, zero), op.Less(idx, pool_rows))  # a row outside the pool: an empty slot
+    last = op.Sub(pool_rows, op.CastLike(op.Constant(value_int=1), idx))
+    selected = op.Cast(op.Gather(kv, op.Cast(op.Min(op.Max(idx, zero), last), to=TensorProto.INT64), axis=0),
+                       to=TensorProto.FLOAT)  # [R, K, DK]
+    # an empty slot read row 0 (another sequence's, or a free block): zeroed, so nothing of it can leak in
+    selected = op.Where(op.Unsqueeze(valid, op.Constant(value_ints=[2])), selected, op.Constant(value_float=0.0))
+    logits = op.Mul(op.MatMul(q_tile, op.Transpose(selected, perm=[0, 2, 1])), op.Constant(value_float=scale))
+    valid_heads = op.Unsqueeze(valid, op.Constant(value_ints=[1]))  # [R, 1, K]
     probs = op.Softmax(op.Where(valid_heads, logits, op.Constant(value_float=MASKED)), axis=-1)
     probs = op.Mul(probs, op.Cast(valid_heads, to=TensorProto.FLOAT))  # an empty row stays all zeros
     value_end = op.Reshape(op.Constant(value_int=dv), op.Constant(value_ints=[1]))
     values = op.Slice(selected, op.Constant(value_ints=[0]), value_end, op.Constant(value_ints=[-1]))
-    out = op.MatMul(probs, values)  # [B, R, H, dv]
+    out = op.MatMul(probs, values)  # [R, H, dv]
     return IMPL.PadRows(op.CastLike(out, q), rows, value=0.0)
 
 
 @onnxscript.script(IMPL, default_opset=op)
 def SparseMLARows(q: FLOAT, indices: INT32, budget: int) -> INT64:
-    per_row = op.Mul(op.Mul(op.Shape(q, start=0, end=1), op.Shape(indices, start=2, end=3)),
-                     op.Mul(op.Add(op.Shape(q, start=3, end=4), op.Shape(q, start=2, end=3)),
+    per_row = op.Mul(op.Shape(indices, start=1, end=2),
+                     op.Mul(op.Add(op.Shape(q, start=2, end=3), op.Shape(q, start=1, end=2)),
                             op.Constant(value_ints=[12])))  # gathered rows + scores/probs, fp32
-    return IMPL.TileRows(per_row, op.Shape(q, start=1, end=2), budget=budget)
+    return IMPL.TileRows(per_row, op.Shape(q, start=0, end=1), budget=budget)
+
+
+@onnxscript.script(DSA, default_opset=op)
+def WriteCache(cache: FLOAT, rows: FLOAT, slots: INT64) -> FLOAT:
+    """ScatterND writes the rows at their slots: in place when ONNX Runtime is given one buffer as the cache and the
+    output (IOBinding), as the runtimes here do."""
+    return op.ScatterND(cache, op.Unsqueeze(slots, op.Constant(value_ints=[-1])), op.CastLike(rows, cache))
 
 
 # ---- decompositions, part 2: the routed experts ---------------------------------------------------------------------
@@ -253,7 +271,7 @@ def ExpertMLP(x: FLOAT, gate_up: FLOAT, down: FLOAT) -> FLOAT:
 
 @onnxscript.script(IMPL, default_opset=op)
 def Dequantize(weight: FLOAT, scale: FLOAT, like: FLOAT, rows: INT64, block_out: int, block_in: int) -> FLOAT:
-    """[P·rows, cols] FP8 e4m3 codes (uint8) → like's dtype: W8·scale per block, each of the P projections with its
+    """[P·rows, cols] FP8 e4m3 codes (int8) → like's dtype: W8·scale per block, each of the P projections with its
     own row blocks (contracts.fp8_scale_shape)."""
     bo = op.Constant(value_int=block_out)
     bi = op.Constant(value_int=block_in)
@@ -263,7 +281,9 @@ def Dequantize(weight: FLOAT, scale: FLOAT, like: FLOAT, rows: INT64, block_out:
     row_block = op.Add(op.Mul(op.Div(r, op.Squeeze(rows)), per_projection), op.Div(op.Mod(r, op.Squeeze(rows)), bo))
     c = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(weight, start=1, end=2)), op.Constant(value_int=1))
     full_scale = op.Gather(op.Gather(scale, row_block, axis=0), op.Div(c, bi), axis=1)
-    values = op.Gather(op.Constant(value=E4M3_VALUES), op.Cast(weight, to=TensorProto.INT32), axis=0)
+    codes = op.Cast(weight, to=TensorProto.INT32)
+    codes = op.Add(codes, op.CastLike(op.Constant(value_int=128), codes))  # -128..127 → 0..255
+    values = op.Gather(op.Constant(value=E4M3_VALUES), codes, axis=0)
     return op.CastLike(op.Mul(values, full_scale), like)
 
 
@@ -319,11 +339,11 @@ def _attribute_ref(name: str, kind: int) -> onnx.AttributeProto:
     return attr
 
 
-def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: list[str], out_rank: int,
+def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: list[str],
                     budget: int = TILE_BYTES) -> onnx.FunctionProto:
-    """`contract`'s op as: rows = dsa.impl.<rows_fn>(...); a Loop over ceil(S / rows) tiles whose body computes one
-    tile with dsa.impl.<tile> (rows padded to `rows`); the scan output [tiles, B, rows, ...] reshaped to
-    [B, tiles·rows, ...] and cut to S rows."""
+    """`contract`'s op as: rows = dsa.impl.<rows_fn>(...); a Loop over ceil(N / rows) tiles of tokens whose body
+    computes one tile with dsa.impl.<tile> (rows padded to `rows`); the scan output [tiles, rows, ...] reshaped to
+    [tiles·rows, ...] and cut to N rows."""
     names = [t.name for t in contract.inputs]
     output = contract.outputs[0].name
     attr_kinds = {"int": onnx.AttributeProto.INT, "float": onnx.AttributeProto.FLOAT}
@@ -339,22 +359,19 @@ def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: 
     def const(name, values):
         return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
-    perm = [1, 0] + list(range(2, out_rank + 1))
     nodes = [
         oh.make_node(rows_fn, rows_inputs, ["tile_rows"], domain=IMPL_DOMAIN, budget=budget),
         const("one", [1]), const("zero", [0]), const("minus_one", [-1]),
-        oh.make_node("Shape", [names[0]], ["num_rows"], start=1, end=2),
+        oh.make_node("Shape", [names[0]], ["num_rows"], start=0, end=1),
         oh.make_node("Add", ["num_rows", "tile_rows"], ["rows_plus"]),
         oh.make_node("Sub", ["rows_plus", "one"], ["rows_ceil"]),
         oh.make_node("Div", ["rows_ceil", "tile_rows"], ["num_tiles_1d"]),
         oh.make_node("Squeeze", ["num_tiles_1d"], ["num_tiles"]),
         oh.make_node("Loop", ["num_tiles", ""], ["tiles"], body=body),
-        oh.make_node("Transpose", ["tiles"], ["tiles_by_batch"], perm=perm),
-        oh.make_node("Shape", ["tiles_by_batch"], ["batch_dim"], start=0, end=1),
-        oh.make_node("Shape", ["tiles_by_batch"], ["trailing_dims"], start=3),
-        oh.make_node("Concat", ["batch_dim", "minus_one", "trailing_dims"], ["joined_shape"], axis=0),
-        oh.make_node("Reshape", ["tiles_by_batch", "joined_shape"], ["joined"]),
-        oh.make_node("Slice", ["joined", "zero", "num_rows", "one"], [output]),
+        oh.make_node("Shape", ["tiles"], ["trailing_dims"], start=2),
+        oh.make_node("Concat", ["minus_one", "trailing_dims"], ["joined_shape"], axis=0),
+        oh.make_node("Reshape", ["tiles", "joined_shape"], ["joined"]),
+        oh.make_node("Slice", ["joined", "zero", "num_rows", "zero"], [output]),
     ]
     return oh.make_function(contract.domain, contract.onnx_name, names, [output], nodes,
                             [oh.make_opsetid("", OPSET), oh.make_opsetid(IMPL_DOMAIN, 1)],
@@ -376,14 +393,14 @@ def decompositions() -> dict[str, onnx.FunctionProto]:
     """dsa op name → its decomposition; plus every dsa.impl helper under its own name."""
     functions = {
         LIGHTNING_INDEXER.onnx_name: _tiled_function(LIGHTNING_INDEXER, "IndexerTile", "IndexerRows",
-                                                     ["q", "k", "positions"], out_rank=3),
-        SPARSE_MLA.onnx_name: _tiled_function(SPARSE_MLA, "SparseMLATile", "SparseMLARows", ["q", "indices"],
-                                              out_rank=4),
+                                                     ["q", "positions"]),
+        SPARSE_MLA.onnx_name: _tiled_function(SPARSE_MLA, "SparseMLATile", "SparseMLARows", ["q", "indices"]),
+        WRITE_CACHE.onnx_name: _function_proto(WriteCache),
         ROUTED_EXPERTS.onnx_name: _function_proto(RoutedExperts),
         ROUTED_EXPERTS_FP8.onnx_name: _function_proto(RoutedExpertsFP8),
     }
-    for helper in (TileRows, RowSlice, PadRows, IndexerTile, IndexerRows, SparseMLATile, SparseMLARows, ExpertMLP,
-                   Dequantize):
+    for helper in (TileRows, RowSlice, PadRows, KeyRows, IndexerTile, IndexerRows, SparseMLATile, SparseMLARows,
+                   ExpertMLP, Dequantize):
         functions[f"{IMPL_DOMAIN}.{helper.name}"] = _function_proto(helper)
     return functions
 

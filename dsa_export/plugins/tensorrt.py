@@ -38,7 +38,8 @@ DTYPE_NAMES = {getattr(trt, f.tensorrt): f.name for f in FORMATS.values() if f.t
 TRT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 ATTRIBUTE_TYPES = {"int": int, "float": float}
 # attribute → the compile-time constant of the kernels it must equal
-COMPILED_AS = {"topk": "TOPK", "scale": "SCALE", "dv": "DV", "block_out": "BLOCK_OUT", "block_in": "BLOCK_IN"}
+COMPILED_AS = {"topk": "TOPK", "scale": "SCALE", "dv": "DV", "block_out": "BLOCK_OUT", "block_in": "BLOCK_IN",
+               "block_size": "BLOCK_SIZE"}
 AOT_RETURN = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
 PARAMETER = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
@@ -135,8 +136,12 @@ def check_compiled_constants(contract: OpContract, meta: dict, args: dict) -> No
 def aot_launch(contract: OpContract, args: dict) -> tuple:
     """(kernel symbol, PTX, launch parameters, int32 scalars) for this node's input dtypes and shapes."""
     descs = {t.name: args[t.name] for t in contract.inputs}
-    meta = select(_kernels, contract.onnx_name, {name: DTYPE_NAMES.get(d.dtype, str(d.dtype)) for name, d in
-                                                 descs.items()})
+    dtypes = {name: DTYPE_NAMES.get(d.dtype, str(d.dtype)) for name, d in descs.items()}
+    try:  # every input as the contract says (FP8 codes as INT8, never widened), before a kernel reads its bytes
+        contract.check_dtypes(dtypes)
+    except ValueError as e:
+        raise DSAExportError(f"{e} (as TensorRT imported the node)") from None
+    meta = select(_kernels, contract.onnx_name, dtypes)
     check_compiled_constants(contract, meta, args)
     grid_x, grid_y, grid_z = (grid_size(axis, descs) for axis in meta["grid"])
     launch = trtp.KernelLaunchParams(grid_x=grid_x, grid_y=grid_y, grid_z=grid_z, block_x=meta["block"][0],

@@ -1,9 +1,10 @@
 """Backends: one interface (`Backend`) over the eager model and the exported graphs, run by ONNX Runtime or by
 TensorRT engines (`GraphBackend`: one graph per pipeline stage, chained, stage i on device i).
 
-A backend owns nothing per sequence: `new_caches(batch)` hands out zeroed caches at the backend's capacity (layout:
-models/cache.py), `step(input_ids, positions, caches)` writes the step's rows into them in place and returns the
-logits (and, if asked for, each layer's indexer selection for parity checks). Which graph backends a machine can run
+A backend owns nothing per sequence: `new_caches(batch)` hands out zeroed caches for `batch` sequences of the
+backend's capacity (paged pools: models/cache.py), `step(input_ids, positions, caches)` takes a [B, S] step, writes its
+rows into them in place and returns the logits of every position (and, if asked for, each layer's indexer
+selection, as positions in each sequence, for parity checks). Which graph backends a machine can run
 is decided here too (`available_backends`).
 """
 
@@ -21,16 +22,17 @@ from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import ExportDir, as_export
 from dsa_export.kernels import CUSTOM_OPS
 from dsa_export.models import inputs
-from dsa_export.models.cache import KVCache, cache_order, check_room, default_capacity
+from dsa_export.models.cache import KVCache, Paging, blocks_for, cache_order, check_room, default_capacity
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
-from dsa_export.serving.io_spec import GraphIO
+from dsa_export.serving.io_spec import (BLOCK_TABLES, HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS,
+                                        SEQUENCE, SLOTS, TEMPERATURE, TOP_K, TOP_P, UNIFORM, GraphIO)
 from dsa_export.targets import GPUTarget
 
 
 @dataclass
 class StepResult:
-    logits: torch.Tensor  # [B,S,V] fp32 ([B,1,V] for an export with last_logits_only)
+    logits: torch.Tensor  # [B,S,V] fp32
     indexer_topk: list[torch.Tensor] = field(default_factory=list)  # per layer [B,S,topk] int32, if recorded
 
 
@@ -58,9 +60,14 @@ def check_step(backend: Backend, input_ids, positions, cache_batch: int) -> tupl
     return ids, positions
 
 
-def check_contents(contents: list[torch.Tensor] | None, shapes: list[tuple[int, ...]]) -> None:
-    if contents is not None and [tuple(c.shape) for c in contents] != shapes:
-        raise DSAExportError(f"cache contents must be {len(shapes)} tensors of shapes {shapes[:1]}..., in layout order")
+def check_contents(contents: list[torch.Tensor] | None, batch: int, widths: list[int], rows: int) -> None:
+    """Cache contents are every layer's caches in layout order, each [batch, T <= rows, width]."""
+    if contents is None:
+        return
+    if len(contents) != len(widths) or any(c.dim() != 3 or c.shape[0] != batch or c.shape[1] > rows or
+                                           c.shape[2] != w for c, w in zip(contents, widths)):
+        raise DSAExportError(f"cache contents must be {len(widths)} tensors [batch={batch}, positions <= {rows}, "
+                             f"width], in layout order")
 
 
 class EagerBackend:
@@ -77,63 +84,73 @@ class EagerBackend:
         self.record_indexer = record_indexer
 
     def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> KVCache:
+        """The model's own cache; contents: what each sequence holds at its first positions (layout order)."""
         cache = self.model.new_cache(batch, self.capacity)
-        check_contents(contents, [tuple(t.shape) for t in cache.tensors()])
-        for tensor, value in zip(cache.tensors(), contents or []):
-            tensor.copy_(value)
+        views = cache.sequences()
+        check_contents(contents, batch, [v.shape[-1] for v in views], cache.rows)
+        for view, value in zip(views, contents or []):
+            view[:, :value.shape[1]] = value
         return cache
 
     def step(self, input_ids, positions, caches: KVCache) -> StepResult:
         input_ids, positions = check_step(self, input_ids, positions, caches.batch)
         selections: list[torch.Tensor] = []
         ops = CUSTOM_OPS
-        if self.record_indexer:
+        paging = Paging.identity(positions, caches.rows)
+        if self.record_indexer:  # each layer's selection, as positions in the sequence [B, S, topk]
             def indexer(*args):
-                selections.append(CUSTOM_OPS.lightning_indexer(*args))
-                return selections[-1]
+                rows = CUSTOM_OPS.lightning_indexer(*args)
+                selections.append(paging.logical(rows).view(*positions.shape, -1))
+                return rows
 
             ops = CUSTOM_OPS._replace(lightning_indexer=indexer)
         with torch.no_grad():
-            logits, _, _ = self.model.forward_with_cache(input_ids, positions, caches.latent, caches.index_keys, ops,
-                                                         self.attention)
+            logits = self.model.step(input_ids, positions, caches, ops, self.attention)
         return StepResult(logits, selections)
 
 
 class StepGraph(Protocol):
-    """One exported graph run step by step (serving/ort_graph.py, serving/trt_graph.py), its caches kept by the
+    """One exported graph run step by step (serving/ort_graph.py, serving/trt_graph.py), its pools kept by the
     caller and written in place."""
     io: GraphIO
 
-    def new_caches(self, batch: int, contents: list | None = None) -> Any:
-        """Caches for `batch` sequences at the graph's capacity (zeroed, or holding `contents`, io.json order)."""
+    def new_pools(self, rows: int) -> Any:
+        """Zeroed pools of `rows` rows, in io.json's order."""
         ...
 
-    def run(self, first: np.ndarray, positions: np.ndarray, caches: Any) -> list[np.ndarray]:
-        """[logits or hidden_out, *extra outputs] of one step over input_ids (or hidden_in) at positions."""
+    def run(self, feeds: dict, pools: Any, outputs: list[str] | None = None) -> dict:
+        """The named outputs of one step (feeds: every step input by name)."""
         ...
+
+
+@dataclass
+class GraphCaches:
+    """A batch's caches in the exported graphs: every stage's pools, each sequence b owning `rows` rows of them (its
+    blocks b·rows/block ..., in order: models/cache.py's identity paging)."""
+    pools: list
+    batch: int
+    rows: int
 
 
 class GraphBackend:
-    """The exported graphs of an export (one per pipeline stage) as one model: each step runs the stages in layer
-    order, each stage's hidden state feeding the next, each stage with its own caches. Built by `onnxruntime` (ONNX
-    Runtime sessions) or `tensorrt` (the stages' engines, stage i on GPU i)."""
+    """The exported graphs of an export (one per pipeline stage) as one model: each step packs the [B, S] tokens,
+    runs the stages in layer order, each stage's hidden state feeding the next, each stage with its own pools. Built
+    by `onnxruntime` (ONNX Runtime sessions) or `tensorrt` (the stages' engines, stage i on GPU i)."""
 
-    def __init__(self, name: str, graphs: list[StepGraph], cache_dtype: torch.dtype,
-                 to_torch: Callable | None = None):
+    def __init__(self, name: str, graphs: list[StepGraph], cache_dtype: torch.dtype):
         self.name = name
         self.graphs = graphs
         self.ios = [g.io for g in graphs]
         self.io = self.ios[0]
         self.capacity, self.vocab_size = self.io.capacity, self.io.vocab_size
         self.cache_dtype = cache_dtype
-        self.to_caches = to_torch or (lambda c: c.numpy())  # a layout-order content tensor → what new_caches takes
         self.providers: list[str] = list(getattr(graphs[0], "providers", []))  # ONNX Runtime's, in order
 
     @classmethod
     def onnxruntime(cls, export: ExportDir | str | Path, providers: list[str] | None = None,
                     record_indexer: bool = False) -> "GraphBackend":
         """ONNX Runtime sessions over the export's graphs (CPU; CUDA when onnxruntime-gpu and a GPU are present), each
-        cache bound once as the input and the output of its TensorScatter, so no step copies a cache.
+        pool bound once as the input and the output of its dsa::WriteCache, so no step copies a pool.
         record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph, in
         memory; the export directory is never written)."""
         from dsa_export.serving.ort_graph import OrtGraph
@@ -177,31 +194,51 @@ class GraphBackend:
                 graphs.append(TrtGraph(stage.plan_path, stage.io, stage.engine_record["profiles"], device))
             except RuntimeError as e:
                 raise DSAExportError(str(e)) from None
-        return cls("tensorrt", graphs, graphs[0].cache_dtype, to_torch=lambda c: c)
+        return cls("tensorrt", graphs, graphs[0].cache_dtype)
 
-    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> list:
-        """One set of caches per stage; contents: every layer's caches in the model's layout order (models/cache.py)."""
+    def new_caches(self, batch: int, contents: list[torch.Tensor] | None = None) -> GraphCaches:
+        """Pools for `batch` sequences of `capacity` each; contents: what each sequence holds at its first positions,
+        every layer's caches in the model's layout order (models/cache.py), [batch, T, width] each."""
+        rows = blocks_for(self.capacity, self.io.block_size) * self.io.block_size
+        pools = [graph.new_pools(batch * rows) for graph in self.graphs]
         names = [t.name for io in self.ios for t in io.cache_inputs]
-        shapes = [io.cache_shape(t, batch) for io in self.ios for t in io.cache_inputs]
         order = sorted(range(len(names)), key=lambda i: cache_order(names[i]))
-        check_contents(contents, [shapes[i] for i in order])
-        by_name = {names[i]: c for i, c in zip(order, contents)} if contents else {}
-        return [graph.new_caches(batch, [self.to_caches(by_name[t.name]) for t in io.cache_inputs] if contents else None)
-                for graph, io in zip(self.graphs, self.ios)]
+        widths = [t.dims[-1] for io in self.ios for t in io.cache_inputs]
+        check_contents(contents, batch, [widths[i] for i in order], rows)
+        if contents:
+            by_name = {names[i]: c for i, c in zip(order, contents)}
+            for graph, stage_pools, io in zip(self.graphs, pools, self.ios):
+                buffers = stage_pools.arrays if hasattr(stage_pools, "arrays") else stage_pools
+                for spec, buffer in zip(io.cache_inputs, buffers):
+                    value = by_name[spec.name]
+                    target = buffer.reshape(batch, rows, -1)  # a view: the pool itself
+                    target[:, :value.shape[1]] = value.numpy() if isinstance(target, np.ndarray) else value.to(target)
+        return GraphCaches(pools, batch, rows)
 
-    def step(self, input_ids, positions, caches) -> StepResult:
-        input_ids, positions = check_step(self, input_ids, positions, _batch(caches[0]))
-        out, selections = input_ids.numpy(), []
-        for graph, stage_caches in zip(self.graphs, caches):
-            out, *stage_selections = graph.run(out, positions.numpy(), stage_caches)
-            selections += stage_selections
-        return StepResult(torch.from_numpy(out), [torch.from_numpy(s) for s in selections])
+    def step(self, input_ids, positions, caches: GraphCaches) -> StepResult:
+        input_ids, positions = check_step(self, input_ids, positions, caches.batch)
+        paging = Paging.identity(positions, caches.rows, self.io.block_size)
+        N = input_ids.numel()
+        feeds = {INPUT_IDS: input_ids.reshape(-1).numpy(), POSITIONS: paging.positions.numpy(),
+                 SEQUENCE: paging.sequence.numpy(), SLOTS: paging.slots.numpy(),
+                 BLOCK_TABLES: paging.block_tables.numpy(), LOGITS_INDEX: np.arange(N, dtype=np.int64),
+                 **greedy(N)}
+        selections = []
+        out = None
+        for graph, io, pools in zip(self.graphs, self.ios, caches.pools):
+            if not io.first:
+                feeds[HIDDEN_IN] = out
+            results = graph.run(feeds, pools)
+            out = results[LOGITS if io.last else HIDDEN_OUT]
+            selections += [paging.logical(torch.from_numpy(results[name])).view(*positions.shape, -1)
+                           for name in getattr(graph, "extra_outputs", [])]
+        return StepResult(torch.from_numpy(out).view(*positions.shape, -1), selections)
 
 
-def _batch(caches) -> int:
-    """The batch of one stage's caches (OrtCaches, or a list of CUDA tensors)."""
-    first = caches.arrays[0] if hasattr(caches, "arrays") else caches[0]
-    return first.shape[0]
+def greedy(samples: int) -> dict:
+    """The sampling inputs of a step whose rows are picked greedily (models/sampling.py)."""
+    return {TEMPERATURE: np.zeros(samples, np.float32), TOP_K: np.zeros(samples, np.int32),
+            TOP_P: np.ones(samples, np.float32), UNIFORM: np.zeros(samples, np.float32)}
 
 
 def available_backends(export: ExportDir, target: GPUTarget | None = None, record_indexer: bool = False,

@@ -14,6 +14,7 @@ import torch
 
 from dsa_export.errors import DSAExportError
 from dsa_export.models.cache import CacheFullError
+from dsa_export.models.sampling import sample
 
 
 class Session:
@@ -45,15 +46,7 @@ class Session:
         self.caches = self.backend.new_caches(len(prompts))
         positions = torch.arange(ids.shape[1]).expand_as(ids).contiguous()
         logits = self._run(ids, positions).logits
-        if logits.shape[1] == 1:  # an export that returns the last position's logits only: right-padding moves it
-            return self._last_logits_one_by_one(prompts, logits)
         return logits[torch.arange(len(prompts)), self.lengths - 1]
-
-    def _last_logits_one_by_one(self, prompts, logits):
-        if len(set(self.lengths.tolist())) == 1:
-            return logits[:, -1]
-        raise DSAExportError("prompts of different lengths need an export with logits for every position "
-                             "(export without --last-logits-only)")
 
     def decode(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Append one token per row; returns the next-token logits [B,V]."""
@@ -63,13 +56,16 @@ class Session:
         return logits[:, -1]
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int = 0, seed: int = 0) -> list[list[int]]:
-        """Greedy (temperature 0) or sampled continuation of every prompt; returns the new tokens per prompt."""
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        """Greedy (temperature 0) or sampled continuation of every prompt (models/sampling.py, the server's own
+        sampling); returns the new tokens per prompt."""
         for name, value in (("max_new_tokens", max_new_tokens), ("top_k", top_k), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise DSAExportError(f"{name} must be an integer >= 0, got {value!r}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
             raise DSAExportError(f"temperature must be a number >= 0, got {temperature!r}")
+        if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise DSAExportError(f"top_p must be a number in (0, 1], got {top_p!r}")
         if max_new_tokens == 0:
             return [[] for _ in prompts]
         longest = max((len(p) for p in prompts), default=0)
@@ -79,20 +75,14 @@ class Session:
         gen = torch.Generator().manual_seed(seed)
         logits = self.prefill(prompts)
         out: list[list[int]] = [[] for _ in prompts]
+        rows = len(prompts)
+        settings = (torch.full((rows,), float(temperature)), torch.full((rows,), top_k, dtype=torch.int32),
+                    torch.full((rows,), float(top_p)))
         for step in range(max_new_tokens):
-            tokens = pick_tokens(logits, temperature, top_k, gen)
+            tokens, _ = sample(logits.float(), *settings, torch.rand(rows, generator=gen))
             for row, token in zip(out, tokens.tolist()):
                 row.append(token)
             if step + 1 < max_new_tokens:
                 logits = self.decode(tokens)
         return out
 
-
-def pick_tokens(logits: torch.Tensor, temperature: float, top_k: int, gen: torch.Generator) -> torch.Tensor:
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(torch.softmax(logits, -1), 1, generator=gen).squeeze(-1)

@@ -4,7 +4,7 @@ These files run in the server's Python environment, which has neither dsa_export
 imports only the standard library, numpy, onnxruntime or tensorrt (+ torch, on a GPU), tokenizers and jinja2, and
 its siblings as top-level modules (the repository writer copies them flat into each model's version directory).
 tests/test_serving_standalone.py imports every one of them so. The package imports them from here too (io_spec,
-ort_graph, trt_graph, generation): one copy of each.
+ort_graph, trt_graph, generation, scheduler): one copy of each.
 """
 
 from pathlib import Path
@@ -13,11 +13,10 @@ HERE = Path(__file__).resolve().parent
 
 # model kind → (its model.py, the modules copied beside it)
 SHIPPED = {
-    "generate": ("triton_generate.py", ("generation.py", "io_spec.py")),
-    "onnxruntime": ("triton_step.py", ("ort_graph.py", "io_spec.py")),
-    "tensorrt": ("triton_step.py", ("trt_graph.py", "io_spec.py")),
+    "generate": ("triton_generate.py", ("generation.py", "io_spec.py", "scheduler.py", "ort_graph.py", "trt_graph.py")),
 }
-# Shipped files that import torch (the GPU step model's runner): every other one runs without it.
+# Shipped files that import torch (the TensorRT runner, imported only where the build has engines): every other one
+# runs without it.
 NEEDS_TORCH = ("trt_graph.py",)
 
 

@@ -1,8 +1,9 @@
 """Generation as the Triton model repository serves it: the request contract of the `dsa_generate` model, its checks,
-token picking and text (tokenizer, chat template, incremental decoding).
+and text (tokenizer, chat template, incremental decoding).
 
 Shipped (numpy and HF `tokenizers` only, jinja2 when a chat template is applied: see serving/__init__.py); the
 repository writer, the client and the tests import it from here: one definition of the request on both sides.
+Tokens are picked in the exported graph (models/sampling.py), not here.
 """
 
 from __future__ import annotations
@@ -11,8 +12,6 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 # The generation model's inputs and outputs: name → (Triton dtype, dims, optional). One request carries either
 # INPUT_IDS or PROMPT (text, when the build has a tokenizer); the model streams one response per new token.
@@ -23,14 +22,25 @@ GENERATE_INPUTS = {
     "MAX_NEW_TOKENS": ("TYPE_INT64", [1], False),
     "TEMPERATURE": ("TYPE_FP32", [1], True),
     "TOP_K": ("TYPE_INT64", [1], True),
+    "TOP_P": ("TYPE_FP32", [1], True),
     "SEED": ("TYPE_INT64", [1], True),
     "STOP_IDS": ("TYPE_INT64", [-1], True),
 }
+# A response carries the request's new tokens since its last one: usually one, more when they come faster than
+# responses can be sent.
 GENERATE_OUTPUTS = {
-    "TOKEN": ("TYPE_INT64", [1], False),
-    "INDEX": ("TYPE_INT64", [1], False),  # 0, 1, 2, ... per request: the client sees a lost or repeated response
-    "TEXT": ("TYPE_STRING", [1], False),  # the text this token completes (UTF-8; empty while a character is split)
+    "TOKEN": ("TYPE_INT64", [-1], False),
+    "INDEX": ("TYPE_INT64", [-1], False),  # 0, 1, 2, ... per request: the client sees a lost or repeated token
+    "TEXT": ("TYPE_STRING", [1], False),  # the text these tokens complete (UTF-8; empty while a character is split)
+    "LOGPROB": ("TYPE_FP32", [-1], False),  # the model's log-probability of each token
 }
+MAX_STOP_IDS = 1024
+
+
+def max_prompt_bytes(capacity: int) -> int:
+    """The largest text prompt taken (UTF-8 bytes): 16 per token of the capacity (text averages about 4), at least
+    1 MiB. Larger is refused before it is tokenized."""
+    return max(1 << 20, 16 * capacity)
 
 
 class RequestError(ValueError):
@@ -43,6 +53,7 @@ class GenerationRequest:
     max_new_tokens: int
     temperature: float = 0.0
     top_k: int = 0
+    top_p: float = 1.0
     seed: int = 0
     stop_ids: list[int] = field(default_factory=list)
 
@@ -51,6 +62,8 @@ def check_request(request: GenerationRequest, vocab_size: int, capacity: int) ->
     """The checks every request passes before any step runs (the same words as the Python API's)."""
     if not request.prompt_ids:
         raise RequestError("the prompt is empty: send at least one token id (INPUT_IDS) or some text (PROMPT)")
+    if len(request.prompt_ids) > capacity:
+        raise RequestError(f"a prompt of {len(request.prompt_ids)} tokens does not fit the cache capacity {capacity}")
     bad = [t for t in request.prompt_ids if not 0 <= t < vocab_size]
     if bad:
         raise RequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
@@ -63,20 +76,12 @@ def check_request(request: GenerationRequest, vocab_size: int, capacity: int) ->
         raise RequestError(f"TEMPERATURE must be a number >= 0, got {request.temperature}")
     if request.top_k < 0:
         raise RequestError(f"TOP_K must be >= 0, got {request.top_k}")
-    if request.seed < 0:
+    if not (math.isfinite(request.top_p) and 0 < request.top_p <= 1):
+        raise RequestError(f"TOP_P must be in (0, 1], got {request.top_p}")
+    if not 0 <= request.seed < 2**63:
         raise RequestError(f"SEED must be >= 0, got {request.seed}")
-
-
-def pick_token(logits: np.ndarray, temperature: float, top_k: int, rng: np.random.Generator) -> int:
-    """Greedy (temperature 0: the first maximum, as torch.argmax) or sampled from the top_k (0: all) logits."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    scaled = logits.astype(np.float64) / temperature
-    if 0 < top_k < scaled.size:
-        kth = np.partition(scaled, -top_k)[-top_k]
-        scaled = np.where(scaled < kth, -np.inf, scaled)
-    probs = np.exp(scaled - scaled.max())
-    return int(rng.choice(scaled.size, p=probs / probs.sum()))
+    if len(request.stop_ids) > MAX_STOP_IDS:
+        raise RequestError(f"at most {MAX_STOP_IDS} STOP_IDS, got {len(request.stop_ids)}")
 
 
 def _token_text(value) -> str | None:
