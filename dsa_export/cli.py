@@ -269,18 +269,31 @@ def _one_line(message: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line; argv None: this process is the program (the console script, `python -m dsa_export.cli`), so
+    a signal that comes once the command is over is ignored while the interpreter exits (its default handlers would
+    print a KeyboardInterrupt from an atexit callback, or kill it with no word). With argv, as a library call, the
+    caller's handlers are put back."""
+    over = False
+
     def terminated(signum, frame):
+        if over:
+            return
         note_signal("SIGTERM")
         raise Interrupted("SIGTERM")
 
     def interrupted(signum, frame):  # not KeyboardInterrupt: click would print a line of its own for that
+        if over:
+            return
         note_signal("SIGINT")
         raise Interrupted("SIGINT")
 
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
     try:
-        cli.main(args=argv, prog_name="dsa-export", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="dsa-export", standalone_mode=False)
+        finally:
+            over = True  # whatever ended the command: a signal from now on changes nothing
     except DSAExportError as e:
         click.echo(f"dsa-export: error: {_one_line(str(e))}", err=True)
         return 2
@@ -310,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if argv is None else handler)
     return 0
 
 
