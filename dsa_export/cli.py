@@ -13,7 +13,7 @@ import click
 
 from dsa_export._version import __version__
 from dsa_export.build.options import SEED, FiniteFloat, OutputPath, click_options, options_from
-from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, note_signal, signal_received
+from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, forget_signals, note_signal, signal_received
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         note_signal("SIGINT")
         raise Interrupted("SIGINT")
 
+    forget_signals()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated),
                 signal.SIGINT: signal.signal(signal.SIGINT, interrupted)}
     try:

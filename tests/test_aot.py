@@ -147,6 +147,8 @@ def test_real_model_kernels_launch_within_48_kib(tmp_path):
         assert indexer["lightning_indexer_bf16"]["constexprs"]["BF16_DOT"]  # bf16 operands: a 16 KiB q tile
         assert indexer["lightning_indexer_bf16"]["shared_bytes"] <= 32768 < indexer["lightning_indexer_fp32"][
             "shared_bytes"]
+        mla = {m["kernel"]: m for m in target_metas if m["contract"] == "SparseMLA"}
+        assert mla["sparse_mla_bf16"]["constexprs"]["BF16_DOT"] and not mla["sparse_mla_fp32"]["constexprs"]["BF16_DOT"]
 
 
 def test_child_process_compilation_gives_the_same_kernels(compiled, triton_cache, tmp_path):

@@ -172,3 +172,14 @@ def test_a_signal_after_the_command_is_over_is_ignored_while_the_program_exits()
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     assert "h100" in proc.stdout
+
+
+def test_a_signal_during_a_held_import_arrives_once_it_is_done():
+    """errors.signals_held: a signal sent inside waits for the block to end (an import that a library would leave half
+    done, warning on stderr), then arrives as usual."""
+    code = ("import os, signal; from dsa_export.errors import signals_held\n"
+            "got = []\nsignal.signal(signal.SIGTERM, lambda *a: got.append('TERM'))\n"
+            "with signals_held():\n    os.kill(os.getpid(), signal.SIGTERM)\n    inside = list(got)\n"
+            "print(inside, got)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[] ['TERM']", proc.stderr

@@ -355,6 +355,8 @@ class Runner:
             ctx.stage_into(staging)  # the step writes its outputs there
             try:
                 details = step.run(ctx) or {}
+                if ctx.signalled():  # a library swallowed the signal's exception: the run stops here all the same
+                    raise Interrupted(ctx.signalled())
                 written = [ctx.out.relative(p) for p in step.outputs(ctx, ctx.out)]
             finally:
                 ctx.stage_into(None)
