@@ -336,6 +336,7 @@ ROUTED_EXPERTS_FP8 = OpContract(
 )
 
 CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)
+BY_ONNX_NAME = {c.onnx_name: c for c in CONTRACTS}  # an ONNX node's op type (a plugin's name) → its contract
 
 
 def fp8_scale_shape(rows: int, cols: int, block_out: int, block_in: int, stacked: int = 1) -> tuple[int, int]:

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from dsa_export.contracts import CONTRACTS
+from dsa_export.contracts import BY_ONNX_NAME, FP8_BYTES
+from dsa_export.formats import FORMATS, of
 from dsa_export.kernels import aot, launch
 from dsa_export.kernels.reference import routed_experts_reference
 from dsa_export.models import semantics
@@ -46,8 +47,9 @@ OUT_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 CONTEXTS = (8192, 32768, 131072)  # keys per sequence for the decode cases
 INT32_MAX = 2**31 - 1
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
-POINTER_TYPES = {"fp32": (torch.float32,), "bf16": (torch.bfloat16,), "fp8e4nv": (torch.float8_e4m3fn, torch.int8),
-                 "i32": (torch.int32,), "i64": (torch.int64,)}
+# a kernel pointer's element type → the tensor dtypes it may point at (formats.py); FP8 codes are read as e4m3
+POINTER_TYPES = {f.triton: (getattr(torch, f.name),) for f in FORMATS.values() if f.triton}
+POINTER_TYPES[of("float8_e4m3fn").triton] += (getattr(torch, FP8_BYTES),)
 
 
 @dataclass
@@ -138,7 +140,7 @@ def check_launch(meta: dict, case: Case, ptx: str) -> tuple[list, tuple, list[st
     """The launch the plugin would make for this case, from the JSON alone: (kernel arguments with None for a hidden
     pointer, grid, problems found)."""
     problems = []
-    contract = {c.onnx_name: c for c in CONTRACTS}[meta["contract"]]
+    contract = BY_ONNX_NAME[meta["contract"]]
     outputs = dict(contract.aliases)
     tensors = dict(case.tensors)
     dims = contract.input_dims({n: tuple(t.shape) for n, t in tensors.items()}, case.attributes)
@@ -283,7 +285,7 @@ def run(args) -> dict:
                     got = _launched(driver, function, meta, grid, arguments, output)
                     row["passed"], row["compare"] = compare(meta, got, expected)
                     seconds = timed(lambda: driver.launch(function, meta, grid, arguments))
-                    contract = {c.onnx_name: c for c in CONTRACTS}[meta["contract"]]
+                    contract = BY_ONNX_NAME[meta["contract"]]
                     cost = contract.cost({n: tuple(t.shape) for n, t in case.tensors.items()}, case.attributes,
                                          {n: t.element_size() for n, t in case.tensors.items()}, past=case.past,
                                          sequences=case.sequences)

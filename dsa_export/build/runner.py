@@ -355,8 +355,9 @@ class Runner:
             ctx.stage_into(staging)  # the step writes its outputs there
             try:
                 details = step.run(ctx) or {}
-                if ctx.signalled():  # a library swallowed the signal's exception: the run stops here all the same
-                    raise Interrupted(ctx.signalled())
+                signalled = ctx.signalled()
+                if signalled:  # a library swallowed the signal's exception: the run stops here all the same
+                    raise Interrupted(signalled)
                 written = [ctx.out.relative(p) for p in step.outputs(ctx, ctx.out)]
             finally:
                 ctx.stage_into(None)

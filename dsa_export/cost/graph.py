@@ -23,7 +23,7 @@ from pathlib import Path
 
 import onnx
 
-from dsa_export.contracts import CONTRACTS
+from dsa_export.contracts import BY_ONNX_NAME
 from dsa_export.cost.model import step_cost
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import ExportDir, as_export
@@ -88,7 +88,6 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
         elem = initializers[name].data_type if name in initializers else types[name].elem_type
         return math.prod(shape(name)) * _itemsize(elem)
 
-    contracts = {c.onnx_name: c for c in CONTRACTS}
     caches = {t.name for t in (*io.cache_inputs, *io.cache_outputs)}
     flops = other = weight_bytes = cache_bytes = 0.0
     constants = set(initializers)  # initializers, and what is computed from them alone (folded at load)
@@ -99,7 +98,7 @@ def graph_step_cost(model: onnx.ModelProto, io: GraphIO, point: Point) -> dict:
             constants.update(node.output)
             continue
         if node.domain == DSA_DOMAIN:
-            contract = contracts[node.op_type]
+            contract = BY_ONNX_NAME[node.op_type]
             attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
             names = dict(zip((t.name for t in contract.inputs), node.input))
             itemsize = {arg: nbytes(name) // max(math.prod(shape(name)), 1) for arg, name in names.items()}

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import onnx.numpy_helper
 
-from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
+from dsa_export.contracts import (BY_ONNX_NAME, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
                                   WRITE_CACHE)
 from dsa_export.errors import DSAExportError
 from dsa_export.serving.io_spec import GraphIO
@@ -61,12 +61,11 @@ def check_dsa_nodes(graph: onnx.GraphProto, num_layers: int, moe_layers: int | N
     experts = counts[ROUTED_EXPERTS.onnx_name] + counts[ROUTED_EXPERTS_FP8.onnx_name]
     if moe_layers is not None and experts != moe_layers:
         raise GraphCheckError(f"expected {moe_layers} dsa::RoutedExperts nodes (one per MoE layer), found {experts}")
-    contracts = {c.onnx_name: c for c in CONTRACTS}
     for node in nodes:
-        if node.op_type not in contracts:
+        if node.op_type not in BY_ONNX_NAME:
             raise GraphCheckError(f"dsa::{node.op_type} (node '{node.name}') is not a dsa op")
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        for attribute in contracts[node.op_type].attributes:
+        for attribute in BY_ONNX_NAME[node.op_type].attributes:
             if attribute.name not in attrs:
                 raise GraphCheckError(f"dsa::{node.op_type} node '{node.name}' lacks attribute '{attribute.name}'")
         for name, value in TRT_ATTRIBUTES.items():

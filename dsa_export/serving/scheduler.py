@@ -97,9 +97,12 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     blocks: list[int] = field(default_factory=list)
     promised: int = 0  # blocks promised and not yet taken
-    in_flight: bool = False
-    writing: int = 0  # tokens of the step in flight: their rows are being written
+    writing: int = 0  # tokens in the step in flight (0: in none): their rows are being written
     done: bool = False
+
+    @property
+    def in_flight(self) -> bool:
+        return self.writing > 0
 
     def __post_init__(self):
         self.rng = np.random.default_rng(self.seed)  # the request's own: its tokens do not depend on its batch
@@ -286,7 +289,7 @@ class Scheduler:
         tables = np.zeros((len(parts), self.blocks_per_sequence), dtype=np.int32)
         sampled, settings = [], []
         for row, (sequence, count, sample) in enumerate(parts):
-            sequence.in_flight, sequence.writing = True, count
+            sequence.writing = count
             needed = math.ceil((sequence.fed + count) / self.block_size) - len(sequence.blocks)
             if needed > 0:
                 sequence.blocks += self.allocator.take(needed)
@@ -343,7 +346,7 @@ class Scheduler:
         self.counters["step_seconds"] += time.monotonic() - step.started
         sampled = 0
         for sequence, count, sample in step.parts:
-            sequence.in_flight, sequence.writing = False, 0
+            sequence.writing = 0
             if sequence.done:
                 continue
             if error is not None:
