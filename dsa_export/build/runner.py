@@ -322,6 +322,7 @@ class Runner:
             "steps": {s.name: records[s.name] for s in self.steps if s.name in records},
         }
         self._committed: list[tuple[list[str], list[str]]] = []  # per committed step: (placed, trashed)
+        run_dir.mkdir(exist_ok=True)  # from the start: a run killed at any point leaves it for the next run to remove
         self._trash = run_dir / "trash"
         self._write(ctx)
         for step in plan.selected:
