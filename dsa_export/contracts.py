@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-from dsa_export.formats import name_of
+from dsa_export.formats import FORMATS, name_of
 
 FLOAT_TYPES = ("float32", "bfloat16")
 INDEX_TYPES = ("int32", "int64")
@@ -103,6 +103,8 @@ class OpContract:
     doc: str
     cost_model: Callable[[Workload], OpCost] = field(compare=False, repr=False)
     aliases: tuple[tuple[str, str], ...] = ()  # (output, input): the output is written in place of that input
+    # dims computed from the others (ints and symbolic sizes alike), e.g. the candidates' rows N + split_rows
+    derived_dims: Callable[[dict], dict] | None = field(default=None, compare=False, repr=False)
 
     @property
     def qualified_name(self) -> str:
@@ -123,6 +125,8 @@ class OpContract:
                 for name, size in zip(spec.dims, shapes[spec.name]):
                     dims.setdefault(name, size)
         dims.update((a.name, attributes[a.name]) for a in self.attributes if a.type == "int" and a.name in attributes)
+        if self.derived_dims is not None:
+            dims.update(self.derived_dims(dims))
         return dims
 
     def input_dims(self, shapes: dict[str, tuple[int, ...]], attributes: dict) -> dict[str, int]:
@@ -145,8 +149,9 @@ class OpContract:
              past: int = 0, sequences: int = 1) -> OpCost:
         dims = self.input_dims(shapes, attributes)
         sizes = dict(itemsize)
-        for spec in self.outputs:
-            sizes.setdefault(spec.name, 4)
+        for spec in self.outputs:  # an output's own dtype, or (like an input) 4 bytes
+            kind, dtype = spec.dtype_rule
+            sizes.setdefault(spec.name, FORMATS[dtype].itemsize if kind == "is" else sizes.get(dtype, 4))
         return self.cost_model(Workload(dims, sizes, past, sequences))
 
     def check(self, inputs: dict, attributes: dict, outputs: dict | None = None) -> dict[str, int]:
@@ -335,8 +340,61 @@ ROUTED_EXPERTS_FP8 = OpContract(
     aliases=(("out", "base"),),
 )
 
-CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)
-BY_ONNX_NAME = {c.onnx_name: c for c in CONTRACTS}  # an ONNX node's op type (a plugin's name) → its contract
+
+# ---- dsa::IndexerChunks + dsa::IndexerMerge: LightningIndexer as TensorRT runs it -----------------------------------
+# A TensorRT plugin launches one kernel, and the indexer splits each token's keys over several programs so that a
+# decode step fills the GPU (kernels/triton_indexer.py): the engine build replaces every LightningIndexer node by
+# these two (plugins/onnx_ops.split_indexer). They exist only in the graph TensorRT parses: no torch op, no ONNX
+# schema or decomposition. The candidates' layout is the split rule of kernels/triton_indexer.py.
+INDEXER_SPLIT_ROWS = 512  # the split_rows attribute the build gives the nodes (= triton_indexer.SPLIT_ROWS)
+
+
+def _indexer_chunks_cost(w: Workload) -> OpCost:
+    scoring = _indexer_cost(w)
+    return OpCost(flops=scoring.flops, cache_bytes=scoring.cache_bytes,
+                  activation_bytes=w.nbytes("q", "N", "HI", "DI") + w.nbytes("w", "N", "HI")
+                  + w.nbytes("positions", "N") + w.nbytes("candidates", "N", "topk"))
+
+
+def _indexer_merge_cost(w: Workload) -> OpCost:
+    return OpCost(flops=0, activation_bytes=w.nbytes("candidates", "N", "topk") + w.nbytes("indices", "N", "topk"))
+
+
+def _candidate_rows(dims: dict) -> dict:
+    return {"SLOTS": dims["N"] + dims["split_rows"]} if "N" in dims and "split_rows" in dims else {}
+
+
+_SPLIT_ROWS = Attribute("split_rows", "int", "candidate rows beyond the N first (the split rule's SPLIT_ROWS)")
+_CANDIDATES = TensorArg("candidates", ("SLOTS", "topk"), ("int64",),
+                        "each chunk's top-k keys, (score, position) packed so that they sort like the contract, "
+                        "sorted descending; row n: token n's first chunk, N + n·(splits-1) + c - 1 its chunk c")
+
+INDEXER_CHUNKS = OpContract(
+    domain="dsa", onnx_name="IndexerChunks", torch_name="indexer_chunks", version=1,
+    inputs=LIGHTNING_INDEXER.inputs,
+    attributes=LIGHTNING_INDEXER.attributes + (_SPLIT_ROWS,),
+    outputs=(_CANDIDATES,),
+    doc="the first half of LightningIndexer: every chunk of each token's visible keys (the split rule) with its top-k "
+        "keys; a token that keeps all its keys has no chunk",
+    cost_model=_indexer_chunks_cost,
+    derived_dims=_candidate_rows,
+)
+
+INDEXER_MERGE = OpContract(
+    domain="dsa", onnx_name="IndexerMerge", torch_name="indexer_merge", version=1,
+    inputs=(TensorArg("candidates", ("SLOTS", "topk"), ("int64",), "IndexerChunks' output"), *_PAGING),
+    attributes=LIGHTNING_INDEXER.attributes + (_SPLIT_ROWS,),
+    outputs=LIGHTNING_INDEXER.outputs,
+    doc="the second half of LightningIndexer: each token's chunk lists merged into its top-k, mapped to pool rows; "
+        "indices as LightningIndexer gives them",
+    cost_model=_indexer_merge_cost,
+)
+
+CONTRACTS = (LIGHTNING_INDEXER, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8)  # the exported graph's
+TENSORRT_CONTRACTS = (INDEXER_CHUNKS, INDEXER_MERGE, SPARSE_MLA, WRITE_CACHE, ROUTED_EXPERTS,
+                      ROUTED_EXPERTS_FP8)  # the TensorRT plugins: the ops of the graph an engine is built from
+# an ONNX node's op type (a plugin's name) → its contract
+BY_ONNX_NAME = {c.onnx_name: c for c in CONTRACTS + TENSORRT_CONTRACTS}
 
 
 def fp8_scale_shape(rows: int, cols: int, block_out: int, block_in: int, stacked: int = 1) -> tuple[int, int]:

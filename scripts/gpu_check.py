@@ -37,7 +37,9 @@ import torch
 from dsa_export.contracts import BY_ONNX_NAME, FP8_BYTES
 from dsa_export.formats import FORMATS, of
 from dsa_export.kernels import aot, launch
-from dsa_export.kernels.reference import routed_experts_reference
+from dsa_export.kernels.common import IndexerSplit
+from dsa_export.kernels.reference import (EMPTY_KEY, indexer_chunks_reference, indexer_merge_reference, key_positions,
+                                          routed_experts_reference)
 from dsa_export.models import semantics
 from dsa_export.models.cache import BLOCK_SIZE
 from dsa_export.models.presets import get_preset
@@ -89,12 +91,20 @@ def cases(meta: dict, config, device: str, gen) -> list[Case]:
         if device != "meta":
             paging = {k: v.to(device) for k, v in paging.items()}
         name = f"decode, {keys} keys" if tokens == 1 else f"prefill chunk of {tokens} at {keys} keys"
-        if contract == "LightningIndexer":
-            out.append(Case(meta["kernel"], name, {
-                "q": make((tokens, c.index_n_heads, c.index_head_dim), dtype, device, gen=gen),
-                "k": make((rows, c.index_head_dim), dtype, device, gen=gen),
-                "w": make((tokens, c.index_n_heads), torch.float32, device, gen=gen), **paging},
-                {"topk": c.index_topk, "block_size": BLOCK_SIZE}, past=keys - tokens))
+        if contract in ("IndexerChunks", "IndexerMerge"):
+            split = split_of(meta)
+            attributes = {"topk": c.index_topk, "block_size": BLOCK_SIZE, "split_rows": split.split_rows}
+            scoring = {"q": make((tokens, c.index_n_heads, c.index_head_dim), dtype, device, gen=gen),
+                       "k": make((rows, c.index_head_dim), dtype, device, gen=gen),
+                       "w": make((tokens, c.index_n_heads), torch.float32, device, gen=gen), **paging}
+            if contract == "IndexerChunks":
+                out.append(Case(meta["kernel"], name, scoring, attributes, past=keys - tokens))
+                continue
+            # the merge's input: the chunks of bf16 scores, as the first half gives them (torch, on the GPU)
+            candidates = make((tokens + split.split_rows, c.index_topk), torch.int64, device) if device == "meta" \
+                else indexer_chunks_reference(*(scoring[n] for n in ("q", "k", "w", "positions", "sequence",
+                                                                      "block_tables")), c.index_topk, BLOCK_SIZE, split)
+            out.append(Case(meta["kernel"], name, {"candidates": candidates, **paging}, attributes, past=keys - tokens))
         elif contract == "SparseMLA":
             indices = torch.randperm(rows, generator=torch.Generator().manual_seed(keys))[:c.index_topk]
             indices = indices.to(torch.int32)[None].expand(tokens, -1).contiguous()
@@ -134,6 +144,12 @@ def cases(meta: dict, config, device: str, gen) -> list[Case]:
             attrs = {"block_out": bo, "block_in": bi} if fp8 else {}
             out.append(Case(meta["kernel"], f"{tokens} tokens, {k} of {E} experts each", tensors, attrs))
     return out
+
+
+def split_of(meta: dict) -> IndexerSplit:
+    """The split rule compiled into an indexer kernel."""
+    c = meta["constexprs"]
+    return IndexerSplit(c["SPLIT_ROWS"], c["MAX_SPLITS"], c["MIN_CHUNK"])
 
 
 def check_launch(meta: dict, case: Case, ptx: str) -> tuple[list, tuple, list[str]]:
@@ -187,9 +203,12 @@ def check_launch(meta: dict, case: Case, ptx: str) -> tuple[list, tuple, list[st
 def reference(meta: dict, case: Case) -> torch.Tensor:
     t, a = case.tensors, case.attributes
     name = meta["contract"]
-    if name == "LightningIndexer":
-        return semantics.lightning_indexer(t["q"], t["k"], t["w"], t["positions"], t["sequence"], t["block_tables"],
-                                           a["topk"], a["block_size"])
+    if name == "IndexerChunks":
+        return indexer_chunks_reference(t["q"], t["k"], t["w"], t["positions"], t["sequence"], t["block_tables"],
+                                        a["topk"], a["block_size"], split_of(meta))
+    if name == "IndexerMerge":
+        return indexer_merge_reference(t["candidates"], t["positions"], t["sequence"], t["block_tables"], a["topk"],
+                                       a["block_size"], split_of(meta))
     if name == "SparseMLA":
         return semantics.sparse_mla(t["q"], t["kv"], t["indices"], a["scale"], a["dv"])
     if name == "WriteCache":
@@ -236,11 +255,15 @@ class Driver:
 
 
 def compare(meta: dict, got: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
-    if meta["contract"] == "LightningIndexer":  # the same set of keys per token (order is not in the contract)
+    if meta["contract"] in ("IndexerChunks", "IndexerMerge"):  # the same keys per row (the order is free)
+        if meta["contract"] == "IndexerChunks":  # positions of each chunk's keys, in the rows a chunk uses
+            used = (expected != EMPTY_KEY).any(dim=1)
+            got, expected = (torch.where(x[used] != EMPTY_KEY, key_positions(x[used]), -1) for x in (got, expected))
         hits = sum(len(set(g.tolist()) & set(e.tolist()) - {-1}) for g, e in zip(got, expected))
         total = int((expected >= 0).sum())
         recall = hits / max(total, 1)
-        return recall >= 0.99, f"recall {recall:.4f}"
+        # the merge reads the same keys as its reference: exact; the chunks' bf16 scores may round differently
+        return recall >= (1.0 if meta["contract"] == "IndexerMerge" else 0.99), f"recall {recall:.4f}"
     error = (got.float() - expected.float()).abs().max().item()
     scale = expected.float().abs().max().item() or 1.0
     tolerance = 1e-3 if got.dtype == torch.float32 and "fp32" in meta["kernel"] else 3e-2
@@ -304,8 +327,8 @@ def run(args) -> dict:
     if not args.dry_run:  # every layer's indexer + sparse MLA for one decode token, the kernels' own dtype: bf16
         for keys in CONTEXTS:
             ms = [r["ms"] for r in rows if r["case"] == f"decode, {keys} keys" and r["kernel"] in (
-                "lightning_indexer_bf16", "sparse_mla_bf16")]
-            per_token[keys] = sum(ms) * config.num_hidden_layers if len(ms) == 2 else None
+                "indexer_chunks_bf16", "indexer_merge", "sparse_mla_bf16")]
+            per_token[keys] = sum(ms) * config.num_hidden_layers if len(ms) == 3 else None
     return {"gpu": args.gpu, "device": None if args.dry_run else torch.cuda.get_device_name(),
             "driver": launch.cuda_driver_version(), "dry_run": args.dry_run, "preset": args.preset,
             "torch": torch.__version__, "kernels": len(metas), "launches": rows, "failed": failed,

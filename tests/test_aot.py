@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from dsa_export.contracts import CONTRACTS as ALL_CONTRACTS
+from dsa_export.contracts import BY_ONNX_NAME, INDEXER_SPLIT_ROWS
 from dsa_export.errors import DSAExportError
 from dsa_export.kernels import aot
 from dsa_export.models.cache import BLOCK_SIZE
@@ -19,7 +19,7 @@ from dsa_export.models.presets import get_preset
 from dsa_export.targets import TARGETS
 
 TINY = aot.kernel_dims(get_preset("tiny"))
-CONTRACTS = {c.onnx_name: c for c in ALL_CONTRACTS}
+CONTRACTS = BY_ONNX_NAME
 JSON_FIELDS = {"kernel", "contract", "selector", "symbol", "target", "arch", "compute_capability", "ptx_version", "num_warps",
                "num_stages", "threads_per_block", "grid", "shared_bytes", "registers", "signature", "constexprs",
                "arguments", "ptx_params", "hidden_params", "global_scratch_size", "profile_scratch_size"}
@@ -51,9 +51,9 @@ def test_kernel_dims_from_the_tiny_config():
 def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
     target = TARGETS[name]
     out_dir, metas = compiled[name]
-    fp8 = ["lightning_indexer_fp8e4m3"] if target.fp8 else []
+    fp8 = ["indexer_chunks_fp8e4m3"] if target.fp8 else []
     fp8_experts = ["routed_experts_fp8_fp32", "routed_experts_fp8_bf16"] if target.fp8 else []
-    expected = ["lightning_indexer_fp32", "lightning_indexer_bf16", *fp8, "sparse_mla_fp32", "write_cache_fp32",
+    expected = ["indexer_chunks_fp32", "indexer_chunks_bf16", *fp8, "indexer_merge", "sparse_mla_fp32", "write_cache_fp32",
                 "sparse_mla_bf16", "write_cache_bf16", "routed_experts_fp32", "routed_experts_bf16", *fp8_experts]
     assert [m["kernel"] for m in metas] == expected
     limits = aot.ARCH_LIMITS[target.compute_capability]
@@ -67,6 +67,8 @@ def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
         assert meta["symbol"] in ptx and meta["threads_per_block"] == meta["num_warps"] * 32
         if meta["contract"] == "WriteCache":  # a row copy: no dot, no reduction, nothing staged
             assert meta["shared_bytes"] == 0
+        elif meta["contract"] == "IndexerMerge":  # no dot: tiny's 16-key sorts stay within a warp's registers
+            assert meta["shared_bytes"] <= aot.DEFAULT_SHARED_BYTES
         else:
             assert 0 < meta["shared_bytes"] <= aot.DEFAULT_SHARED_BYTES <= limits.max_shared_bytes
         assert 0 < meta["registers"] <= limits.max_registers_per_thread
@@ -74,12 +76,22 @@ def test_every_target_gets_ptx_cubin_and_launch_metadata(compiled, name):
         assert meta["min_cuda_driver"] == "{}.{}".format(*target.min_cuda_driver)  # what that ISA needs
         constexprs = meta["constexprs"]
         params = aot.ptx_entry_params(ptx)
-        if meta["contract"] == "LightningIndexer":
-            assert meta["grid"] == [[["q", 0]], [1], [1]]  # one program per packed token
+        chunk_constexprs = next(m["constexprs"] for m in metas if m["contract"] == "IndexerChunks")
+        if meta["contract"] == "IndexerChunks":
+            assert meta["grid"] == [[constexprs["SPLIT_ROWS"]], [1], [1]]  # a fixed set of programs over the chunks
+            assert constexprs["SPLIT_ROWS"] == INDEXER_SPLIT_ROWS
             assert constexprs["SKIP_TILES"] == (target.compute_capability < (10, 0))
             assert constexprs["BLOCK_SIZE"] == TINY.block_size and constexprs["TOPK"] == TINY.topk
-            assert list(meta["signature"].items())[3:7] == [("pos_ptr", "*i64"), ("seq_ptr", "*i32"),
-                                                            ("bt_ptr", "*i32"), ("M", "i32")]
+            assert list(meta["signature"].items())[3:9] == [("pos_ptr", "*i64"), ("seq_ptr", "*i32"),
+                                                            ("bt_ptr", "*i32"), ("N", "i32"), ("M", "i32"),
+                                                            ("out_ptr", "*i64")]
+        elif meta["contract"] == "IndexerMerge":  # int64 keys in, int32 pool rows out: one kernel for every dtype
+            assert meta["grid"] == [[["positions", 0]], [1], [1]]  # one program per packed token
+            assert meta["selector"] == {"tensor": "candidates", "dtype": "int64"}
+            assert meta["signature"] == {"cand_ptr": "*i64", "pos_ptr": "*i64", "seq_ptr": "*i32", "bt_ptr": "*i32",
+                                         "N": "i32", "M": "i32", "out_ptr": "*i32"}
+            assert {k: constexprs[k] for k in ("SPLIT_ROWS", "MAX_SPLITS", "MIN_CHUNK")} == \
+                {k: chunk_constexprs[k] for k in ("SPLIT_ROWS", "MAX_SPLITS", "MIN_CHUNK")}  # one split rule
         elif meta["contract"] == "SparseMLA":
             assert meta["grid"][0] == [["q", 0]] and constexprs["SCALE"] == TINY.scale
             assert [a["name"] for a in meta["arguments"] if a["kind"] == "scalar"] == ["ROWS", "K"]
@@ -140,12 +152,12 @@ def test_real_model_kernels_launch_within_48_kib(tmp_path):
     real = aot.kernel_dims(get_preset("v3.2-exp"))
     metas = aot.compile_targets({name: tmp_path / name for name in ("h100", "b200")}, real, progress=False)
     for target_metas in metas.values():
-        assert len(target_metas) == 11 and all(m["stack_bytes"] == 0 for m in target_metas)  # no spills
+        assert len(target_metas) == 12 and all(m["stack_bytes"] == 0 for m in target_metas)  # no spills
         assert max(m["shared_bytes"] + m["static_shared_bytes"] for m in target_metas) <= aot.DEFAULT_SHARED_BYTES
         assert all(m["reserved_shared_bytes"] == 1024 for m in target_metas)  # sm_90a, sm_100a
-        indexer = {m["kernel"]: m for m in target_metas if m["contract"] == "LightningIndexer"}
-        assert indexer["lightning_indexer_bf16"]["constexprs"]["BF16_DOT"]  # bf16 operands: a 16 KiB q tile
-        assert indexer["lightning_indexer_bf16"]["shared_bytes"] <= 32768 < indexer["lightning_indexer_fp32"][
+        indexer = {m["kernel"]: m for m in target_metas if m["contract"] == "IndexerChunks"}
+        assert indexer["indexer_chunks_bf16"]["constexprs"]["BF16_DOT"]  # bf16 operands: a 16 KiB q tile
+        assert indexer["indexer_chunks_bf16"]["shared_bytes"] <= 32768 < indexer["indexer_chunks_fp32"][
             "shared_bytes"]
         mla = {m["kernel"]: m for m in target_metas if m["contract"] == "SparseMLA"}
         assert mla["sparse_mla_bf16"]["constexprs"]["BF16_DOT"] and not mla["sparse_mla_fp32"]["constexprs"]["BF16_DOT"]
@@ -154,13 +166,14 @@ def test_real_model_kernels_launch_within_48_kib(tmp_path):
 def test_child_process_compilation_gives_the_same_kernels(compiled, triton_cache, tmp_path):
     metas = aot.compile_kernels("a100", tmp_path, TINY, cache_dir=triton_cache, progress=False, subprocess_=True)
     assert metas == compiled["a100"][1]
-    for name in ("sparse_mla_bf16", "write_cache_bf16", "lightning_indexer_fp32"):
+    for name in ("sparse_mla_bf16", "write_cache_bf16", "indexer_chunks_fp32", "indexer_merge"):
         assert (tmp_path / f"{name}.ptx").read_text() == (compiled["a100"][0] / f"{name}.ptx").read_text()
 
 
 def test_the_pool_block_size_is_compiled_into_the_indexer():
     specs = {s.name: s for s in aot.kernel_specs(TARGETS["h100"], dataclasses.replace(TINY, block_size=128))}
-    assert specs["lightning_indexer_bf16"].constexprs["BLOCK_SIZE"] == 128
+    assert specs["indexer_chunks_bf16"].constexprs["BLOCK_SIZE"] == specs["indexer_merge"].constexprs["BLOCK_SIZE"] \
+        == 128
     assert "BLOCK_SIZE" not in specs["sparse_mla_bf16"].constexprs  # it reads pool rows, whatever the blocks
     with pytest.raises(ValueError, match="block size 24 must be a multiple of 16"):
         aot.kernel_specs(TARGETS["h100"], dataclasses.replace(TINY, block_size=24))

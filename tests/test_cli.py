@@ -142,7 +142,7 @@ def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_pat
     steps = json.loads((tmp_path / "b" / "manifest.json").read_text())["steps"]
     assert steps["parity"]["status"] == "ok" and steps["cost"]["status"] == "ok"
     assert steps["smoke"]["tolerance"] == 0.25  # bf16 prefill+decode vs full forward
-    assert "sm_80" in steps["kernels"]["path"] and "lightning_indexer_fp8e4m3" not in steps["kernels"]["kernels"]
+    assert "sm_80" in steps["kernels"]["path"] and "indexer_chunks_fp8e4m3" not in steps["kernels"]["kernels"]
     io = json.loads((tmp_path / "b" / "io.json").read_text())
     assert io["cache_dtype"] == "bfloat16"  # the export an engine is built from
 

@@ -22,9 +22,12 @@ def test_the_dry_run_builds_and_checks_every_launch(tmp_path):
                              "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads((tmp_path / "gpu_check_dry_run.json").read_text())
-    assert report["dry_run"] and report["failed"] == 0 and report["kernels"] == 11
-    cases = {(r["kernel"], r["case"]) for r in report["launches"]}
-    assert ("lightning_indexer_bf16", "decode, 131072 keys") in cases and len(cases) == 30
+    assert report["dry_run"] and report["failed"] == 0 and report["kernels"] == 12
+    launches = {(r["kernel"], r["case"]): r for r in report["launches"]}
+    assert len(launches) == 34
+    # decode at batch 1: the indexer's chunk kernel runs its 512 programs over 128 chunks, not one program
+    assert launches["indexer_chunks_bf16", "decode, 131072 keys"]["grid"] == [512, 1, 1]
+    assert launches["indexer_merge", "decode, 131072 keys"]["grid"] == [1, 1, 1]
     for r in report["launches"]:  # inputs, scalars, outputs and Triton's two hidden pointers: the PTX's count
         assert r["problems"] == [] and r["block"] in (32, 128, 256)
     assert "**PASSED**" in (tmp_path / "gpu_check_dry_run.md").read_text()

@@ -24,8 +24,8 @@ import onnx
 import pytest
 import torch
 
-from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
-                                  WRITE_CACHE)
+from dsa_export.contracts import (CONTRACTS, INDEXER_CHUNKS, INDEXER_MERGE, LIGHTNING_INDEXER, ROUTED_EXPERTS,
+                                  ROUTED_EXPERTS_FP8, SPARSE_MLA, TENSORRT_CONTRACTS, WRITE_CACHE)
 from dsa_export.kernels import aot, launch
 from dsa_export.models import semantics
 from dsa_export.models.presets import get_preset
@@ -101,8 +101,8 @@ print(json.dumps({{k: {{"inputs": d.input_tensor_names, "attrs": list(d.input_at
                        "aot_attrs": d.aot_impl_attr_names, "outputs": d.num_outputs}}
                   for k, d in QDP_REGISTRY.items()}}))
 ''')
-    assert set(registry) == {f"dsa::{c.onnx_name}" for c in CONTRACTS}
-    for contract in CONTRACTS:
+    assert set(registry) == {f"dsa::{c.onnx_name}" for c in TENSORRT_CONTRACTS}
+    for contract in TENSORRT_CONTRACTS:
         plugin = registry[f"dsa::{contract.onnx_name}"]
         assert plugin["inputs"] == [t.name for t in contract.inputs]
         # every registered attribute, in registration order, also in aot_impl (TensorRT passes them all, positionally)
@@ -133,13 +133,18 @@ except ValueError as e:
     assert result["error"] and "does not match" in result["error"]
 
 
+SELECT = {"q": "float32", "x": "float32", "cache": "float32", "candidates": "int64"}  # picks a kernel
+
+
 @needs_wheels
 def test_plugin_shapes_and_grids_on_concrete_shapes(shim, kernels):
     """The plugins' own functions (fed concrete ints where TensorRT feeds symbolic sizes) give the contracts' output
     shapes and the kernels' grids."""
     shapes = {  # a packed step of 5 tokens over pools of 256 rows (4 blocks), 2 sequences of up to 3 blocks
-        "LightningIndexer": ({"q": [5, 8, 16], "k": [256, 16], "w": [5, 8], "positions": [5], "sequence": [5],
-                              "block_tables": [2, 3]}, {"topk": 8, "block_size": 64}),
+        "IndexerChunks": ({"q": [5, 8, 16], "k": [256, 16], "w": [5, 8], "positions": [5], "sequence": [5],
+                           "block_tables": [2, 3]}, {"topk": 8, "block_size": 64, "split_rows": 512}),
+        "IndexerMerge": ({"candidates": [517, 8], "positions": [5], "sequence": [5], "block_tables": [2, 3]},
+                         {"topk": 8, "block_size": 64, "split_rows": 512}),
         "SparseMLA": ({"q": [5, 4, 40], "kv": [256, 40], "indices": [5, 8]}, {"scale": 0.1, "dv": 32}),
         "WriteCache": ({"cache": [256, 40], "rows": [5, 40], "slots": [5]}, {}),
         "RoutedExperts": ({"x": [5, 64], "experts": [5, 2], "weights": [5, 2], "gate_up": [8, 64, 64],
@@ -148,32 +153,34 @@ def test_plugin_shapes_and_grids_on_concrete_shapes(shim, kernels):
     got = in_shim(shim, f'''
 import json
 from types import SimpleNamespace
-from dsa_export.contracts import CONTRACTS
+from dsa_export.contracts import TENSORRT_CONTRACTS
 from dsa_export.plugins import tensorrt as plugins
 plugins.register_plugins({str(kernels)!r})
 shapes = {json.dumps(shapes)}
+SELECT = {json.dumps(SELECT)}
 out = {{}}
-for contract in CONTRACTS:
+for contract in TENSORRT_CONTRACTS:
     if contract.onnx_name not in shapes:
         continue
     tensors, attrs = shapes[contract.onnx_name]
     args = {{n: SimpleNamespace(shape_expr=s) for n, s in tensors.items()}} | attrs
-    meta = plugins.select(plugins._kernels, contract.onnx_name, {{n: "float32" if n in ("q", "x", "cache") else "x"
-                                                                  for n in tensors}})
+    meta = plugins.select(plugins._kernels, contract.onnx_name, {{n: SELECT.get(n, "x") for n in tensors}})
     out[contract.onnx_name] = {{"dims": list(plugins.output_dims(contract, args)),
                                "grid": [plugins.grid_size(axis, args) for axis in meta["grid"]]}}
 print(json.dumps(out))
 ''')
-    contracts = {c.onnx_name: c for c in CONTRACTS}
+    contracts = {c.onnx_name: c for c in TENSORRT_CONTRACTS}
     metas = launch.load_kernels(kernels)
     for name, (tensors, attrs) in shapes.items():
         contract = contracts[name]
         assert tuple(got[name]["dims"]) == contract.output_shape(contract.input_dims(tensors, attrs))
-        meta = launch.select(metas, name, {contract.inputs[0].name: "float32"})
+        meta = launch.select(metas, name, {n: SELECT.get(n, "x") for n in tensors})
         assert tuple(got[name]["grid"]) == launch.grid(meta, {n: tuple(s) for n, s in tensors.items()})
-    assert got["LightningIndexer"]["dims"] == [5, 8] and got["SparseMLA"]["dims"] == [5, 4, 32]
+    assert got["IndexerChunks"]["dims"] == [5 + 512, 8]  # candidates: N + split_rows rows
+    assert got["IndexerMerge"]["dims"] == [5, 8] and got["SparseMLA"]["dims"] == [5, 4, 32]
     assert got["WriteCache"]["dims"] == [256, 40]  # the pool itself (the plugin's output aliases it)
-    assert got["LightningIndexer"]["grid"] == [5, 1, 1]  # one program per token
+    assert got["IndexerChunks"]["grid"] == [512, 1, 1]  # a fixed set of programs over the candidate rows
+    assert got["IndexerMerge"]["grid"] == [5, 1, 1]  # one program per token
     assert got["WriteCache"]["grid"] == [5, 1, 1]  # one program per token: the new rows only, never the pool
     assert got["SparseMLA"]["grid"][0] == 5
 
@@ -213,21 +220,17 @@ def _reference(name: str, t: dict, meta: dict) -> torch.Tensor:
     return semantics.routed_experts(t["x"], t["experts"], t["weights"], t["gate_up"], t["down"], t["base"])
 
 
-@pytest.mark.parametrize("name", ["LightningIndexer", "SparseMLA", "WriteCache", "RoutedExperts"])
-def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(kernels, name):
+def _launch_as_plugin(contract, meta: dict, tensors: dict) -> torch.Tensor:
+    """Allocate the contract's output (the aliased input itself where it has one, as in the engine) into `tensors`
+    and launch the kernel with the plugin's grid and argument order; returns the output."""
     from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla, triton_write_cache
 
-    jit = {"lightning_indexer_kernel": triton_indexer.lightning_indexer_kernel,
+    jit = {"indexer_chunks_kernel": triton_indexer.indexer_chunks_kernel,
+           "indexer_merge_kernel": triton_indexer.indexer_merge_kernel,
            "sparse_mla_kernel": triton_sparse_mla.sparse_mla_kernel,
            "write_cache_kernel": triton_write_cache.write_cache_kernel,
            "routed_experts_kernel": triton_moe.routed_experts_kernel}
-    contract = {c.onnx_name: c for c in CONTRACTS}[name]
-    first = contract.inputs[0].name
-    meta = launch.select(launch.load_kernels(kernels), name, {first: "float32"})
-    tensors = _contract_inputs(name, torch.Generator().manual_seed(0))
     shapes = {n: tuple(t.shape) for n, t in tensors.items()}
-    assert shapes == {n: tuple(contract.input_dims(shapes, {})[d] for d in spec.dims)
-                      for n, spec in ((s.name, s) for s in contract.inputs)}  # the contract's shapes
     output = contract.outputs[0]
     if dict(contract.aliases).get(output.name):  # written onto the aliased input, as in the engine
         tensors[output.name] = tensors[dict(contract.aliases)[output.name]].clone()
@@ -236,9 +239,33 @@ def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(k
         dims = contract.input_dims(shapes, {a.name: meta["constexprs"][a.name.upper()]
                                             for a in contract.attributes if a.type == "int"})
         tensors[output.name] = torch.empty(contract.output_shape(dims), dtype=dtype)
-    before = tensors[output.name].clone()
     jit[meta["symbol"]][launch.grid(meta, shapes)](*launch.arguments(meta, tensors), **meta["constexprs"],
                                                    num_warps=meta["num_warps"], num_stages=meta["num_stages"])
+    return tensors[output.name]
+
+
+@pytest.mark.parametrize("name", ["LightningIndexer", "SparseMLA", "WriteCache", "RoutedExperts"])
+def test_kernels_with_the_plugins_grid_and_argument_order_equal_the_references(kernels, name):
+    """Each TensorRT op launched as its plugin launches it; LightningIndexer as its two plugins, the candidates of
+    the first (N + split_rows rows, its grid of split_rows programs) going into the second."""
+    metas = launch.load_kernels(kernels)
+    contract = {c.onnx_name: c for c in CONTRACTS}[name]
+    tensors = _contract_inputs(name, torch.Generator().manual_seed(0))
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    assert shapes == {n: tuple(contract.input_dims(shapes, {})[d] for d in spec.dims)
+                      for n, spec in ((s.name, s) for s in contract.inputs)}  # the contract's shapes
+    output = contract.outputs[0]
+    if name == "LightningIndexer":
+        meta = launch.select(metas, "IndexerChunks", {"q": "float32"})
+        assert launch.grid(meta, shapes) == (meta["constexprs"]["SPLIT_ROWS"], 1, 1)
+        candidates = _launch_as_plugin(INDEXER_CHUNKS, meta, tensors)
+        assert candidates.shape == (5 + meta["constexprs"]["SPLIT_ROWS"], 8)
+        meta = launch.select(metas, "IndexerMerge", {"candidates": "int64"})
+        _launch_as_plugin(INDEXER_MERGE, meta, tensors)
+    else:
+        meta = launch.select(metas, name, {contract.inputs[0].name: "float32"})
+        before = tensors.get(dict(contract.aliases).get(output.name, ""), torch.empty(0)).clone()
+        _launch_as_plugin(contract, meta, tensors)
     got, expected = tensors[output.name], _reference(name, tensors, meta)
     if name == "LightningIndexer":
         assert torch.equal(got.sort(-1).values, expected.sort(-1).values)

@@ -19,8 +19,11 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from dsa_export.kernels import aot, launch  # noqa: E402
 from dsa_export.kernels.triton_indexer import (  # noqa: E402
-    NUM_WARPS, indexer_constexprs, lightning_indexer_kernel, lightning_indexer_triton)
-from dsa_export.kernels.reference import routed_experts_reference  # noqa: E402
+    NUM_WARPS, indexer_chunks_kernel, indexer_constexprs, indexer_merge_kernel, lightning_indexer_triton,
+    merge_constexprs)
+from dsa_export.kernels.common import IndexerSplit  # noqa: E402
+from dsa_export.kernels.reference import (  # noqa: E402
+    EMPTY_KEY, indexer_chunks_reference, indexer_merge_reference, key_positions, routed_experts_reference)
 from dsa_export.kernels.triton_moe import (  # noqa: E402
     BLOCK_M, routed_experts_constexprs, routed_experts_kernel, routed_experts_triton)
 from dsa_export.kernels.triton_sparse_mla import sparse_mla_triton  # noqa: E402
@@ -141,14 +144,18 @@ def assert_same_selection(got, expected, scores, rel_tol=1e-5):
                     f"token {n}: row {t} (score {scores[n, t].item()}) is no tie with the cut-off {cut}"
 
 
-def run_indexer_kernel(q, k, w, positions, sequence, tables, topk, capability, block_size=BS):
-    """Launch the kernel directly with the constants the AOT build uses for `capability` (e.g. 100: no tile skip)."""
+def run_indexer_kernel(q, k, w, positions, sequence, tables, topk, capability, block_size=BS, split=IndexerSplit()):
+    """Launch both kernels directly, as the plugins do (the chunk kernel on its constant grid of SPLIT_ROWS
+    programs), with the constants the AOT build uses for `capability` (e.g. 100: no tile skip)."""
     N, HI, DI = q.shape
+    chunk_constants = indexer_constexprs(HI, DI, topk, block_size, q.dtype, capability, split)
+    candidates = torch.empty((N + chunk_constants["SPLIT_ROWS"], topk), dtype=torch.int64)
     out = torch.empty((N, topk), dtype=torch.int32)
-    lightning_indexer_kernel[(N,)](q.contiguous(), k.contiguous(), w.contiguous(), positions.contiguous(), sequence,
-                                   tables, tables.shape[1], out,
-                                   **indexer_constexprs(HI, DI, topk, block_size, q.dtype, capability),
-                                   num_warps=NUM_WARPS)
+    indexer_chunks_kernel[(chunk_constants["SPLIT_ROWS"],)](
+        q.contiguous(), k.contiguous(), w.contiguous(), positions.contiguous(), sequence, tables, N, tables.shape[1],
+        candidates, **chunk_constants, num_warps=NUM_WARPS)
+    indexer_merge_kernel[(N,)](candidates, positions.contiguous(), sequence, tables, N, tables.shape[1], out,
+                               **merge_constexprs(topk, block_size, split), num_warps=NUM_WARPS)
     return out
 
 
@@ -230,6 +237,82 @@ def test_indexer_detects_a_wrong_selection():
     wrong[0, 0] = int(scores[0].masked_fill(scores[0] == float("-inf"), float("inf")).argmin())
     with pytest.raises(AssertionError):
         assert_same_selection(wrong, expected, scores)
+
+
+# ---- the split over keys and the merge (small split constants, so tiny contexts split) ---------------------------
+# chunks of at least 32 keys, at most 6 per token, about 12 programs: a decode token over 200 keys gets 6 chunks
+SMALL_SPLIT = IndexerSplit(split_rows=12, max_splits=6, min_chunk=32)
+
+
+def split_candidates(step, topk, split=SMALL_SPLIT):
+    """The chunk kernel's candidates for `step` as the plugin launches it (grid: SPLIT_ROWS programs)."""
+    N, HI, DI = step.q.shape
+    constants = indexer_constexprs(HI, DI, topk, step.block_size, step.q.dtype, None, split)
+    candidates = torch.full((N + split.split_rows, topk), 7, dtype=torch.int64)  # 7: never a key
+    indexer_chunks_kernel[(split.split_rows,)](*step.args[:3], step.positions, step.sequence, step.tables,
+                                               N, step.tables.shape[1], candidates, **constants)
+    return candidates
+
+
+@pytest.mark.parametrize("positions", [
+    [[199]],  # one decode token: 6 chunks of 208/6 → 48 keys (whole tiles), the last ones shorter
+    [[150], [90, 91], [40]],  # 4 tokens: 12 // 4 = 3 chunks each at most; 41 keys → 2 chunks
+    [[60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72]],  # 13 tokens >= SPLIT_ROWS: one chunk each
+    [[3], [170]],  # a token that keeps all its keys beside one that splits
+])
+@pytest.mark.parametrize("capability", [None, 100])
+def test_split_indexer_and_merge_equal_the_selection(positions, capability):
+    step = Paged(positions, HI=4, DI=16, seed=4)
+    expected = step.contiguous_indexer(24)
+    scores = step.scores()
+    got = run_indexer_kernel(*step.args, 24, capability=capability, split=SMALL_SPLIT)
+    assert_same_selection(got, expected, scores)
+    assert torch.equal(got, lightning_indexer_triton(*step.args, topk=24, block_size=BS, split=SMALL_SPLIT))
+
+
+def test_split_indexer_chunks_and_merge_each_equal_their_torch_reference():
+    """The chunk kernel writes each chunk's top keys sorted (the same positions as the torch reference, in the
+    layout of IndexerSplit), nothing in rows no chunk uses; the merge of the reference's candidates is exact."""
+    step = Paged([[199], [191]], HI=4, DI=16, seed=5)  # 2 tokens: 6 chunks each (200 and 192 keys)
+    got = split_candidates(step, 24)
+    expected = indexer_chunks_reference(*step.args, 24, BS, SMALL_SPLIT)
+    used = [SMALL_SPLIT.candidate_row(2, n, c) for n in range(2) for c in range(6)]
+    assert sorted(used) == list(range(12))  # rows 0, 1: the tokens' first chunks; 2..6 token 0's, 7..11 token 1's
+    assert (got[12:] == 7).all()  # the rows no chunk uses are not written
+    for row in used:
+        keys = got[row][got[row] != EMPTY_KEY]
+        assert torch.equal(keys, keys.sort(descending=True).values)  # sorted, best first
+        assert torch.equal(key_positions(keys), key_positions(expected[row][expected[row] != EMPTY_KEY])), row
+    # 200 keys in 6 chunks of whole 16-key tiles: 48, 48, 48, 48, 8 keys and an empty chunk
+    assert [int((got[SMALL_SPLIT.candidate_row(2, 0, c)] != EMPTY_KEY).sum()) for c in range(6)] == \
+        [24, 24, 24, 24, 8, 0]
+    # the merge alone, on the reference's candidates
+    merge = torch.empty(2, 24, dtype=torch.int32)
+    indexer_merge_kernel[(2,)](expected, step.positions, step.sequence, step.tables, 2, step.tables.shape[1], merge,
+                               **merge_constexprs(24, BS, SMALL_SPLIT))
+    reference = indexer_merge_reference(expected, step.positions, step.sequence, step.tables, 24, BS, SMALL_SPLIT)
+    assert torch.equal(merge.sort(-1).values, reference.sort(-1).values)
+    assert_same_selection(merge, step.contiguous_indexer(24), step.scores())
+
+
+def test_split_indexer_ties_across_chunks_go_to_the_lower_position():
+    # every score 0: the lowest 24 positions win, though they lie in different chunks than most of the rest
+    step = Paged([[199]], HI=2, DI=16, seed=6)
+    step.q = torch.zeros_like(step.q)
+    got = run_indexer_kernel(*step.args, 24, capability=None, split=SMALL_SPLIT)
+    assert sorted(got[0].tolist()) == sorted(step.rows(torch.zeros(24, dtype=torch.int32), torch.arange(24)).tolist())
+
+
+def test_split_rule_fills_the_gpu_at_decode_and_bounds_the_candidates():
+    """The engine's constants: one decode token at 128K keys has 128 chunks (128 programs), 8 tokens 64 each (512);
+    a prefill chunk of 8192 tokens one chunk each; the used candidate rows never exceed N + split_rows."""
+    split = IndexerSplit()
+    assert split.chunks(1, 131072, 2048) == 128 and split.chunks(8, 131072, 2048) == 64
+    assert split.chunks(8192, 131072, 2048) == 1 and split.chunks(1, 8192, 2048) == 8
+    assert split.chunks(1, 2048, 2048) == 0  # keeps all its keys: nothing to score
+    for tokens in (1, 3, 8, 100, 511, 512, 8192):
+        last = split.candidate_row(tokens, tokens - 1, split.splits(tokens) - 1)
+        assert last < tokens + split.split_rows
 
 
 def test_indexer_block_size_must_hold_whole_tiles():

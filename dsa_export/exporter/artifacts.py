@@ -128,9 +128,17 @@ class StageDir:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise DSAExportError(f"{self.engine_json_path}: unreadable ({e}); run `dsa-export engine` again") from None
 
+    @cached_property
+    def tensorrt_graph(self):
+        """The graph an engine is built from: `graph` with each LightningIndexer as its two TensorRT halves
+        (plugins/onnx_ops.split_indexer)."""
+        from dsa_export.plugins.onnx_ops import split_indexer
+
+        return split_indexer(self.graph)
+
     def dsa_nodes(self) -> dict[str, str]:
-        """ONNX node name → op type of every dsa:: node (the layers that must become plugins)."""
-        return {n.name: n.op_type for n in self.graph.graph.node if n.domain == "dsa"}
+        """ONNX node name → op type of every dsa:: node TensorRT parses (the layers that must become plugins)."""
+        return {n.name: n.op_type for n in self.tensorrt_graph.graph.node if n.domain == "dsa"}
 
     def check(self, config=None) -> GraphIO:
         """A readable export of dsa-export, checked without loading its weights: io.json and config.json parse (and

@@ -1,6 +1,7 @@
 """TensorRT engine from the export: `engine/model.plan`, with the dsa:: ops as ahead-of-time Triton plugins.
 
-The build parses model.onnx (weights from its external data) into a strongly typed network (the flag is needed on
+The build parses model.onnx (weights from its external data; each LightningIndexer node replaced by its two
+TensorRT halves, IndexerChunks and IndexerMerge) into a strongly typed network (the flag is needed on
 TensorRT 10.x and ignored by 11.x, where strong typing is always on: precision comes from the export's dtypes), then
 refuses a network in which any dsa:: node was imported as its decomposition instead of our plugin. One optimisation
 profile covers every step (a packed batch: up to --max-tokens tokens of up to --max-batch sequences, decode tokens and
@@ -100,7 +101,8 @@ def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: E
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(stage.model_path)):  # external data: found beside the file
+    # the graph with LightningIndexer split in two (no weights: found beside the path given, as external data)
+    if not parser.parse(stage.tensorrt_graph.SerializeToString(), str(stage.model_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise DSAExportError(f"TensorRT cannot parse {stage.model_path}: {errors}")
     layers = {network.get_layer(i).name: network.get_layer(i).type.name for i in range(network.num_layers)}

@@ -137,8 +137,8 @@ def out(name: str, type_: str, tensor: str) -> Argument:
 @dataclass(frozen=True)
 class KernelSpec:
     """One specialisation to compile, and how a plugin launches it (kernels/launch.py evaluates that)."""
-    name: str  # file stem, e.g. "lightning_indexer_bf16"
-    contract: str  # the op's ONNX name / TensorRT plugin name, e.g. "LightningIndexer"
+    name: str  # file stem, e.g. "indexer_chunks_bf16"
+    contract: str  # the op's TensorRT plugin name, e.g. "IndexerChunks"
     kernel: object  # the @triton.jit function
     arguments: tuple[Argument, ...]  # runtime arguments, in the kernel's order
     selector: tuple[str, str]  # (input tensor, dtype) that picks this specialisation at build time
@@ -161,20 +161,27 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
     capability = target.compute_capability[0] * 10 + target.compute_capability[1]
     indexer_dtypes = [torch.float32, torch.bfloat16] + ([torch.float8_e4m3fn] if target.fp8 else [])
     specs = []
+    paging = (inp("pos_ptr", POSITIONS_TYPE, "positions"), inp("seq_ptr", "*i32", "sequence"),
+              inp("bt_ptr", "*i32", "block_tables"))
     for dtype in indexer_dtypes:
         t = of(dtype).triton
+        constexprs = triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dims.block_size, dtype,
+                                                       capability)
         specs.append(KernelSpec(
-            name=f"lightning_indexer_{of(dtype).tag}", contract="LightningIndexer",
-            kernel=triton_indexer.lightning_indexer_kernel,
-            arguments=(inp("q_ptr", f"*{t}", "q"), inp("k_ptr", f"*{t}", "k"), inp("w_ptr", "*fp32", "w"),
-                       inp("pos_ptr", POSITIONS_TYPE, "positions"), inp("seq_ptr", "*i32", "sequence"),
-                       inp("bt_ptr", "*i32", "block_tables"), scalar("M", "block_tables", 1),
-                       out("out_ptr", "*i32", "indices")),
-            selector=("q", name_of(dtype)),
-            constexprs=triton_indexer.indexer_constexprs(dims.HI, dims.DI, dims.topk, dims.block_size, dtype,
-                                                         capability),
-            grid=((("q", 0),), (1,), (1,)),  # one program per token
+            name=f"indexer_chunks_{of(dtype).tag}", contract="IndexerChunks",
+            kernel=triton_indexer.indexer_chunks_kernel,
+            arguments=(inp("q_ptr", f"*{t}", "q"), inp("k_ptr", f"*{t}", "k"), inp("w_ptr", "*fp32", "w"), *paging,
+                       scalar("N", "q", 0), scalar("M", "block_tables", 1), out("out_ptr", "*i64", "candidates")),
+            selector=("q", name_of(dtype)), constexprs=constexprs,
+            grid=((constexprs["SPLIT_ROWS"],), (1,), (1,)),  # a fixed set of programs going over the candidate rows
             num_warps=triton_indexer.NUM_WARPS, num_stages=triton_indexer.NUM_STAGES))
+    specs.append(KernelSpec(
+        name="indexer_merge", contract="IndexerMerge", kernel=triton_indexer.indexer_merge_kernel,
+        arguments=(inp("cand_ptr", "*i64", "candidates"), *paging, scalar("N", "positions", 0),
+                   scalar("M", "block_tables", 1), out("out_ptr", "*i32", "indices")),
+        selector=("candidates", "int64"), constexprs=triton_indexer.merge_constexprs(dims.topk, dims.block_size),
+        grid=((("positions", 0),), (1,), (1,)),  # one program per token
+        num_warps=triton_indexer.NUM_WARPS, num_stages=1))
     for dtype in (torch.float32, torch.bfloat16):
         t = of(dtype).triton
         constexprs = triton_sparse_mla.sparse_mla_constexprs(dims.H, dims.DK, dims.dv, dims.scale, dtype)
@@ -286,7 +293,8 @@ def can_compile_here() -> bool:
 
     from dsa_export.kernels import triton_indexer, triton_moe, triton_sparse_mla, triton_write_cache
 
-    functions = (tl.sum, triton_indexer.lightning_indexer_kernel, triton_sparse_mla.sparse_mla_kernel,
+    functions = (tl.sum, triton_indexer.indexer_chunks_kernel, triton_indexer.indexer_merge_kernel,
+                 triton_sparse_mla.sparse_mla_kernel,
                  triton_write_cache.write_cache_kernel, triton_moe.routed_experts_kernel,
                  triton_moe.routed_experts_fp8_kernel)
     return all(isinstance(f, JITFunction) for f in functions)

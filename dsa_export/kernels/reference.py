@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dsa_export.kernels.common import IndexerSplit
 from dsa_export.models.semantics import dequantize_experts, key_rows
 
 TILE_BYTES = 256 << 20  # fp32 scratch for one query tile
@@ -78,6 +79,65 @@ def lightning_indexer_reference(q: torch.Tensor, k: torch.Tensor, w: torch.Tenso
             scores.masked_fill_(torch.arange(seen, device=q.device) > tile_pos[:, None], float("-inf"))
             chosen = select_topk(scores, topk)  # positions in the sequence, −1 padded
             out[tile] = torch.where(chosen >= 0, rows[chosen.clamp(min=0)], -1).to(torch.int32)
+    return out
+
+
+EMPTY_KEY = -(2**63)  # no key (the indexer kernels' sentinel)
+
+
+def indexer_keys(scores: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """fp32 scores and positions → the indexer kernels' int64 keys: (score desc, t asc) in one integer order."""
+    bits = torch.where(scores == 0, torch.zeros_like(scores), scores).float().view(torch.int32)
+    ordered = torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).long()
+    return (ordered << 32) | (0x7FFFFFFF - t.long())
+
+
+def key_positions(keys: torch.Tensor) -> torch.Tensor:
+    return 0x7FFFFFFF - (keys & 0x7FFFFFFF)
+
+
+def indexer_chunks_reference(q, k, w, positions, sequence, block_tables, topk: int, block_size: int,
+                             split: IndexerSplit = IndexerSplit(), tile: int = 16) -> torch.Tensor:
+    """dsa::IndexerChunks in torch, one token at a time (the device check's reference, at decode shapes): candidates
+    [N + split_rows, topk] int64, each chunk's top keys sorted descending; rows no chunk uses hold EMPTY_KEY."""
+    N = q.shape[0]
+    out = torch.full((N + split.split_rows, topk), EMPTY_KEY, dtype=torch.int64, device=q.device)
+    capacity = block_tables.shape[1] * block_size
+    for n in range(N):
+        visible = min(int(positions[n]) + 1, capacity)
+        chunks = split.chunks(N, visible, topk)
+        if not chunks:
+            continue
+        t = torch.arange(visible, device=q.device)
+        rows = block_tables[sequence[n].long(), t // block_size].long() * block_size + t % block_size
+        scores = (q[n].float() @ k[rows].float().T).relu().mul(w[n].float()[:, None]).sum(0)
+        keys = indexer_keys(scores, t)
+        length = split.chunk_length(visible, chunks, tile)
+        for c in range(chunks):
+            part = keys[c * length:(c + 1) * length]
+            best = part.topk(min(topk, len(part))).values  # sorted descending
+            out[split.candidate_row(N, n, c), :len(best)] = best
+    return out
+
+
+def indexer_merge_reference(candidates, positions, sequence, block_tables, topk: int, block_size: int,
+                            split: IndexerSplit = IndexerSplit()) -> torch.Tensor:
+    """dsa::IndexerMerge in torch: each token's top-k of its chunks' keys (all of its keys when it sees at most topk),
+    as pool rows, −1 padded: LightningIndexer's indices."""
+    N = positions.shape[0]
+    out = torch.full((N, topk), -1, dtype=torch.int32, device=candidates.device)
+    capacity = block_tables.shape[1] * block_size
+    for n in range(N):
+        visible = min(int(positions[n]) + 1, capacity)
+        chunks = split.chunks(N, visible, topk)
+        if chunks:
+            keys = candidates[[split.candidate_row(N, n, c) for c in range(chunks)]].flatten()
+            keys = keys[keys != EMPTY_KEY]
+            t = key_positions(keys.topk(min(topk, len(keys))).values)
+        else:
+            t = torch.arange(visible, device=candidates.device)
+        out[n, :len(t)] = (block_tables[sequence[n].long(), t // block_size].long() * block_size
+                           + t % block_size).to(torch.int32)
     return out
 
 

@@ -26,8 +26,8 @@ from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT32, INT64
 from onnxscript.values import Opset
 
-from dsa_export.contracts import (CONTRACTS, LIGHTNING_INDEXER, ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA,
-                                  WRITE_CACHE, OpContract)
+from dsa_export.contracts import (CONTRACTS, INDEXER_CHUNKS, INDEXER_MERGE, INDEXER_SPLIT_ROWS, LIGHTNING_INDEXER,
+                                  ROUTED_EXPERTS, ROUTED_EXPERTS_FP8, SPARSE_MLA, WRITE_CACHE, OpContract)
 from dsa_export.formats import of
 
 OPSET = 24
@@ -146,6 +146,31 @@ def translation_table() -> dict:
             torch.ops.dsa.routed_experts.default: _routed_experts_node,
             torch.ops.dsa.routed_experts_fp8.default: _routed_experts_fp8_node,
             torch.ops.dsa.write_cache.default: _write_cache_node}
+
+
+def split_indexer(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` as TensorRT builds it: every dsa::LightningIndexer node replaced by dsa::IndexerChunks (the
+    top-k of each chunk of a token's keys) and dsa::IndexerMerge (the token's top-k from its chunks' lists), the two
+    kernels a TensorRT plugin cannot launch as one (contracts.py). Same inputs, same output name."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    nodes = []
+    for node in out.graph.node:
+        if node.domain != DSA_DOMAIN or node.op_type != LIGHTNING_INDEXER.onnx_name:
+            nodes.append(node)
+            continue
+        attributes = {a.name: oh.get_attribute_value(a) for a in node.attribute}
+        attributes = {k: v.decode() if isinstance(v, bytes) else v for k, v in attributes.items()}
+        attributes["split_rows"] = INDEXER_SPLIT_ROWS
+        candidates = f"{node.output[0]}/candidates"
+        paging = list(node.input[3:6])  # positions, sequence, block_tables
+        nodes.append(oh.make_node(INDEXER_CHUNKS.onnx_name, list(node.input), [candidates], f"{node.name}/chunks",
+                                  domain=DSA_DOMAIN, **attributes))
+        nodes.append(oh.make_node(INDEXER_MERGE.onnx_name, [candidates, *paging], list(node.output),
+                                  f"{node.name}/merge", domain=DSA_DOMAIN, **attributes))
+    del out.graph.node[:]
+    out.graph.node.extend(nodes)
+    return out
 
 
 # ---- decompositions, part 1: one tile of tokens (dsa.impl helpers) -------------------------------------------------
@@ -420,4 +445,4 @@ def add_decompositions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 __all__ = ["DSA_DOMAIN", "IMPL_DOMAIN", "OPSET", "PLUGIN_NAMESPACE", "TRT_ATTRIBUTES", "add_decompositions",
-           "decompositions", "register_schemas", "translation_table"]
+           "decompositions", "register_schemas", "split_indexer", "translation_table"]

@@ -1,6 +1,6 @@
 """TensorRT plugins for the dsa:: ops: quickly-deployable plugins (`tensorrt.plugin`) generated from the contracts.
 
-For every contract (contracts.py) this registers `dsa::<Name>` with
+For every op TensorRT sees (contracts.TENSORRT_CONTRACTS: LightningIndexer as its two halves) this registers `dsa::<Name>` with
 - a shape function: the output's dims named in the contract, taken from the inputs' symbolic shapes or from an int
   attribute; its dtype by the contract's rule; an output the contract says aliases an input (RoutedExperts writes
   onto `base`) is returned as that input's `aliased()` descriptor;
@@ -28,7 +28,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import tensorrt as trt
 import tensorrt.plugin as trtp
 
-from dsa_export.contracts import CONTRACTS, OpContract
+from dsa_export.contracts import TENSORRT_CONTRACTS, OpContract
 from dsa_export.errors import DSAExportError
 from dsa_export.formats import FORMATS
 from dsa_export.kernels.launch import load_kernels, select
@@ -39,7 +39,7 @@ TRT_DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 ATTRIBUTE_TYPES = {"int": int, "float": float}
 # attribute → the compile-time constant of the kernels it must equal
 COMPILED_AS = {"topk": "TOPK", "scale": "SCALE", "dv": "DV", "block_out": "BLOCK_OUT", "block_in": "BLOCK_IN",
-               "block_size": "BLOCK_SIZE"}
+               "block_size": "BLOCK_SIZE", "split_rows": "SPLIT_ROWS"}
 AOT_RETURN = Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]
 PARAMETER = inspect.Parameter.POSITIONAL_OR_KEYWORD
 
@@ -51,7 +51,7 @@ def register_plugins(kernel_dir: Union[str, Path]) -> List[str]:
     """Load the target's AOT kernels and register every dsa:: plugin with TensorRT (once per process); returns the
     plugin ids. The kernels must come from the checkpoint being built (their constants are checked per node)."""
     _kernels[:] = load_kernels(kernel_dir)
-    for contract in CONTRACTS:
+    for contract in TENSORRT_CONTRACTS:
         plugin_id = plugin_id_of(contract)
         if plugin_id not in _registered:
             trtp.register(plugin_id)(_generated(f"{contract.torch_name}_desc", _parameters(contract), trtp.TensorDesc,
