@@ -293,6 +293,32 @@ def test_exported_dsa_nodes_carry_every_plugin_attribute(tiny_onnx):
             TRT_ATTRIBUTES  # plugin_namespace="dsa" (import as our plugin), aot=1 (its AOT implementation)
 
 
+def test_tensorrt_parses_each_indexer_as_its_two_plugins(tiny_onnx):
+    """The graph the engine build parses: every LightningIndexer node replaced by IndexerChunks → IndexerMerge with
+    the same inputs and output, each carrying every attribute its plugin registers; nothing else changed."""
+    from dsa_export.exporter.artifacts import ExportDir
+    from dsa_export.plugins.onnx_ops import split_indexer
+
+    model = onnx.load(tiny_onnx / "model.onnx", load_external_data=False)
+    split = split_indexer(model)
+    before = [n for n in model.graph.node if n.op_type == "LightningIndexer"]
+    after = {n.op_type: [m for m in split.graph.node if m.op_type == n.op_type] for n in split.graph.node}
+    assert before and "LightningIndexer" not in after
+    assert len(after["IndexerChunks"]) == len(after["IndexerMerge"]) == len(before)
+    assert len(split.graph.node) == len(model.graph.node) + len(before)
+    for old, chunks, merge in zip(before, after["IndexerChunks"], after["IndexerMerge"]):
+        assert list(chunks.input) == list(old.input) and list(merge.output) == list(old.output)
+        assert list(merge.input) == [chunks.output[0], *old.input[3:6]]  # candidates, positions, sequence, tables
+        for node, contract in ((chunks, INDEXER_CHUNKS), (merge, INDEXER_MERGE)):
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            assert {a.name for a in contract.attributes} <= set(attrs) and attrs["split_rows"] == 512
+            assert attrs["plugin_namespace"] == b"dsa" and attrs["aot"] == 1
+    assert [n.name for n in model.graph.node if n.op_type == "LightningIndexer"] == [b.name for b in before]  # a copy
+    stage = ExportDir(tiny_onnx).stages[0]
+    assert set(stage.dsa_nodes().values()) == {"IndexerChunks", "IndexerMerge", "SparseMLA", "WriteCache",
+                                               "RoutedExperts"}
+
+
 # ---- type checks ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def typings(tmp_path_factory):
