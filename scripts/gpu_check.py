@@ -229,6 +229,7 @@ class Driver:
         torch.cuda.init()
         torch.empty(1, device="cuda")  # the primary context, current on this thread
         self.modules: dict = {}
+        self.load_ms: dict = {}  # kernel → seconds the driver took to JIT-compile and load its PTX (review S6)
 
     def call(self, result):
         err, *rest = result if isinstance(result, tuple) else (result,)
@@ -238,7 +239,9 @@ class Driver:
 
     def function(self, meta: dict, ptx: str):
         if meta["kernel"] not in self.modules:
+            started = time.perf_counter()
             module = self.call(self.cu.cuModuleLoadData(ptx.encode() + b"\0"))
+            self.load_ms[meta["kernel"]] = (time.perf_counter() - started) * 1e3
             self.modules[meta["kernel"]] = self.call(self.cu.cuModuleGetFunction(module, meta["symbol"].encode()))
         return self.modules[meta["kernel"]]
 
@@ -330,6 +333,7 @@ def run(args) -> dict:
                 "indexer_chunks_bf16", "indexer_merge", "sparse_mla_bf16")]
             per_token[keys] = sum(ms) * config.num_hidden_layers if len(ms) == 3 else None
     return {"gpu": args.gpu, "device": None if args.dry_run else torch.cuda.get_device_name(),
+            "ptx_load_ms": {} if driver is None else driver.load_ms,
             "driver": launch.cuda_driver_version(), "dry_run": args.dry_run, "preset": args.preset,
             "torch": torch.__version__, "kernels": len(metas), "launches": rows, "failed": failed,
             "decode_attention_ms_per_token": per_token}
@@ -357,6 +361,9 @@ def markdown(report: dict) -> list[str]:
     if report["decode_attention_ms_per_token"]:
         lines += ["", "Decode attention per token (indexer + sparse MLA, bf16, every layer): " + ", ".join(
             f"{k // 1024}K keys {v:.2f} ms" for k, v in report["decode_attention_ms_per_token"].items() if v)]
+    if report["ptx_load_ms"]:  # an engine embeds the PTX once per plugin layer: the JIT at load if nothing caches it
+        lines += ["", "PTX load (driver JIT) per kernel: " + ", ".join(
+            f"{k} {v:.0f} ms" for k, v in report["ptx_load_ms"].items())]
     verdict = "PASSED" if not report["failed"] else f"{report['failed']} FAILED"
     lines += ["", f"**{verdict}**"]
     return lines

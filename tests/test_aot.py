@@ -161,6 +161,10 @@ def test_real_model_kernels_launch_within_48_kib(tmp_path):
             "shared_bytes"]
         mla = {m["kernel"]: m for m in target_metas if m["contract"] == "SparseMLA"}
         assert mla["sparse_mla_bf16"]["constexprs"]["BF16_DOT"] and not mla["sparse_mla_fp32"]["constexprs"]["BF16_DOT"]
+        moe = {m["kernel"]: m["constexprs"]["BF16_DOT"] for m in target_metas if m["contract"].startswith("Routed")}
+        hopper = target_metas[0]["arch"] == "sm_90a"  # bf16 expert dots on Hopper; tf32 on sm_100a (it spilled)
+        assert moe == {"routed_experts_fp32": False, "routed_experts_bf16": hopper,
+                       "routed_experts_fp8_fp32": False, "routed_experts_fp8_bf16": hopper}
 
 
 def test_child_process_compilation_gives_the_same_kernels(compiled, triton_cache, tmp_path):

@@ -225,21 +225,42 @@ def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(server, eager,
 
 def test_a_long_prompt_does_not_hold_up_a_short_request(server, eager):
     """A prompt of 2,000 tokens (32 steps of prefill) and then a 3-token one: the short request is answered before
-    the long one's first token (the prompts share each step's budget; the whole long prompt is never one step)."""
-    events = []
+    the long one's first token (the prompts share each step's budget; the whole long prompt is never one step). Both
+    streams are open before either request is sent, so the short one follows the long one by a send (microseconds),
+    not by a connection set up under load."""
+    import tritonclient.grpc as grpcclient
+
+    events, errors, finals = [], [], threading.Semaphore(0)
     long_prompt = [random.Random(1).randrange(320) for _ in range(2000)]
 
-    def run(name, prompt, n):
-        for chunk in client.stream(server.grpc_url, client.request_inputs(prompt, max_new_tokens=n, stop_ids=[])):
-            events.append((name, chunk.token))
+    def opened(name):
+        stream = grpcclient.InferenceServerClient(server.grpc_url)
 
+        def on_response(result, error):
+            if error is not None:
+                errors.append(error)
+                finals.release()
+                return
+            events.extend((name, c.token) for c in client.chunks(result))
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                finals.release()
+
+        stream.start_stream(callback=on_response)
+        return stream
+
+    long, short = opened("long"), opened("short")
     steps = metric(server, "dsa_steps_total")
-    long = threading.Thread(target=run, args=("long", long_prompt, 2))
-    long.start()
-    time.sleep(0.02)
-    run("short", [4, 5, 6], 1)
-    long.join(60)
-    assert [name for name, _ in events] == ["short", "long", "long"]
+    try:
+        long.async_stream_infer(GENERATE, client.request_inputs(long_prompt, max_new_tokens=2, stop_ids=[]),
+                                enable_empty_final_response=True)
+        short.async_stream_infer(GENERATE, client.request_inputs([4, 5, 6], max_new_tokens=1, stop_ids=[]),
+                                 enable_empty_final_response=True)
+        assert finals.acquire(timeout=60) and finals.acquire(timeout=60)
+    finally:
+        for stream in (long, short):
+            stream.stop_stream()
+            stream.close()
+    assert not errors and [name for name, _ in events] == ["short", "long", "long"]
     assert [t for name, t in events if name == "long"] == eager(long_prompt, 2)
     wait_until(lambda: metric(server, "dsa_steps_total") - steps >= 2000 // MAX_TOKENS)
 

@@ -267,7 +267,8 @@ def test_split_indexer_and_merge_equal_the_selection(positions, capability):
     scores = step.scores()
     got = run_indexer_kernel(*step.args, 24, capability=capability, split=SMALL_SPLIT)
     assert_same_selection(got, expected, scores)
-    assert torch.equal(got, lightning_indexer_triton(*step.args, topk=24, block_size=BS, split=SMALL_SPLIT))
+    if capability is None:  # the launcher's smaller grid (the chunk programs that have work) gives the same
+        assert torch.equal(got, lightning_indexer_triton(*step.args, topk=24, block_size=BS, split=SMALL_SPLIT))
 
 
 def test_split_indexer_chunks_and_merge_each_equal_their_torch_reference():
@@ -430,8 +431,8 @@ def test_kernels_launched_from_their_aot_specs_match_the_reference(target):
     config = get_preset("tiny")
     specs = {(s.contract, s.selector[1]): s for s in aot.kernel_specs(TARGETS[target], aot.kernel_dims(config))}
 
-    def run(contract, tensors):
-        spec = specs[(contract, "float32")]
+    def run(contract, tensors, selector="float32"):
+        spec = specs[(contract, selector)]
         meta = {"arguments": [asdict(a) for a in spec.arguments], "grid": spec.grid}
         grid = launch.grid(meta, {name: tuple(t.shape) for name, t in tensors.items()})
         spec.kernel[grid](*launch.arguments(meta, tensors), **spec.constexprs, num_warps=spec.num_warps)
@@ -440,8 +441,11 @@ def test_kernels_launched_from_their_aot_specs_match_the_reference(target):
     step = Paged([[64, 65], [3]], HI=config.index_n_heads, DI=config.index_head_dim, seed=8, spare=1,
                  block_size=BLOCK_SIZE)
     indices = torch.empty(3, config.index_topk, dtype=torch.int32)
-    run("LightningIndexer", dict(zip(["q", "k", "w", "positions", "sequence", "block_tables"], step.args),
-                                 indices=indices))
+    paging = dict(zip(["positions", "sequence", "block_tables"], step.args[3:]))
+    candidates = torch.empty(3 + specs[("IndexerChunks", "float32")].constexprs["SPLIT_ROWS"], config.index_topk,
+                             dtype=torch.int64)
+    run("IndexerChunks", dict(zip(["q", "k", "w"], step.args[:3]), **paging, candidates=candidates))
+    run("IndexerMerge", dict(candidates=candidates, **paging, indices=indices), selector="int64")
     assert_same_selection(indices, step.contiguous_indexer(config.index_topk), step.scores())
 
     gen = torch.Generator().manual_seed(9)

@@ -75,13 +75,18 @@ def check_gpu(target: GPUTarget) -> None:
 
 
 def check_plugin_layers(layers: dict[str, str], dsa_nodes: dict[str, str]) -> None:
-    """`layers`: TensorRT layer name → layer type name, after parsing. Every dsa node must be a plugin layer (the
-    parser names layers after their ONNX nodes); a node missing among them was built from its decomposition."""
-    for node, op_type in dsa_nodes.items():
-        if layers.get(node) != "PLUGIN_V3":
-            raise DSAExportError(f"dsa::{op_type} node '{node}' was not imported as the dsa plugin (layer type "
-                                 f"{layers.get(node, 'none: built from its decomposition')}); TensorRT >= 10.15 with "
-                                 f"the dsa plugins registered before parsing is needed")
+    """`layers`: TensorRT layer name → layer type name, after parsing. Every dsa node must be a plugin layer. The
+    parser names layers after their ONNX nodes but makes a taken name unique with a suffix, so the plugin layers are
+    counted (no other plugin is in the graph); the nodes whose name lacks a plugin layer are named in the error."""
+    plugins = sum(kind == "PLUGIN_V3" for kind in layers.values())
+    if plugins >= len(dsa_nodes):
+        return
+    missing = [node for node in dsa_nodes if layers.get(node) != "PLUGIN_V3"] or list(dsa_nodes)
+    node = missing[0]
+    raise DSAExportError(f"{len(dsa_nodes) - plugins} of {len(dsa_nodes)} dsa nodes were not imported as dsa plugins "
+                         f"(dsa::{dsa_nodes[node]} node '{node}': layer type "
+                         f"{layers.get(node, 'none: built from its decomposition')}); TensorRT >= 10.15 with the dsa "
+                         f"plugins registered before parsing is needed")
 
 
 def build_engine(stage: StageDir, kernel_dir: Path, target: GPUTarget, shapes: EngineShapes, workspace_gb: float,

@@ -203,11 +203,11 @@ def kernel_specs(target: GPUTarget, dims: KernelDims) -> list[KernelSpec]:
             num_warps=triton_write_cache.NUM_WARPS, num_stages=triton_write_cache.NUM_STAGES))
     for fp8 in (False, True) if target.fp8 else (False,):
         for dtype in (torch.float32, torch.bfloat16):
-            specs.append(_routed_experts_spec(dims, dtype, fp8))
+            specs.append(_routed_experts_spec(dims, dtype, fp8, capability))
     return specs
 
 
-def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> KernelSpec:
+def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool, capability: int) -> KernelSpec:
     from dsa_export.kernels import triton_moe
 
     t = of(dtype).triton
@@ -220,7 +220,7 @@ def _routed_experts_spec(dims: KernelDims, dtype: torch.dtype, fp8: bool) -> Ker
     arguments += [inp("base_ptr", "*fp32", "base"),  # never read: the output aliases it and holds it at launch
                   scalar("N", "x", 0), scalar("K", "experts", 1), out("out_ptr", "*fp32", "out")]
     constexprs = triton_moe.routed_experts_constexprs(dims.hidden, dims.moe_inter, dtype,
-                                                      (dims.block_out, dims.block_in) if fp8 else None)
+                                                      (dims.block_out, dims.block_in) if fp8 else None, capability)
     slices = triton_moe.routed_experts_grid(1, constexprs)[1]
     return KernelSpec(
         name=f"routed_experts{'_fp8' if fp8 else ''}_{of(dtype).tag}",

@@ -29,7 +29,8 @@ its fp32 result. FP8 tiles are dequantised as W8·scale in fp32 and rounded to x
 scale blocks, so each weight tile has one scale. Loads are converted to fp32 at once (the Triton interpreter
 computes bf16 arithmetic and bf16 `tl.dot` wrongly, toolchain.md §3.1), and rounding to bf16 is done with integer
 ops (`_round`: the interpreter's fp32 → bf16 cast truncates). The dots use "ieee" for fp32 x and "tf32" otherwise,
-exact there since every operand is a bf16 value.
+exact there since every operand is a bf16 value; on a GPU before sm_100, bf16 x gives bf16 dot operands (BF16_DOT:
+exact, the full bf16 tensor-core rate; on sm_100a triton 3.7.1 spills 16 bytes with them, so B200 keeps tf32).
 For the real model (H 7168, I 2048: grid (E, 32)) the kernels compile to 8–18 KiB of shared memory and 120–198
 registers per thread without spills on sm_80…sm_100a (dsa_export.kernels.aot checks them against the 48 KiB of
 dynamic shared memory a TensorRT plugin launch gets).
@@ -105,7 +106,7 @@ def _weight_tile(ptrs, mask, scale_ptr, FP8: tl.constexpr, XTYPE: tl.constexpr):
 def _routed_experts(
     x_ptr, experts_ptr, weights_ptr, gate_up_ptr, gate_up_scale_ptr, down_ptr, down_scale_ptr, N, K, out_ptr,
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_DOT: tl.constexpr,
     FP8: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     tl.static_assert(SCAN >= BLOCK_M)
@@ -143,6 +144,8 @@ def _routed_experts(
                 w_mask = i_ok[:, None] & k_ok
                 wg = _weight_tile(gate_rows + k[None, :], w_mask, gate_scales + k0 // BLOCK_IN, FP8, XTYPE)
                 wu = _weight_tile(gate_rows + I * H + k[None, :], w_mask, up_scales + k0 // BLOCK_IN, FP8, XTYPE)
+                if BF16_DOT:  # bf16 activations on a GPU: every operand holds bf16 values, exact as bf16
+                    xt, wg, wu = xt.to(tl.bfloat16), wg.to(tl.bfloat16), wu.to(tl.bfloat16)
                 g = tl.dot(xt, tl.trans(wg), acc=g, input_precision=DOT_PRECISION)
                 u = tl.dot(xt, tl.trans(wu), acc=u, input_precision=DOT_PRECISION)
             g = _round(g, XTYPE)  # the projection's output in x's dtype, like nn.Linear
@@ -153,7 +156,11 @@ def _routed_experts(
                 o = o0 + tl.arange(0, BLOCK_O)
                 wd = _weight_tile(down_rows + o[:, None] * I, (o[:, None] < H) & i_ok[None, :],
                                   down_scales + (o0 // BLOCK_OUT) * tl.cdiv(I, BLOCK_IN), FP8, XTYPE)
-                part = tl.dot(h, tl.trans(wd), input_precision=DOT_PRECISION) * route_w[:, None]
+                if BF16_DOT:
+                    part = tl.dot(h.to(tl.bfloat16), tl.trans(wd.to(tl.bfloat16)), input_precision=DOT_PRECISION)
+                else:
+                    part = tl.dot(h, tl.trans(wd), input_precision=DOT_PRECISION)
+                part = part * route_w[:, None]
                 tl.atomic_add(out_ptr + token[:, None] * H + o[None, :], part,
                               mask=valid[:, None] & (o[None, :] < H), sem="relaxed")
 
@@ -165,11 +172,11 @@ def routed_experts_kernel(
     N, K,  # int32: tokens, slots per token
     out_ptr,  # output: [N,H] fp32, holding base at launch
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_DOT: tl.constexpr,
 ):
     # the scale pointers are never dereferenced without FP8: pass any pointer
     _routed_experts(x_ptr, experts_ptr, weights_ptr, gate_up_ptr, weights_ptr, down_ptr, weights_ptr, N, K, out_ptr,
-                    H, I, BLOCK_M, BLOCK_I, BLOCK_K, BLOCK_O, SCAN, DOT_PRECISION, False, 1, 1)
+                    H, I, BLOCK_M, BLOCK_I, BLOCK_K, BLOCK_O, SCAN, DOT_PRECISION, BF16_DOT, False, 1, 1)
 
 
 @triton.jit
@@ -179,20 +186,23 @@ def routed_experts_fp8_kernel(
     N, K,  # int32: tokens, slots per token
     out_ptr,  # output: [N,H] fp32, holding base at launch
     H: tl.constexpr, I: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_O: tl.constexpr, SCAN: tl.constexpr, DOT_PRECISION: tl.constexpr, BF16_DOT: tl.constexpr,
     BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
 ):
     _routed_experts(x_ptr, experts_ptr, weights_ptr, gate_up_ptr, gate_up_scale_ptr, down_ptr, down_scale_ptr, N, K,
-                    out_ptr, H, I, BLOCK_M, BLOCK_I, BLOCK_K, BLOCK_O, SCAN, DOT_PRECISION, True, BLOCK_OUT, BLOCK_IN)
+                    out_ptr, H, I, BLOCK_M, BLOCK_I, BLOCK_K, BLOCK_O, SCAN, DOT_PRECISION, BF16_DOT, True, BLOCK_OUT,
+                    BLOCK_IN)
 
 
 def _pow2_divisor(n: int) -> int:
     return n & -n  # the largest power of two dividing n
 
 
-def routed_experts_constexprs(H: int, I: int, dtype: torch.dtype, fp8_block: tuple[int, int] | None = None) -> dict:
-    """The compile-time constants for one model shape, activation dtype and (FP8 weights) scale block
-    (block_out, block_in); shared by the launcher and the AOT build."""
+def routed_experts_constexprs(H: int, I: int, dtype: torch.dtype, fp8_block: tuple[int, int] | None = None,
+                              capability: int | None = None) -> dict:
+    """The compile-time constants for one model shape, activation dtype, (FP8 weights) scale block
+    (block_out, block_in) and GPU compute capability (None: the interpreter, whose bf16 dot is wrong); shared by
+    the launcher and the AOT build."""
     block_i, block_k, block_o = min(MAX_BLOCK_I, pow2(I)), min(MAX_BLOCK_K, pow2(H)), min(MAX_BLOCK_O, pow2(H))
     constexprs = {}
     if fp8_block is not None:  # tiles must not straddle scale blocks
@@ -205,7 +215,18 @@ def routed_experts_constexprs(H: int, I: int, dtype: torch.dtype, fp8_block: tup
                              f"them (tl.dot); use multiples of 16")
         constexprs = {"BLOCK_OUT": block_out, "BLOCK_IN": block_in}
     return {"H": H, "I": I, "BLOCK_M": BLOCK_M, "BLOCK_I": block_i, "BLOCK_K": block_k, "BLOCK_O": block_o,
-            "SCAN": SCAN, "DOT_PRECISION": dot_precision(dtype), **constexprs}
+            "SCAN": SCAN, "DOT_PRECISION": dot_precision(dtype),
+            # bf16 operands where the compiler keeps them in registers: sm_100a spills 16 bytes with them (triton
+            # 3.7.1), so Blackwell keeps fp32 operands (tf32) until that is re-checked
+            "BF16_DOT": capability is not None and capability < 100 and dtype != torch.float32,
+            **constexprs}
+
+
+def _capability(x: torch.Tensor) -> int | None:
+    if not x.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(x.device)
+    return major * 10 + minor
 
 
 def routed_experts_grid(E: int, constexprs: dict) -> tuple[int, int, int]:
@@ -226,13 +247,13 @@ def routed_experts_triton(x: torch.Tensor, experts: torch.Tensor, weights: torch
     x, experts, weights = x.contiguous(), experts.to(torch.int32).contiguous(), weights.float().contiguous()
     launch = dict(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     if scales is None:
-        constexprs = routed_experts_constexprs(H, I, x.dtype)
+        constexprs = routed_experts_constexprs(H, I, x.dtype, capability=_capability(x))
         routed_experts_kernel[routed_experts_grid(E, constexprs)](
             x, experts, weights, gate_up.contiguous(), down.contiguous(), base, N, experts.shape[1], out,
             **constexprs, **launch)
         return out
     gate_up_scale, down_scale, block_out, block_in = scales
-    constexprs = routed_experts_constexprs(H, I, x.dtype, (block_out, block_in))
+    constexprs = routed_experts_constexprs(H, I, x.dtype, (block_out, block_in), capability=_capability(x))
     routed_experts_fp8_kernel[routed_experts_grid(E, constexprs)](
         x, experts, weights, gate_up.contiguous().view(torch.float8_e4m3fn), gate_up_scale.float().contiguous(),
         down.contiguous().view(torch.float8_e4m3fn), down_scale.float().contiguous(), base, N, experts.shape[1], out,
