@@ -118,28 +118,35 @@ def _token_ids(ctx, param, value: str | None) -> list[int] | None:
 
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535), help="gRPC port.")
-@click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535), help="HTTP port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the OpenAI API listens on (0.0.0.0: every interface). The Triton ports stay on 127.0.0.1.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
+              help="OpenAI-compatible API port (/v1/chat/completions, /v1/completions, /v1/models, /metrics, /health).")
+@click.option("--served-model-name", help="The model's name in the API [default: SOURCE as given].")
+@click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535),
+              help="Triton's gRPC port (dsa-export generate, tritonclient).")
+@click.option("--http-port", default=8003, show_default=True, type=click.IntRange(1, 65535), help="Triton's HTTP port.")
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535),
-              help="Prometheus metrics port (GET /metrics: pool blocks in use, requests running and waiting, tokens).")
+              help="Triton's Prometheus metrics port (pool blocks in use, requests running and waiting, tokens).")
 @click.option("--tritonserver", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="A tritonserver binary [default: `tritonserver` on PATH, else the one in the serving environment "
                    "the tool creates on first use].")
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Where the server's log goes [default: a temporary file].")
 @click.option("--verbose", is_flag=True, help="Log the server's info messages too.")
-def serve(source: Path, grpc_port: int, http_port: int, metrics_port: int, tritonserver: Path | None,
-          log_file: Path | None, verbose: bool):
-    """Serve SOURCE (a build directory, or a model repository) with Triton Inference Server on 127.0.0.1 until
-    Ctrl-C (running requests finish first): the generation model, batching every request into each step (the
-    engines where the build has them, else ONNX Runtime on CPU).
+def serve(source: Path, host: str, port: int, served_model_name: str | None, grpc_port: int, http_port: int,
+          metrics_port: int, tritonserver: Path | None, log_file: Path | None, verbose: bool):
+    """Serve SOURCE (a build directory, or a model repository) until Ctrl-C (running requests finish first):
+    Triton Inference Server on 127.0.0.1 runs the generation model, batching every request into each step (the
+    engines where the build has them, else ONNX Runtime on CPU), and an OpenAI-compatible API in front of it.
 
     \b
-    Example: dsa-export serve build/h100   (then: dsa-export generate --prompt-ids 1,2,3)
+    Example: dsa-export serve build/h100   (then: curl 127.0.0.1:8000/v1/models)
     """
     from dsa_export.deploy.server import serve_repository
 
-    serve_repository(source, grpc_port, http_port, metrics_port, tritonserver, log_file, verbose, log=click.echo)
+    serve_repository(source, grpc_port, http_port, metrics_port, tritonserver, log_file, verbose, log=click.echo,
+                     host=host, port=port, served_model_name=served_model_name)
 
 
 @cli.command()

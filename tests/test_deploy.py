@@ -35,8 +35,11 @@ def test_init_writes_a_tokenizer_with_the_configs_special_ids(tiny_checkpoint, t
     assert ids[0] == tiny_config.bos_token_id and codec.decode(ids) == "Hello, world! 東京"
     chat = codec.encode_prompt("Hi", chat=True)  # the template writes BOS once; the special tokens are single ids
     assert chat[0] == tiny_config.bos_token_id and chat.count(tiny_config.bos_token_id) == 1
-    assert codec.tokenizer.token_to_id("<｜Assistant｜>") == chat[-1]
-    assert codec.render([{"role": "user", "content": "Hi"}]) == f"{BOS}<｜User｜>Hi<｜Assistant｜>"
+    assert codec.tokenizer.token_to_id("<｜Assistant｜>") in chat
+    assert codec.render([{"role": "user", "content": "Hi"}]) == f"{BOS}<｜User｜>Hi<｜Assistant｜></think>"
+    # DeepSeek-V3.2's thinking switch opens the assistant's turn with <think> (what the API's reasoning split reads)
+    assert codec.render([{"role": "user", "content": "Hi"}], thinking=True).endswith("<｜Assistant｜><think>")
+    assert codec.decode(codec.encode_chat([{"role": "user", "content": "Hi"}], thinking=True)).endswith("<think>")
 
 
 def test_text_deltas_add_up_to_the_decoded_tokens(tiny_checkpoint):

@@ -359,9 +359,9 @@ def test_a_build_in_an_awkward_path_with_a_runaway_chat_template(build, tmp_path
 
 
 def serve_command(build, *extra):
-    ports = [free_port() for _ in range(3)]
+    ports = [free_port() for _ in range(4)]
     command = [sys.executable, "-m", "dsa_export.cli", "serve", str(build), "--grpc-port", str(ports[0]),
-               "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), *extra]
+               "--http-port", str(ports[1]), "--metrics-port", str(ports[2]), "--port", str(ports[3]), *extra]
     serve = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
     lines = []

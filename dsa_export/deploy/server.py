@@ -12,6 +12,7 @@ first `python` on PATH, so the server runs with that venv's bin first.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -136,6 +137,22 @@ def free_port() -> int:
 def _port_in_use(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _cannot_listen(host: str, port: int) -> str | None:
+    """Why nothing can listen on host:port now (None: it can)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"unknown host: {e.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as e:
+            return "in use" if e.errno == errno.EADDRINUSE else e.strerror or str(e)
+    return None
 
 
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+=-]+$")  # what the Python backend's stub command line survives (see serve_path)
@@ -392,17 +409,24 @@ def ready_timeout(bytes_loaded: int) -> float:
     return 180.0 + bytes_loaded / 200e6
 
 
-def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8000, metrics_port: int = 8002,
+def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8003, metrics_port: int = 8002,
                      tritonserver: str | Path | None = None, log_file: str | Path | None = None,
-                     verbose: bool = False, log: Callable[[str], None] = print) -> None:
-    """`dsa-export serve`: start the server on the repository's generation model, say where it listens, and run
-    until Ctrl-C or SIGTERM; then let running requests finish (up to the model's drain time), stop, and re-raise
-    (the command exits 130 or 143)."""
+                     verbose: bool = False, log: Callable[[str], None] = print, host: str = "127.0.0.1",
+                     port: int = 8000, served_model_name: str | None = None) -> None:
+    """`dsa-export serve`: start the server on the repository's generation model and the OpenAI-compatible API in
+    front of it (host:port), say where they listen, and run until Ctrl-C or SIGTERM; then take no new requests, let
+    running ones finish (up to the model's drain time), stop, and re-raise (the command exits 130 or 143)."""
+    import logging
+
+    from dsa_export.deploy.openai_api import APIThread, OpenAIServer
     from dsa_export.deploy.repository import DRAIN_SECONDS, GENERATE, serving_parameters
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server, even if started from `&`
     repository = repository_of(source)
     parameters = serving_parameters(repository)
+    problem = _cannot_listen(host, port)
+    if problem:
+        raise DSAExportError(f"the OpenAI API cannot listen on {host}:{port} ({problem}): choose --host/--port")
     install = find_server(tritonserver, log)
     if parameters.get("runtime") == "tensorrt" and install.backend_dir is not None:
         raise DSAExportError(f"{repository}: the build has TensorRT engines, which run on a GPU with the tensorrt and "
@@ -414,20 +438,29 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
     log(f"starting {install.tritonserver} on {repository} (log: {server.log_path}); it loads {loaded / 1e9:.1f} GB, "
         f"allowed {timeout:.0f} s")
     started = time.monotonic()
+    api = None
     try:
         server.start(timeout, progress=lambda waited: log(f"loading ... {waited:.0f} s"))
-        log(f"ready after {time.monotonic() - started:.1f} s: gRPC {server.grpc_url}, HTTP "
-            f"127.0.0.1:{server.http_port}, metrics {server.metrics_url}; {GENERATE} batches up to "
-            f"{parameters.get('max_batch')} sequences per step over a pool of {parameters.get('pool_tokens')} tokens. "
-            f"Stop with Ctrl-C.")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the API's access log
+        model_name = served_model_name or str(source)
+        api = APIThread(OpenAIServer.of_repository(repository, server.grpc_url, model_name, server.metrics_url),
+                        host, port, drain_seconds=DRAIN_SECONDS).start()
+        log(f"ready after {time.monotonic() - started:.1f} s: OpenAI API {api.url} (model \"{model_name}\"; metrics "
+            f"{api.url.removesuffix('/v1')}/metrics); Triton gRPC {server.grpc_url}, HTTP 127.0.0.1:{server.http_port}, "
+            f"metrics {server.metrics_url}; {GENERATE} batches up to {parameters.get('max_batch')} sequences per step "
+            f"over a pool of {parameters.get('pool_tokens')} tokens. Stop with Ctrl-C.")
         log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
         code = server.wait()
         how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited ({code})"
         raise DSAExportError(f"tritonserver {how}: {server.log_tail()} (log: {server.log_path})")
     except (KeyboardInterrupt, Interrupted):
         log(f"stopping: running requests finish first (up to {DRAIN_SECONDS} s; Ctrl-C again stops at once) ...")
+        if api is not None:
+            api.stop(wait=False)  # no new connections; the running streams go on while the server drains
         server.stop(drain_seconds=DRAIN_SECONDS)
         log("stopped")
         raise  # the command exits 130 (SIGINT) or 143 (SIGTERM)
     finally:
+        if api is not None:
+            api.stop()
         server.cleanup()

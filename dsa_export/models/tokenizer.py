@@ -16,16 +16,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)  # ids 0, 1, 2, 3: bos and eos are the config's bos/eos_token_id
 
-# DeepSeek's conversation format, reduced to system, user and assistant turns
+# DeepSeek-V3.2's conversation format, reduced to system, user and assistant turns, with its thinking switch
+# (chat_template_kwargs {"thinking": true}): the assistant's turn opens a <think> block, else it starts closed
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}"
     "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜>' + message['content'] + eos_token }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜></think>' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
+    "{% if thinking is defined and thinking %}{{ '<think>' }}{% else %}{{ '</think>' }}{% endif %}{% endif %}"
 )
 
 # What the small tokenizer learns its merges from: a few sentences, so that common English pieces are single tokens.
