@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from dsa_export._version import __version__
-from dsa_export.build.options import SEED, FiniteFloat, OutputPath, click_options, options_from
+from dsa_export.build.options import SEED, FiniteFloat, OutputPath, click_options, options_from, with_recorded
 from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, forget_signals, note_signal, signal_received
 
 
@@ -32,10 +33,22 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
 
     def command(**values):
         from dsa_export.build import STEPS, run_build
+        from dsa_export.build.runner import read_manifest
 
         step = next(s for s in STEPS if s.name == name)
         # the checkpoint step resolves (or writes, for a preset) the model the step reads: cheap, and reused
         only = ["checkpoint", name] if "checkpoint" in step.after else [name]
+        ctx = click.get_current_context()
+        given = {key for key in values if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
+        out = values.get("out") or Path("build") / str(values.get("gpu", "h100")).lower()
+        manifest = Path(out) / "manifest.json"
+        recorded = read_manifest(manifest).get("options")
+        if isinstance(recorded, dict):  # a build: its options, unless given; a conflicting one is refused
+            upstream, by_name = set(), {s.name: s for s in STEPS}
+            for other in reversed(STEPS):  # what this step reads, transitively, and does not run now
+                if other.name == name or other.name in upstream:
+                    upstream.update(n for n in other.after + other.uses if n not in only)
+            values = with_recorded(values, given, recorded, upstream & set(by_name), manifest)
         run_build(options_from(values), only=only, log=click.echo)
 
     command.__doc__ = f"{summary}\n\n    \\b\n    Example: {example}\n    "
@@ -263,9 +276,9 @@ def _register_commands() -> None:
                    "dsa-export cost --preset v3.2-exp --gpu h800 --price 2 --out build/cost",
                    defaults={"preset": "v3.2-exp", "gpu": "h800"})
     _step_command("deploy", "Write the Triton Inference Server model repository <out>/model_repository from "
-                   "<out>'s export: dsa_generate (decoupled, streams tokens), dsa_onnx (step model: ONNX Runtime on "
-                   "the CPU) and dsa_engine (step model: the TensorRT engine on the GPU, caches kept there); every "
-                   "config generated from io.json.", "dsa-export deploy --out build/h100")
+                   "<out>'s export: dsa_generate (decoupled, streams tokens), which batches every request into each "
+                   "step over the cache pools (the engines where the build has them, else ONNX Runtime on the CPU).",
+                   "dsa-export deploy --out build/h100")
 
 
 _register_commands()

@@ -145,6 +145,19 @@ def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_pat
     assert "sm_80" in steps["kernels"]["path"] and "indexer_chunks_fp8e4m3" not in steps["kernels"]["kernels"]
     io = json.loads((tmp_path / "b" / "io.json").read_text())
     assert io["cache_dtype"] == "bfloat16"  # the export an engine is built from
+    # stage commands remember the build: no --dtype, --gpu or --capacity repeated; cost keeps its target and model
+    recorded = json.loads((tmp_path / "b" / "manifest.json").read_text())["options"]
+    for stage in ("parity", "cost", "deploy"):
+        code, stdout, err = run_cli(capsys, stage, "--out", str(tmp_path / "b"))
+        assert code == 0 and f"[{stage}] reused" in stdout, (stage, err)
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["options"] == recorded
+    # an option that differs from the one the build's export was made with is refused, naming both
+    code, _, err = run_cli(capsys, "parity", "--out", str(tmp_path / "b"), "--dtype", "float32")
+    assert code == 2 and "--dtype float32 differs from the bfloat16 this build was made with" in err
+    assert "leave --dtype out to use the build's, or rebuild with `dsa-export build --dtype float32" in err
+    code, _, err = run_cli(capsys, "engine", "--out", str(tmp_path / "b"), "--gpu", "h100")
+    assert code == 2 and "--gpu h100 differs from the a100" in err and "kernels" in err
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["options"] == recorded
 
 
 def test_cost_of_a_small_model_is_not_compared_with_the_papers_671b_figure(capsys, tmp_path, tiny_checkpoint):

@@ -179,3 +179,34 @@ def options_from(values: dict[str, Any]) -> Options:
     if isinstance(kwargs.get("gpu"), str):
         kwargs["gpu"] = kwargs["gpu"].lower()
     return Options(**kwargs)
+
+
+def with_recorded(values: dict[str, Any], given: set[str], recorded: dict[str, Any], upstream: set[str],
+                  manifest: Path) -> dict[str, Any]:
+    """A step command's option values: those given on the command line, else the build's as its manifest recorded
+    them (every option, also those the command has no flag for), else the defaults, so that a stage command on a
+    build needs no repeated options and leaves the recorded ones as they were. A given value that
+    differs from the recorded one of an option an upstream step read (one whose outputs this command reads and does
+    not remake) is refused: those outputs were made with the recorded value."""
+    out = dict(values)
+    for f in dataclasses.fields(Options):
+        if not f.metadata["fingerprint"] or f.name not in recorded:
+            continue
+        group = _nested(f)
+        old_values = recorded[f.name] if group is not None else {f.name: recorded[f.name]}
+        if not isinstance(old_values, dict):
+            continue
+        read_upstream = upstream & set(f.metadata["steps"] or upstream)
+        for name, old in old_values.items():
+            if name not in given:  # (also the options this command has no flag for: the manifest keeps them)
+                out[name] = Path(old) if old is not None and "Path" in str(f.type) else old
+                continue
+            new = _jsonable(values[name])
+            new = new.lower() if name == "gpu" and isinstance(new, str) else new
+            if new != old and read_upstream:
+                flag = f"--{name.replace('_', '-')}"
+                raise DSAExportError(f"{flag} {new} differs from the {old} this build was made with ({manifest}: "
+                                     f"the {', '.join(sorted(read_upstream))} step read it): leave {flag} out to use "
+                                     f"the build's, or rebuild with `dsa-export build {flag} {new} --out "
+                                     f"{manifest.parent}`")
+    return out

@@ -221,10 +221,13 @@ class Runner:
         code = source_fingerprint()
 
         fingerprints: dict[str, str] = {}
+        skipped: dict[str, str] = {}  # not run now, skipped when it last ran: what a step that uses it saw then
         for step in self.steps:
             if step not in selected:  # not run now: what is on disk, if anything
                 record = old_steps.get(step.name, {})
                 fingerprints[step.name] = record.get("fingerprint", "") if record.get("status") in FINISHED else ""
+                if record.get("status") == "skipped":
+                    skipped[step.name] = record.get("fingerprint", "")
                 continue
             for need in step.after:
                 if not fingerprints.get(need):
@@ -233,7 +236,7 @@ class Runner:
             fingerprints[step.name] = hashlib.sha256(json.dumps({
                 "step": step.name, "code": code, "options": ctx.options.used_by(step.name),
                 "inputs": step.inputs(ctx) if step.inputs else None,
-                "after": [fingerprints.get(n, "") for n in step.after + step.uses]},
+                "after": [fingerprints.get(n) or skipped.get(n, "") for n in step.after + step.uses]},
                 sort_keys=True, default=str).encode()).hexdigest()
 
         read = {n for s in selected for n in s.after + s.uses} - {s.name for s in selected}
