@@ -28,11 +28,36 @@ def cli():
     """
 
 
+def _run_build(options, only: list[str] | None = None) -> None:
+    """Run the build (or `only` these steps); with --junit-xml, the parity verdicts go to that file too, whether
+    they passed or not (not when the run was refused: then there are none of this run)."""
+    from dsa_export.build import run_build
+    from dsa_export.files import write_atomic
+
+    junit = options.junit_xml
+    if junit is not None and not junit.parent.is_dir():
+        raise DSAExportError(f"--junit-xml {junit}: its directory does not exist")
+
+    def write_junit() -> None:
+        if junit is not None:
+            source = Path(options.out or Path("build") / options.gpu) / "parity" / "junit.xml"
+            if not source.is_file():
+                raise DSAExportError("--junit-xml: parity did not run in this build (see the summary above)")
+            write_atomic(junit, source.read_bytes())
+
+    try:
+        run_build(options, only=only, log=click.echo)
+    except CheckFailure:
+        write_junit()
+        raise
+    write_junit()
+
+
 def _step_command(name: str, summary: str, example: str, defaults: dict | None = None):
     """A command that runs the build step `name` in the build directory --out, with that step's options."""
 
     def command(**values):
-        from dsa_export.build import STEPS, run_build
+        from dsa_export.build import STEPS
         from dsa_export.build.runner import read_manifest
 
         step = next(s for s in STEPS if s.name == name)
@@ -49,7 +74,7 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
                 if other.name == name or other.name in upstream:
                     upstream.update(n for n in other.after + other.uses if n not in only)
             values = with_recorded(values, given, recorded, upstream & set(by_name), manifest)
-        run_build(options_from(values), only=only, log=click.echo)
+        _run_build(options_from(values), only)
 
     command.__doc__ = f"{summary}\n\n    \\b\n    Example: {example}\n    "
     return cli.command(name)(click_options((name,), defaults)(command))
@@ -220,9 +245,7 @@ def _build(**values):
     \b
     Example: dsa-export build --gpu h100
     """
-    from dsa_export.build import run_build
-
-    run_build(options_from(values), log=click.echo)
+    _run_build(options_from(values))
 
 
 def _plan(**values):

@@ -125,8 +125,22 @@ def test_stage_commands_run_one_stage_in_a_build_directory(capsys, tmp_path, tin
                               "--new-tokens", "4")
     assert code == 0 and "PASSED" in stdout
     code, _, err = run_cli(capsys, "parity", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
-                           "--new-tokens", "2", "--max-abs-logits", "0")
+                           "--new-tokens", "2", "--max-abs-logits", "0", "--min-cosine", "1",
+                           "--junit-xml", str(tmp_path / "parity.xml"))
     assert code == 1 and err.startswith("dsa-export: check failed: parity: onnxruntime: max_abs_logits")
+    # JUnit XML for CI: a case per backend and metric, the misses as failures with digits enough to see the miss
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(tmp_path / "parity.xml").getroot().find("testsuite")
+    cases = {c.get("name"): c for c in suite.iter("testcase")}
+    assert {"max_abs_logits", "min_cosine", "max_kl", "top1", "greedy_match", "min_indexer_recall"} <= set(cases)
+    assert int(suite.get("failures")) == sum(c.find("failure") is not None for c in cases.values()) >= 1
+    failure = cases["max_abs_logits"].find("failure").get("message")
+    assert failure.startswith("onnxruntime: max_abs_logits = ") and failure.endswith("needs <= 0")
+    cosine = cases["min_cosine"].find("failure")
+    if cosine is not None:  # below 1 by less than 1e-6: shown with the digits that differ from "1"
+        assert cosine.get("message").split(" = ")[1].split(",")[0] != "1"
+    assert (out / "parity" / "junit.xml").read_bytes() == (tmp_path / "parity.xml").read_bytes()
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert steps["export"]["status"] == "ok" and steps["parity"]["status"] == "failed"
     # a new export makes the parity results of the old one stale: they are removed, not left looking current

@@ -54,3 +54,16 @@ def test_each_backend_is_judged_by_the_thresholds_of_its_precision(tiny_onnx, ti
     loose = Thresholds(max_abs_logits=2.0, min_greedy_match=0.0)
     assert loose.for_precision("bfloat16") == dataclasses.replace(BF16_THRESHOLDS, max_abs_logits=2.0,
                                                                  min_greedy_match=0.0)
+
+
+def test_a_miss_is_shown_with_the_digits_that_make_it_a_miss():
+    from dsa_export.parity.accuracy import failures
+
+    report = {"backend": "onnxruntime", "metrics": {"non_finite_logits": 0, "max_abs_logits": 0.0, "min_cosine":
+                                                    0.9999987, "max_kl": 0.0, "top1": 1.0, "greedy_match": 1.0,
+                                                    "min_indexer_recall": 1.0}}
+    assert failures(report, Thresholds(min_cosine=1.0)) == ["onnxruntime: min_cosine = 0.999999, needs >= 1"]
+    report["metrics"]["min_cosine"] = 0.99999996  # "1" at 6 and 7 digits: 8 are shown
+    assert failures(report, Thresholds(min_cosine=1.0)) == ["onnxruntime: min_cosine = 0.99999996, needs >= 1"]
+    report["metrics"]["min_cosine"] = float("nan")
+    assert failures(report, Thresholds()) == ["onnxruntime: min_cosine = nan, needs >= 0.9999"]

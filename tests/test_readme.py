@@ -24,11 +24,14 @@ def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
     namespace: dict = {}
     jobs: list[subprocess.Popen] = []
     blocks = readme_blocks()
-    assert {lang for lang, _ in blocks} <= {"bash", "python"}, "a block in a language this test cannot run"
+    assert {lang for lang, _ in blocks} <= {"bash", "python", "yaml"}, "a block in a language this test cannot run"
     try:
         for lang, code in blocks:
             if lang == "python":
                 exec(compile(code, "README.md", "exec"), namespace)
+                continue
+            if lang == "yaml":  # a CI job: its `run:` steps, verbatim (installing is what this suite's setup did)
+                run_ci_job(code, tmp_path, capsys)
                 continue
             for line in code.splitlines():
                 command = line.split("#")[0].strip()
@@ -60,6 +63,31 @@ def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "token id 320 is outside the vocabulary [0, 320)" in out
     assert len(namespace["tokens"][0]) == 16 and (tmp_path / "build" / "h100" / "manifest.json").exists()
+
+
+def run_ci_job(text: str, workdir: Path, capsys) -> None:
+    import xml.etree.ElementTree as ET
+
+    import yaml
+
+    job = next(iter(yaml.safe_load(text)["jobs"].values()))
+    summary = workdir / "step-summary.md"
+    for step in job["steps"]:
+        command = step.get("run")
+        if command is None or command.startswith("pip install"):
+            assert command is None or (ROOT / "constraints.txt").exists()
+            continue
+        argv = shlex.split(command)
+        if argv[0] == "dsa-export":
+            assert main(argv[1:]) == 0, f"{command}: {capsys.readouterr().err}"
+        else:
+            shell = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60,
+                                   env={"GITHUB_STEP_SUMMARY": str(summary), "PATH": "/usr/bin:/bin"})
+            assert shell.returncode == 0, (command, shell.stderr)
+    assert "**PASSED**" in summary.read_text()
+    report = job["steps"][-1]["with"]["report_paths"]
+    suite = ET.parse(workdir / report).getroot().find("testsuite")
+    assert int(suite.get("tests")) >= 6 and suite.get("failures") == "0"
 
 
 def test_the_readme_stands_on_its_own():

@@ -103,6 +103,10 @@ class Options:
     new_tokens: int = option(32, "Greedy tokens generated per parity prompt.", click.IntRange(min=1),
                              steps=("parity",))
     thresholds: Thresholds = option(Thresholds(), "Parity threshold.", steps=("parity",))
+    junit_xml: Path | None = option(None, "Also write the parity verdicts as JUnit XML to this file (for CI test "
+                                    "reports; <out>/parity/junit.xml has them too).", OutputPath(path_type=Path,
+                                                                                                dir_okay=False),
+                                    steps=("parity",), fingerprint=False)
     # cost
     price: float = option(2.0, "USD per GPU-hour.", FiniteFloat(min=0, min_open=True), steps=("cost",))
     assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", steps=("cost",))

@@ -129,8 +129,43 @@ def failures(report: dict, thresholds: Thresholds) -> list[str]:
               ("greedy_match", m["greedy_match"] >= t.min_greedy_match, ">=", t.min_greedy_match),
               ("min_indexer_recall", m["min_indexer_recall"] >= t.min_indexer_recall, ">=", t.min_indexer_recall)]
     # `not ok` also catches a NaN metric: every comparison with NaN is False
-    return [f"{report['backend']}: {name} = {m[name]:.6g}, needs {op} {limit:g}" for name, ok, op, limit in checks
-            if not ok]
+    return [f"{report['backend']}: {name} = {_distinct(m[name], limit)}, needs {op} {limit:g}"
+            for name, ok, op, limit in checks if not ok]
+
+
+def _distinct(value: float, limit: float) -> str:
+    """The value with as many digits as it takes to see it differ from the limit (0.99998 is not "1")."""
+    for digits in range(6, 18):
+        text = f"{value:.{digits}g}"
+        if text != f"{limit:.{digits}g}":
+            return text
+    return repr(value)
+
+
+def junit_xml(report: dict) -> str:
+    """parity.json's verdicts as JUnit XML (a test case per backend and metric, a failure where a threshold is
+    missed), for CI systems that show test reports."""
+    import xml.etree.ElementTree as ET
+
+    cases = []
+    for backend in report["backends"]:
+        missed = {f.split(": ", 1)[1].split(" = ")[0]: f for f in failures(backend, Thresholds(**backend["thresholds"]))}
+        for metric, value in backend["metrics"].items():
+            if metric in ("mean_abs_logits", "mean_kl"):  # reported, not gated
+                continue
+            cases.append((backend["backend"], metric, value, missed.get(metric)))
+    suite = ET.Element("testsuite", name="dsa-export parity", tests=str(len(cases)),
+                       failures=str(sum(m is not None for *_, m in cases)), errors="0")
+    for backend, metric, value, missed in cases:
+        case = ET.SubElement(suite, "testcase", classname=f"parity.{backend}", name=metric, time="0")
+        if missed is not None:
+            ET.SubElement(case, "failure", message=missed, type="threshold").text = missed
+        else:
+            ET.SubElement(case, "system-out").text = f"{metric} = {value!r}"
+    root = ET.Element("testsuites", name="dsa-export", tests=suite.get("tests"), failures=suite.get("failures"))
+    root.append(suite)
+    ET.indent(root)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Path) -> dict:
@@ -162,4 +197,5 @@ def write_report(reports: list[dict], thresholds: Thresholds, out_dir: str | Pat
                      f"recall per layer {', '.join(f'{x:.3f}' for x in r['indexer_recall_per_layer'])}.")
     lines += ["", "**PASSED**" if not missed else "**FAILED**: " + "; ".join(missed)]
     write_atomic(out_dir / "parity.md", "\n".join(lines) + "\n")
+    write_atomic(out_dir / "junit.xml", junit_xml(report))
     return report
