@@ -13,11 +13,11 @@ TRT_WHEEL_PINS := tensorrt-stubs==10.13.0.35.1 tensorrt-cu12-bindings==11.4.0.10
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) -e .
+	$(PIP) -e ".[cpu]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[cpu,test]"
 	touch $@
 
 $(TRT_WHEELS)/.downloaded: $(VENV)/.installed Makefile

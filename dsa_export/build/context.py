@@ -185,12 +185,13 @@ class BuildContext:
 
     def tool_versions(self) -> dict:
         import onnx
-        import onnxruntime
         import torch
         import triton
 
+        from dsa_export.runtime.backends import onnxruntime_module
+
         return {"torch": torch.__version__, "triton": triton.__version__, "onnx": onnx.__version__,
-                "onnxruntime": onnxruntime.__version__}
+                "onnxruntime": onnxruntime_module().__version__}
 
     def target_json(self) -> dict:
         return dataclasses.asdict(self.target)

@@ -241,13 +241,22 @@ def greedy(samples: int) -> dict:
             TOP_P: np.ones(samples, np.float32), UNIFORM: np.zeros(samples, np.float32)}
 
 
+def onnxruntime_module():
+    """onnxruntime, or one line saying how to install it (it comes with an extra: [cpu] or [gpu])."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DSAExportError("ONNX Runtime is not installed: pip install 'dsa-export[cpu]' (or [gpu] on a GPU "
+                             "machine: onnxruntime-gpu, never both)") from None
+    return onnxruntime
+
+
 def available_backends(export: ExportDir, target: GPUTarget | None = None, record_indexer: bool = False,
                        log: Callable[[str], None] = print) -> list[GraphBackend]:
     """The graph backends this machine can run the export with: ONNX Runtime (a float32 export on the CPU; any with
     onnxruntime-gpu on a GPU), and the TensorRT engines where every stage has one and TensorRT and a GPU of the
     target are here."""
-    import onnxruntime
-
+    onnxruntime = onnxruntime_module()
     backends = []
     gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     if export.io.cache_dtype == "float32" or gpu:
