@@ -112,3 +112,40 @@ def test_cost_command_writes_every_point_and_the_plots(capsys, tmp_path):
     assert "Calibration against DeepSeek's figure" in (tmp_path / "cost.md").read_text()
     assert (tmp_path / "cost_by_position.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["cost", "--gpu", "v100", "--out", str(tmp_path)]) == 2
+
+
+def test_one_crossover_figure_exact_to_the_token(tmp_path):
+    """The report and the calibration give the same crossover, and it is the first position where DSA is cheaper."""
+    from dsa_export.cost.model import crossover, token_cost
+    from dsa_export.cost.report import write_cost_report
+
+    config, gpu, eff = get_preset("v3.2-exp"), get_target("h800"), Assumptions()
+    report = write_cost_report(config, gpu, tmp_path, 2.0, eff)
+    for c in report["calibration"]["crossovers"]:
+        position = report["crossovers"][c["phase"]]
+        assert c["model_position"] == position == crossover(config, gpu, eff, 2.0, c["phase"])
+
+        def usd(t, variant, phase=c["phase"]):
+            return token_cost(config, t, phase, variant, gpu, eff, 2.0)["usd_per_mtok"]
+
+        assert usd(position, "dsa") < usd(position, "dense") and usd(position - 1, "dsa") >= usd(position - 1, "dense")
+    text = (tmp_path / "cost.md").read_text()
+    assert text.count(f"{report['crossovers']['decode']:,}") >= 2  # the table and the calibration: one figure
+
+
+def test_a_small_builds_report_says_whose_shapes_the_curves_are(tmp_path, tiny_checkpoint):
+    from dsa_export.cost.report import build_cost
+
+    build_cost(get_preset("tiny"), get_target("h100"), tmp_path, 2.0, Assumptions(), label=str(tiny_checkpoint),
+               log=lambda line: None)
+    text = (tmp_path / "cost.md").read_text()
+    assert "Modelled shapes: DeepSeek-V3.2-Exp (671B): the build's model" in text and str(tiny_checkpoint) in text
+
+
+def test_measured_decode_runs_on_the_threads_asked_and_restores_torchs():
+    from dsa_export.cost.measure import measure_decode
+
+    before = torch.get_num_threads()
+    model = DSAForCausalLM(get_preset("tiny")).eval()
+    measured = measure_decode(model, contexts=(64,), repeat=1, threads=1)
+    assert measured["threads"] == 1 and torch.get_num_threads() == before

@@ -144,7 +144,8 @@ class BuildContext:
         measured cost use the same sessions."""
         from dsa_export.runtime import available_backends
 
-        return available_backends(self.export, self.target, record_indexer=True, log=self.log)
+        return available_backends(self.export, self.target, record_indexer=True, log=self.log,
+                                  threads=self.options.threads)
 
     @property
     def engine_shapes(self):

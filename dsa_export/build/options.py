@@ -109,6 +109,9 @@ class Options:
                                     steps=("parity",), fingerprint=False)
     # cost
     price: float = option(2.0, "USD per GPU-hour.", FiniteFloat(min=0, min_open=True), steps=("cost",))
+    threads: int = option(1, "CPU threads of torch and ONNX Runtime for the measured decode steps (and the build's "
+                          "ONNX Runtime sessions): 1 gives steady timings on shared cores; more, the machine's speed.",
+                          click.IntRange(min=1, max=1024), steps=("cost",))
     assumptions: Assumptions = option(Assumptions(), "Cost-model assumption.", steps=("cost",))
 
     def __post_init__(self):

@@ -246,7 +246,7 @@ def run_cost(ctx: BuildContext) -> dict:
     measure = export is not None and ctx.checkpoint_dir.is_dir() and eager_unavailable(ctx) is None
     record = build_cost(ctx.config, ctx.target, ctx.out.cost, o.price, o.assumptions, export,
                         ctx.model() if measure else None, ctx.backends if measure else None,
-                        label=str(ctx.checkpoint_dir), log=ctx.log)
+                        label=str(ctx.checkpoint_dir), log=ctx.log, threads=o.threads)
     return {**record, "path": str(ctx.build.cost)}
 
 

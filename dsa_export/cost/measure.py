@@ -20,9 +20,20 @@ def random_cache_contents(config, context: int, seed: int = 0) -> list[torch.Ten
 
 
 def measure_decode(model, graph_backends: list | None = None, contexts=MEASURE_CONTEXTS, repeat: int = 5,
-                   label: str = "model") -> dict:
+                   label: str = "model", threads: int | None = None) -> dict:
     """Seconds per decode step (batch 1) on top of `context` cached tokens: eager dense, eager DSA, and each backend
-    of the export given (runtime.available_backends: ONNX Runtime, TensorRT engines)."""
+    of the export given (runtime.available_backends: ONNX Runtime, TensorRT engines), torch on `threads` threads
+    (None: as it is; the sessions were made with theirs)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)  # two threads on shared cores swung eager steps from 5 to 500 ms
+    try:
+        return _measure(model, graph_backends, contexts, repeat, label)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(model, graph_backends, contexts, repeat, label) -> dict:
     backends = {"eager dense": EagerBackend(model, attention="dense"), "eager DSA": EagerBackend(model)}
     backends.update((f"{b.name} DSA", b) for b in graph_backends or [])
     capacity = min(b.capacity for b in backends.values())

@@ -116,12 +116,24 @@ def cost_curves(config: DSAConfig, gpu: GPUTarget, eff: Assumptions = Assumption
                     for variant in VARIANTS} for phase in PHASES}
 
 
-def crossover(curves: dict, phase: str) -> int | None:
-    """First position from which DSA is cheaper than dense."""
-    for dense, dsa in zip(curves[phase]["dense"], curves[phase]["dsa"]):
-        if dsa["usd_per_mtok"] < dense["usd_per_mtok"] and dense["position"] > 0:
-            return dense["position"]
-    return None
+def crossover(config: DSAConfig, gpu: GPUTarget, eff: Assumptions, price: float, phase: str,
+              max_position: int = 131072) -> int | None:
+    """The first position (exact, to the token) from which DSA is cheaper than dense: the first point of the
+    position grid where it is, then bisection down to the token before it. The one crossover figure every report
+    gives."""
+    def cheaper(t: int) -> bool:
+        return (token_cost(config, t, phase, "dsa", gpu, eff, price)["usd_per_mtok"]
+                < token_cost(config, t, phase, "dense", gpu, eff, price)["usd_per_mtok"])
+
+    grid = [t for t in positions_grid(max_position) if t > 0]
+    first = next((i for i, t in enumerate(grid) if cheaper(t)), None)
+    if first is None:
+        return None
+    low, high = (grid[first - 1] if first else 0), grid[first]  # dense at low (or 0), DSA at high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if cheaper(middle) else (middle, high)
+    return high
 
 
 # Read off DeepSeek's Fig. 3 (H800, $2/GPU-hour), dsa-architecture.md "Anchors and numbers".
@@ -144,8 +156,7 @@ def calibration(config: DSAConfig, gpu: GPUTarget, eff: Assumptions = Assumption
         model = token_cost(config, position, phase, variant, gpu, eff, price)["usd_per_mtok"]
         rows.append({"phase": phase, "variant": variant, "position": position, "paper_usd": paper, "model_usd": model,
                      "relative_error": model / paper - 1, "moved_by": ASSUMPTION_EFFECTS[(phase, variant)]})
-    curves = cost_curves(config, gpu, eff, price, positions=list(range(0, 32769, 256)))
-    crossings = [{"phase": phase, "paper_position": paper, "model_position": crossover(curves, phase)}
+    crossings = [{"phase": phase, "paper_position": paper, "model_position": crossover(config, gpu, eff, price, phase)}
                  for phase, paper in PAPER_CROSSOVERS.items()]
     return {"gpu": gpu.name, "price_per_gpu_hour": price, "efficiency": asdict(eff), "points": rows,
             "crossovers": crossings}

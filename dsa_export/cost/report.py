@@ -78,15 +78,17 @@ def is_paper_model(config: DSAConfig) -> bool:
 
 def write_cost_report(config: DSAConfig, gpu: GPUTarget, out_dir: str | Path, price: float = 2.0,
                       assumptions: Assumptions = Assumptions(), measured: dict | None = None,
-                      graph: dict | None = None) -> dict:
-    """cost.json + cost.md + plots. measured: cost/measure.py `measure_decode`; graph: cost/graph.py `audit`."""
+                      graph: dict | None = None, modelled: str | None = None) -> dict:
+    """cost.json + cost.md + plots. measured: cost/measure.py `measure_decode`; graph: cost/graph.py `audit`;
+    modelled: which model's shapes the curves use, and why (the report says so)."""
     out_dir = ensure_output_dir(out_dir)
     curves = cost_curves(config, gpu, assumptions, price, positions_grid())
     # DeepSeek's figure is for the 671B model on H800 (prices scale with the GPU-hour price): nothing to compare else
     paper = gpu.name == "h800" and is_paper_model(config)
     report = {"gpu": asdict(gpu), "price_per_gpu_hour": price, "assumptions": asdict(assumptions),
               "config": config.to_hf_dict(), "curves": curves,
-              "crossovers": {phase: crossover(curves, phase) for phase in ("prefill", "decode")},
+              "crossovers": {phase: crossover(config, gpu, assumptions, price, phase) for phase in ("prefill", "decode")},
+              "modelled": modelled,
               "calibration": calibration(config, gpu, assumptions, price) if paper else None,
               "measured": measured, "graph": graph}
     report["plots"] = _plot(curves, gpu, price, paper, measured, out_dir)
@@ -103,6 +105,8 @@ def _markdown(report: dict, config: DSAConfig) -> str:
              f"HBM {gpu['hbm_tbps']:g} TB/s) with these assumptions: "
              + ", ".join(f"{k} {v:g}" for k, v in report["assumptions"].items()) + ".", "",
              "| position | prefill dense | prefill DSA | decode dense | decode DSA |", "|---:|---:|---:|---:|---:|"]
+    if report.get("modelled"):
+        lines[1:1] = ["", f"Modelled shapes: {report['modelled']}."]
     for i, point in enumerate(curves["prefill"]["dense"]):
         if point["position"] in (0, 1024, 4096, 8192, 16384, 32768, 65536, 131072):
             lines.append(f"| {point['position']:,} | " + " | ".join(
@@ -150,7 +154,7 @@ def modelled_config(config: DSAConfig) -> DSAConfig:
 
 def build_cost(config: DSAConfig, gpu: GPUTarget, out_dir: Path, price: float, assumptions: Assumptions,
                export=None, model=None, backends: list | None = None, label: str = "model",
-               log=print) -> dict:
+               log=print, threads: int | None = None) -> dict:
     """The build's cost step: the modelled curves; with an export, its own cost read off the graph
     (cost/graph.py); with the eager model, decode steps measured here beside `backends`. Returns the manifest
     record (crossovers, plots, calibration, the graph's deviation from the closed form, a note)."""
@@ -158,8 +162,13 @@ def build_cost(config: DSAConfig, gpu: GPUTarget, out_dir: Path, price: float, a
     from dsa_export.cost.measure import measure_decode
 
     graph = audit(export) if export is not None else None
-    measured = measure_decode(model, backends, label=label) if model is not None else None
-    report = write_cost_report(modelled_config(config), gpu, out_dir, price, assumptions, measured, graph)
+    measured = measure_decode(model, backends, label=label, threads=threads) if model is not None else None
+    modelled = modelled_config(config)
+    shapes = ("the build's own model (DeepSeek-V3.2-Exp's dimensions)" if modelled is config else
+              f"DeepSeek-V3.2-Exp (671B): the build's model ({label}, {config.num_hidden_layers} layers of hidden size "
+              f"{config.hidden_size}) is too small for dollars per token to mean anything; the measured steps and the "
+              f"graph's own cost below are the build's model")
+    report = write_cost_report(modelled, gpu, out_dir, price, assumptions, measured, graph, shapes)
     for r in (report["calibration"] or {}).get("points", []):
         log(f"{r['phase']:<8} {r['variant']:<6} at {r['position'] // 1024}K: model ${r['model_usd']:.3f}  "
             f"paper ${r['paper_usd']:.2f}  ({r['relative_error']:+.1%})")

@@ -148,7 +148,7 @@ class GraphBackend:
 
     @classmethod
     def onnxruntime(cls, export: ExportDir | str | Path, providers: list[str] | None = None,
-                    record_indexer: bool = False) -> "GraphBackend":
+                    record_indexer: bool = False, threads: int | None = None) -> "GraphBackend":
         """ONNX Runtime sessions over the export's graphs (CPU; CUDA when onnxruntime-gpu and a GPU are present), each
         pool bound once as the input and the output of its dsa::WriteCache, so no step copies a pool.
         record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph, in
@@ -171,7 +171,7 @@ class GraphBackend:
                 graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
                 model_bytes = graph.SerializeToString()
             try:
-                graphs.append(OrtGraph(stage.model_path, stage.io, providers, model_bytes, extra))
+                graphs.append(OrtGraph(stage.model_path, stage.io, providers, model_bytes, extra, threads))
             except ValueError as e:  # OrtGraph's own refusal
                 raise DSAExportError(f"{stage.path}: {e}") from None
             except Exception as e:  # ONNX Runtime raises its own types for unreadable or mismatched files
@@ -252,7 +252,7 @@ def onnxruntime_module():
 
 
 def available_backends(export: ExportDir, target: GPUTarget | None = None, record_indexer: bool = False,
-                       log: Callable[[str], None] = print) -> list[GraphBackend]:
+                       log: Callable[[str], None] = print, threads: int | None = None) -> list[GraphBackend]:
     """The graph backends this machine can run the export with: ONNX Runtime (a float32 export on the CPU; any with
     onnxruntime-gpu on a GPU), and the TensorRT engines where every stage has one and TensorRT and a GPU of the
     target are here."""
@@ -260,7 +260,7 @@ def available_backends(export: ExportDir, target: GPUTarget | None = None, recor
     backends = []
     gpu = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
     if export.io.cache_dtype == "float32" or gpu:
-        backends.append(GraphBackend.onnxruntime(export, record_indexer=record_indexer))
+        backends.append(GraphBackend.onnxruntime(export, record_indexer=record_indexer, threads=threads))
     if target is not None and export.has_engines:
         from dsa_export.exporter.engine import unavailable
 

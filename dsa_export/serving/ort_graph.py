@@ -30,9 +30,10 @@ class OrtPools:
 
 class OrtGraph:
     def __init__(self, model_path: str | Path, io, providers: list[str] | None = None,
-                 model_bytes: bytes | None = None, extra_outputs: list[str] | None = None):
+                 model_bytes: bytes | None = None, extra_outputs: list[str] | None = None, threads: int | None = None):
         """io: the graph's io_spec.GraphIO; model_bytes: a modified copy of the graph to run instead (its weights
-        still read beside model_path); extra_outputs: more graph outputs it exposes (the indexers' selections)."""
+        still read beside model_path); extra_outputs: more graph outputs it exposes (the indexers' selections);
+        threads: ONNX Runtime's intra-op threads (None: its default, one per core)."""
         model_path = Path(model_path)
         self.io = io
         self.capacity, self.vocab_size = io.capacity, io.vocab_size
@@ -48,6 +49,8 @@ class OrtGraph:
         # ONNX Runtime's threads spin after each run by default, starving whatever runs next on a small machine
         # (an eager model between steps ran ~50x slower): let them sleep
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if threads is not None:
+            options.intra_op_num_threads = threads
         if model_bytes is None:
             self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
         else:  # from memory, the external weights from the export directory
