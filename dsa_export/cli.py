@@ -19,13 +19,22 @@ from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, forget_
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="dsa-export")
-def cli():
+@click.option("-q", "--quiet", is_flag=True, help="No progress and no step lines: errors and a one-line summary.")
+@click.option("-v", "--verbose", is_flag=True, help="After a run, every step's full record (what manifest.json holds).")
+@click.option("--json", "as_json", is_flag=True, help="A run's summary as JSON on stdout (nothing else there).")
+@click.pass_context
+def cli(ctx, quiet: bool, verbose: bool, as_json: bool):
     """DeepSeek-V3.2-Exp (DeepSeek Sparse Attention) from PyTorch to ONNX, TensorRT and Triton Inference Server.
 
     \b
     Example (built-in tiny model, everything this machine can run):
       dsa-export build --gpu h100
+      dsa-export --json build --gpu h100     (the summary as JSON; -q: one line; -v: every step's record)
     """
+    from dsa_export.progress import set_quiet
+
+    ctx.obj = {"quiet": quiet or as_json, "verbose": verbose, "json": as_json}
+    set_quiet(quiet or as_json)
 
 
 def _run_build(options, only: list[str] | None = None) -> None:
@@ -45,12 +54,39 @@ def _run_build(options, only: list[str] | None = None) -> None:
                 raise DSAExportError("--junit-xml: parity did not run in this build (see the summary above)")
             write_atomic(junit, source.read_bytes())
 
+    settings = click.get_current_context().find_root().obj or {}
+    log = (lambda line: None) if settings.get("quiet") else click.echo
     try:
-        run_build(options, only=only, log=click.echo)
+        run_build(options, only=only, log=log)
     except CheckFailure:
         write_junit()
+        _report(options, settings)
         raise
     write_junit()
+    _report(options, settings)
+
+
+def _report(options, settings: dict) -> None:
+    """The end of a run as asked: the JSON summary (--json), one line (-q), every step's record (-v)."""
+    import json
+
+    from dsa_export.build.runner import read_manifest
+
+    manifest_path = Path(options.out or Path("build") / options.gpu) / "manifest.json"
+    steps = read_manifest(manifest_path).get("steps", {})
+    keys = ("status", "seconds", "outputs", "reason", "note", "error", "failures", "command")
+    if settings.get("json"):
+        click.echo(json.dumps({"build": str(manifest_path.parent), "manifest": str(manifest_path),
+                               "passed": all(r.get("status") != "failed" for r in steps.values()),
+                               "steps": {n: {k: r[k] for k in keys if k in r} for n, r in steps.items()}}, indent=2))
+    elif settings.get("quiet"):
+        counts = {}
+        for record in steps.values():
+            counts[record.get("status")] = counts.get(record.get("status"), 0) + 1
+        click.echo(f"{manifest_path.parent}: " + ", ".join(f"{n} {status}" for status, n in counts.items())
+                   + f" ({manifest_path})")
+    if settings.get("verbose"):
+        click.echo(json.dumps(steps, indent=2, default=str))
 
 
 def _step_command(name: str, summary: str, example: str, defaults: dict | None = None):
@@ -63,6 +99,7 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
         step = next(s for s in STEPS if s.name == name)
         # the checkpoint step resolves (or writes, for a preset) the model the step reads: cheap, and reused
         only = ["checkpoint", name] if "checkpoint" in step.after else [name]
+        options_from(values)  # the values as given are valid together (one line naming the problem), first
         ctx = click.get_current_context()
         given = {key for key in values if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
         out = values.get("out") or Path("build") / str(values.get("gpu", "h100")).lower()

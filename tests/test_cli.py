@@ -116,7 +116,7 @@ def test_console_script_exit_code_and_no_traceback(tmp_path):
     assert proc.stderr.count("\n") == 1 and not list(tmp_path.iterdir())
 
 
-def test_stage_commands_run_one_stage_in_a_build_directory(capsys, tmp_path, tiny_checkpoint):
+def test_stage_commands_run_one_stage_in_a_build_directory(capsys, tmp_path, tiny_checkpoint, monkeypatch):
     out = tmp_path / "x"
     code, _, err = run_cli(capsys, "export", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
                            "--capacity", "128")
@@ -144,9 +144,23 @@ def test_stage_commands_run_one_stage_in_a_build_directory(capsys, tmp_path, tin
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert steps["export"]["status"] == "ok" and steps["parity"]["status"] == "failed"
     # a new export makes the parity results of the old one stale: they are removed, not left looking current
-    code, _, _ = run_cli(capsys, "export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--capacity", "64")
+    from dsa_export import progress
+
+    monkeypatch.setattr(progress, "PROGRESS_SECONDS", 0.01)  # a CI log: plain progress lines on stdout, not bars
+    code, stdout, err = run_cli(capsys, "export", "--checkpoint", str(tiny_checkpoint), "--out", str(out),
+                                "--capacity", "64")
     steps = json.loads((out / "manifest.json").read_text())["steps"]
     assert code == 0 and "parity" not in steps and not (out / "parity").exists()
+    assert "[export] removing what was made from its old outputs: parity" in stdout  # named before it goes
+    assert "tracing the graph" in stdout and "writing weights: 100%" in stdout and "\r" not in stdout and not err
+    # -q: one line; --json: the summary as JSON and nothing else; -v: every step's record after the summary
+    code, stdout, _ = run_cli(capsys, "-q", "deploy", "--out", str(out))
+    assert code == 0 and stdout.count("\n") == 1 and " ok" in stdout and "manifest.json" in stdout
+    code, stdout, _ = run_cli(capsys, "--json", "deploy", "--out", str(out))
+    summary = json.loads(stdout)
+    assert code == 0 and summary["passed"] and summary["steps"]["deploy"]["status"] == "reused"
+    code, stdout, _ = run_cli(capsys, "-v", "deploy", "--out", str(out))
+    assert code == 0 and '"fingerprint"' in stdout and "[deploy] reused" in stdout
 
 
 def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_path):

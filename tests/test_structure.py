@@ -13,7 +13,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "dsa_export"
 # Rooms from the ground up (README "Layout"); a room may import rooms on its floor's left or below, never above.
 FLOORS = [
-    ("errors", "_version"),
+    ("errors", "_version", "progress"),
     ("formats",),
     ("contracts", "targets", "files"),
     ("serving",),  # standalone: it imports nothing of dsa_export at all (checked apart)

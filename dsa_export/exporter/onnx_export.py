@@ -32,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsa_export._version import __version__
 from dsa_export.errors import DSAExportError
+from dsa_export.progress import heartbeat
 from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.checks import check_graph
 from dsa_export.exporter.graph_io import GraphIO, graph_io, name_graph_dims
@@ -118,7 +119,7 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
     # onnxscript's optimizer logs each opaque initializer it leaves alone
     for name in ("torch.onnx", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), heartbeat(f"tracing the graph ({len(io.inputs)} inputs)"):
         warnings.simplefilter("ignore")
         program = torch.onnx.export(torch.export.export(CachedLM(model, io), args, dynamic_shapes=dynamic_shapes),
                                     dynamo=True, verbose=False, optimize=False, opset_version=OPSET,

@@ -22,7 +22,7 @@ from typing import Iterator, Protocol
 
 import onnx
 import torch
-from tqdm import tqdm
+from dsa_export.progress import bar as progress_bar
 
 from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import data_file_name
@@ -164,8 +164,7 @@ def write_weights(specs: list[tuple[str, WeightSpec]], source: WeightSource, out
     total = sum(spec.nbytes for _, spec in specs)
     finished = False
     try:
-        with tqdm(total=total, desc="writing weights", unit="B", unit_scale=True, disable=None if progress else True,
-                  leave=False) as bar:
+        with progress_bar(total=total, enabled=progress, desc="writing weights", unit="B", unit_scale=True) as bar:
             for onnx_name, spec in specs:
                 offset = -(-data_file.size // ALIGN) * ALIGN
                 if offset and offset + spec.nbytes > max_file_bytes:  # next file (a lone tensor may exceed it)

@@ -391,15 +391,15 @@ def compile_targets(out_dirs: dict[str, str | Path], dims: KernelDims | dict, ca
             _compile_in_child(jobs, dims, Path(cache_dir), progress)
             return {name: [json.loads((out_dir / f"{spec.name}.json").read_text())
                            for spec in kernel_specs(target, dims)] for name, (target, out_dir) in jobs.items()}
-        from tqdm import tqdm
+        from dsa_export.progress import bar as progress_bar
 
         work = [(name, target, out_dir, spec) for name, (target, out_dir) in jobs.items()
                 for spec in kernel_specs(target, dims)]
         written: dict[str, list[dict]] = {name: [] for name in jobs}
         with mock.patch.dict(os.environ, TRITON_CACHE_DIR=str(cache_dir)):  # restored afterwards, whatever happens
             os.environ.pop("TRITON_INTERPRET", None)
-            bar = tqdm(work, desc=f"kernels {','.join(t.name for t, _ in jobs.values())}", unit="kernel",
-                       disable=None if progress else True)  # None: off when not a terminal
+            bar = progress_bar(work, enabled=progress, desc=f"kernels {','.join(t.name for t, _ in jobs.values())}",
+                               unit="kernel")
             for name, target, out_dir, spec in bar:
                 written[name].append(compile_spec(spec, target, out_dir))
         return written

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from tqdm import tqdm
+from dsa_export.progress import bar as progress_bar
 
 from dsa_export.errors import DSAExportError
 from dsa_export.files import regular_file_inside
@@ -255,8 +255,7 @@ def fill_model(model: DSAForCausalLM, read: Callable[[str], torch.Tensor], progr
     config = model.config
     block = config.weight_block
     params = model.state_dict()
-    # disable=None: tqdm draws only on a terminal
-    for name in tqdm(params, desc="loading weights", unit="tensor", disable=None if progress else True, leave=False):
+    for name in progress_bar(params, enabled=progress, desc="loading weights", unit="tensor"):
         target = params[name]
         sources = tensor_sources(name, config.n_routed_experts)
         for source, where in sources:

@@ -72,9 +72,11 @@ def _compare_step(ref, cand, lengths: torch.Tensor, totals: _Totals) -> None:
 
 def compare(reference, candidate, prompt_batches: list[list[list[int]]], new_tokens: int = 32) -> dict:
     """Run both backends on every batch: prefill, then greedy decoding step by step, comparing every step."""
+    from dsa_export.progress import bar as progress_bar
+
     totals = _Totals()
     generations = []
-    for batch in prompt_batches:
+    for batch in progress_bar(prompt_batches, desc=f"parity {candidate.name}", unit="batch"):
         ref, cand = Session(reference), Session(candidate)
         logits_ref, logits_cand = ref.prefill(batch), cand.prefill(batch)
         _compare_step(ref.last, cand.last, ref.lengths, totals)
