@@ -228,3 +228,65 @@ def test_serve_says_when_the_api_cannot_listen():
         assert _cannot_listen("127.0.0.1", taken.getsockname()[1]) == "in use"
     assert _cannot_listen("127.0.0.1", free_port()) is None
     assert _cannot_listen("no-such-host.invalid", 8000).startswith("unknown host")
+
+
+# ---- tools -----------------------------------------------------------------------------------------------------------
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                           "parameters": {"type": "object",
+                                                          "properties": {"city": {"type": "string"}}}}}]
+CALL = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris"}'
+        '<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+def test_tools_render_through_the_template_with_a_conversation_of_tool_turns(oai, build):
+    history = [*MESSAGES, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    reply = oai.chat.completions.create(model=MODEL, messages=history, tools=TOOLS, max_tokens=1)
+    codec = TextCodec(build)
+    expected = codec.encode_chat([{"role": m["role"], "content": m.get("content") or "",
+                                   **({"tool_calls": m["tool_calls"]} if "tool_calls" in m else {}),
+                                   **({"tool_call_id": m["tool_call_id"]} if "tool_call_id" in m else {})}
+                                  for m in history], tools=TOOLS)
+    assert reply.usage.prompt_tokens == len(expected) > len(codec.encode_chat(MESSAGES))
+    assert "get_weather" in codec.render(history, tools=TOOLS) and "sunny, 21 C" in codec.decode(expected)
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\] must be"):
+        oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=[{"type": "function"}])
+
+
+def test_the_models_tool_call_markup_comes_back_as_tool_calls(oai, monkeypatch):
+    """The tiny random model never writes the markup: the server's tokens are replaced by text that holds it (split
+    across pieces as a model's tokens would split it), the API's parsing is what is tested."""
+    from dsa_export.deploy import client, openai_api
+
+    pieces = ["Let me check. ", CALL[:7], CALL[7:40], CALL[40:]]
+
+    async def fake_generate(url, ids, sampling, timeout=0):
+        for i, text in enumerate(pieces):
+            yield client.Chunk(i, 5, text)
+
+    monkeypatch.setattr(openai_api, "generate", fake_generate)
+    reply = oai.chat.completions.create(model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=20)
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "Let me check. "
+    [call] = choice.message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("get_weather", {"city": "Paris"})
+    deltas = [c.choices[0].delta for c in oai.chat.completions.create(
+        model=MODEL, messages=MESSAGES, tools=TOOLS, max_tokens=20, stream=True) if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "Let me check. "
+    [call] = [t for d in deltas for t in d.tool_calls or []]
+    assert call.function.name == "get_weather" and call.index == 0 and call.id.startswith("call_")
+    # without tools the markup is text, as the model wrote it
+    reply = oai.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=20)
+    assert reply.choices[0].message.content == "".join(pieces) and not reply.choices[0].message.tool_calls
+
+
+def test_tool_call_markup_is_cut_out_across_pieces():
+    from dsa_export.deploy.openai_api import ToolCalls
+
+    calls = ToolCalls(enabled=True)
+    assert calls.feed("answer <｜tool") == "answer " and calls.feed("▁calls▁begin｜><｜tool▁call▁begin｜>f") == ""
+    assert calls.feed('<｜tool▁sep｜>{}<｜tool▁call▁end｜>') == "" and calls.flush() == ""
+    assert [c["function"] for c in calls.calls()] == [{"name": "f", "arguments": "{}"}]
+    calls = ToolCalls(enabled=True)
+    assert calls.feed("no call <｜to") == "no call " and calls.flush() == "<｜to" and calls.calls() == []

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ from typing import AsyncIterator
 
 from dsa_export.deploy import client
 from dsa_export.deploy.repository import GENERATE
+from dsa_export.models.tokenizer import TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_SEP
 
 log = logging.getLogger("dsa_export.api")
 THINK_END = "</think>"
@@ -151,6 +153,75 @@ class Reasoning:
     def flush(self) -> tuple[str, str]:
         held, self.held = self.held, ""
         return (held, "") if self.in_reasoning else ("", held)
+
+
+class ToolCalls:
+    """The model's tool-call markup (DeepSeek-V3.1/V3.2's: <｜tool▁calls▁begin｜><｜tool▁call▁begin｜>name
+    <｜tool▁sep｜>arguments<｜tool▁call▁end｜>...<｜tool▁calls▁end｜>) taken out of the answer as it streams: the
+    text before it is content, the calls come back as OpenAI's tool_calls."""
+    CALL = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(.*?)" + re.escape(TOOL_SEP) + r"(.*?)" + re.escape(TOOL_CALL_END),
+                      re.S)
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.markup, self.held = enabled, None, ""
+
+    def feed(self, text: str) -> str:
+        if not self.enabled:
+            return text
+        if self.markup is not None:
+            self.markup += text
+            return ""
+        text, self.held = self.held + text, ""
+        head, found, tail = text.partition(TOOL_CALLS_BEGIN)
+        if found:
+            self.markup = tail
+            return head
+        keep = next((n for n in range(min(len(TOOL_CALLS_BEGIN) - 1, len(text)), 0, -1)
+                     if text.endswith(TOOL_CALLS_BEGIN[:n])), 0)
+        self.held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep]
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
+
+    def calls(self) -> list[dict]:
+        return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                 "function": {"name": name.strip(), "arguments": arguments.strip()}}
+                for name, arguments in self.CALL.findall(self.markup or "")]
+
+
+def _tools(tools) -> list[dict] | None:
+    """OpenAI's `tools` (functions only), checked: what the chat template renders."""
+    if tools is None or tools == []:
+        return None
+    if not isinstance(tools, list) or len(tools) > 128:
+        raise APIError("'tools' must be a list of at most 128 functions", param="tools")
+    out = []
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) and tool.get("type") == "function" else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise APIError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}",
+                           param="tools")
+        parameters = function.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(parameters, dict):
+            raise APIError(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+        out.append({"type": "function", "function": {"name": function["name"],
+                                                     "description": str(function.get("description") or ""),
+                                                     "parameters": parameters}})
+    return out
+
+
+def _tool_calls(calls, message: int) -> list[dict]:
+    """An assistant message's tool_calls, checked (rendered back into the conversation by the template)."""
+    if not isinstance(calls, list) or not all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+            and isinstance(c["function"].get("arguments", ""), str) for c in calls):
+        raise APIError(f"messages[{message}].tool_calls must be a list of function calls with a name and arguments "
+                       f"(a JSON string)", param="messages")
+    return [{"id": str(c.get("id") or ""), "type": "function",
+             "function": {"name": c["function"]["name"], "arguments": c["function"].get("arguments", "")}}
+            for c in calls]
 
 
 # ---- the server side of one request ----------------------------------------------------------------------------------
@@ -355,7 +426,7 @@ class OpenAIServer:
             sampling = Sampling.of(body, self.capacity, chat)
             self.metrics.waiting.inc()
             try:
-                ids, thinking = await (self._chat_prompt(body) if chat else self._completion_prompt(body))
+                ids, thinking, tools = await (self._chat_prompt(body) if chat else self._completion_prompt(body))
             finally:
                 self.metrics.waiting.dec()
             if len(ids) + sampling.max_tokens > self.capacity:
@@ -366,7 +437,7 @@ class OpenAIServer:
             return self._json(e.body(), e.status)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.metrics.prompt_tokens.inc(len(ids))
-        events = self._events(ids, sampling, thinking)
+        events = self._events(ids, sampling, thinking, tools)
         if sampling.stream:
             return self._streamed(request, endpoint, request_id, chat, events, sampling, len(ids), started)
         return await self._whole(request, endpoint, request_id, chat, events, len(ids), started)
@@ -376,8 +447,8 @@ class OpenAIServer:
         if not isinstance(messages, list) or not messages:
             raise APIError("'messages' must be a non-empty list", param="messages")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer"):
-                raise APIError(f"messages[{i}] must be an object with a role of system, user or assistant",
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "developer", "tool"):
+                raise APIError(f"messages[{i}] must be an object with a role of system, user, assistant or tool",
                                param="messages")
             content = m.get("content")
             if isinstance(content, list):  # content parts: text ones only
@@ -388,26 +459,35 @@ class OpenAIServer:
             if content is not None and not isinstance(content, str):
                 raise APIError(f"messages[{i}].content must be a string", param="messages")
             messages[i] = {"role": "system" if m["role"] == "developer" else m["role"], "content": content or ""}
+            if m["role"] == "assistant" and m.get("tool_calls"):
+                messages[i]["tool_calls"] = _tool_calls(m["tool_calls"], i)
+            if m["role"] == "tool":
+                messages[i]["tool_call_id"] = str(m.get("tool_call_id") or "")
         kwargs = body.get("chat_template_kwargs") or {}
-        if not isinstance(kwargs, dict) or "messages" in kwargs:
+        if not isinstance(kwargs, dict) or {"messages", "tools"} & set(kwargs):
             raise APIError("'chat_template_kwargs' must be an object of template variables", param="chat_template_kwargs")
         thinking = bool(kwargs.get("thinking") or kwargs.get("enable_thinking"))
-        ids = await self._encode(self.text.encode_chat if self.text else None, messages, **kwargs)
-        return ids, thinking
+        tools = _tools(body.get("tools"))
+        encode = self.text.encode_chat if self.text else None
+        ids = await self._encode(encode, messages, **kwargs, **({"tools": tools} if tools else {}))
+        if tools and ids == await self._encode(encode, messages, **kwargs):
+            raise APIError("this model's chat template does not render tools", param="tools")
+        return ids, thinking, bool(tools)
 
     async def _completion_prompt(self, body: dict) -> tuple[list[int], bool]:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # one prompt in a batch of one
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return prompt, False  # token ids (the server checks them against the vocabulary)
+            return prompt, False, False  # token ids (the server checks them against the vocabulary)
         if not isinstance(prompt, str) or not prompt:
             raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt)", param="prompt")
-        return await self._encode(self.text.encode if self.text else None, prompt), False
+        return await self._encode(self.text.encode if self.text else None, prompt), False, False
 
-    async def _events(self, ids: list[int], sampling: Sampling, thinking: bool):
-        """(kind, text) pieces: kind "reasoning" or "content", then ("end", finish_reason) with the token count."""
-        stop, reasoning = StopText(sampling.stop), Reasoning(thinking)
+    async def _events(self, ids: list[int], sampling: Sampling, thinking: bool, tools: bool = False):
+        """(kind, value) events: ("token", time of the first), ("reasoning" | "content", text), ("tool_calls",
+        calls), then ("end", (finish_reason, tokens))."""
+        stop, reasoning, calls = StopText(sampling.stop), Reasoning(thinking), ToolCalls(tools)
         tokens, first, last = 0, None, None
         self.metrics.running.inc()
         chunks = generate(self.grpc_url, ids, sampling)
@@ -426,7 +506,7 @@ class OpenAIServer:
                 if think:
                     yield ("reasoning", think)
                 if answer:
-                    answer = stop.feed(answer)
+                    answer = stop.feed(calls.feed(answer))
                     if answer:
                         yield ("content", answer)
                     if stop.stopped:
@@ -434,16 +514,21 @@ class OpenAIServer:
             think, answer = reasoning.flush()
             if think:
                 yield ("reasoning", think)
-            answer = stop.feed(answer) + stop.flush() if not stop.stopped else ""
+            answer = stop.feed(calls.feed(answer) + calls.flush()) + stop.flush() if not stop.stopped else ""
             if answer:
                 yield ("content", answer)
-            yield ("end", ("length" if tokens >= sampling.max_tokens and not stop.stopped else "stop", tokens))
+            found = calls.calls()
+            if found:
+                yield ("tool_calls", found)
+            finish = "tool_calls" if found else (
+                "length" if tokens >= sampling.max_tokens and not stop.stopped else "stop")
+            yield ("end", (finish, tokens))
         finally:
             await chunks.aclose()  # a stop string or a disconnect: the server's request is cancelled
             self.metrics.running.dec()
 
     async def _whole(self, request, endpoint, request_id, chat, events, prompt_tokens, started):
-        parts = {"reasoning": [], "content": []}
+        parts = {"reasoning": [], "content": [], "tool_calls": []}
         finish, tokens = "stop", 0
         task = asyncio.ensure_future(self._collect(events, parts))
         try:
@@ -461,9 +546,11 @@ class OpenAIServer:
             self.metrics.ttft.observe(first - started)
         text, reasoning = "".join(parts["content"]), "".join(parts["reasoning"])
         if chat:
-            message = {"role": "assistant", "content": text}
+            message = {"role": "assistant", "content": text or (None if parts["tool_calls"] else "")}
             if reasoning:
                 message["reasoning_content"] = reasoning
+            if parts["tool_calls"]:
+                message["tool_calls"] = [call for calls in parts["tool_calls"] for call in calls]
             choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
@@ -517,6 +604,9 @@ class OpenAIServer:
                         yield chunk([piece({} if chat else "", finish)])
                         if sampling.include_usage:
                             yield chunk([], self._usage(prompt_tokens, tokens))
+                    elif what == "tool_calls":
+                        if chat:
+                            yield chunk([piece({"tool_calls": [{"index": i, **call} for i, call in enumerate(value)]})])
                     elif chat:
                         yield chunk([piece({"reasoning_content" if what == "reasoning" else "content": value})])
                     else:

@@ -15,15 +15,34 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 BOS, EOS, USER, ASSISTANT = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"
 SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT)  # ids 0, 1, 2, 3: bos and eos are the config's bos/eos_token_id
+# DeepSeek-V3.1/V3.2's tool-call markup: added tokens that decode as text (what the API's tool-call parser reads)
+TOOL_CALLS_BEGIN, TOOL_CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
+TOOL_CALL_BEGIN, TOOL_SEP, TOOL_CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁sep｜>", "<｜tool▁call▁end｜>"
+TOOL_OUTPUT_BEGIN, TOOL_OUTPUT_END = "<｜tool▁output▁begin｜>", "<｜tool▁output▁end｜>"
+TOOL_TOKENS = (TOOL_CALLS_BEGIN, TOOL_CALLS_END, TOOL_CALL_BEGIN, TOOL_SEP, TOOL_CALL_END, TOOL_OUTPUT_BEGIN,
+               TOOL_OUTPUT_END)
 
-# DeepSeek-V3.2's conversation format, reduced to system, user and assistant turns, with its thinking switch
-# (chat_template_kwargs {"thinking": true}): the assistant's turn opens a <think> block, else it starts closed
+# DeepSeek-V3.2's conversation format, reduced: system prompts first, then the tools (`tools`, OpenAI's function
+# list), then user, assistant (with its tool calls) and tool turns; the thinking switch (chat_template_kwargs
+# {"thinking": true}) opens the assistant's turn with a <think> block, else it starts closed
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] or '' }}{% endif %}{% endfor %}"
+    "{% if tools %}{{ '\n\n## Tools\nYou have access to the following tools:\n' }}"
+    "{% for tool in tools %}{{ '\n### ' + tool['function']['name'] + '\nDescription: '"
+    " + (tool['function']['description'] or '') + '\n\nParameters: ' + (tool['function']['parameters'] | tojson)"
+    " + '\n' }}{% endfor %}"
+    "{{ '\nIMPORTANT: ALWAYS adhere to this exact format for tool use:\n" + TOOL_CALLS_BEGIN + TOOL_CALL_BEGIN
+    + "tool_call_name" + TOOL_SEP + "tool_call_arguments" + TOOL_CALL_END + TOOL_CALLS_END + "\n' }}{% endif %}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}"
-    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜></think>' + message['content'] + eos_token }}"
+    "{% if message['role'] == 'system' %}"
+    "{% elif message['role'] == 'user' %}{{ '<｜User｜>' + (message['content'] or '') }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<｜Assistant｜></think>' + (message['content'] or '') }}"
+    "{% if message['tool_calls'] %}{{ '" + TOOL_CALLS_BEGIN + "' }}{% for call in message['tool_calls'] %}"
+    "{{ '" + TOOL_CALL_BEGIN + "' + call['function']['name'] + '" + TOOL_SEP + "' + call['function']['arguments']"
+    " + '" + TOOL_CALL_END + "' }}{% endfor %}{{ '" + TOOL_CALLS_END + "' }}{% endif %}{{ eos_token }}"
+    "{% elif message['role'] == 'tool' %}{{ '" + TOOL_OUTPUT_BEGIN + "' + (message['content'] or '') + '" + TOOL_OUTPUT_END
+    + "' }}"
     "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}"
@@ -65,15 +84,17 @@ def small_tokenizer(vocab_size: int) -> dict[str, str]:
     `vocab_size` tokens: the 4 special tokens, the 256 byte symbols, then merges learned from CORPUS."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-    if vocab_size < len(SPECIAL_TOKENS) + 256:
-        raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least {len(SPECIAL_TOKENS) + 256} tokens, "
+    if vocab_size < len(SPECIAL_TOKENS) + len(TOOL_TOKENS) + 256:
+        raise ValueError(f"a byte-level tokenizer needs a vocabulary of at least "
+                         f"{len(SPECIAL_TOKENS) + len(TOOL_TOKENS) + 256} tokens, "
                          f"the model has {vocab_size}")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(TOOL_TOKENS), special_tokens=list(SPECIAL_TOKENS),
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(CORPUS.splitlines(), trainer)
+    tokenizer.add_tokens(list(TOOL_TOKENS))  # single tokens, decoded as text (not special: never skipped)
     tokenizer.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
                                                              special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS,
