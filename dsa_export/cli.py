@@ -13,7 +13,8 @@ import click
 from click.core import ParameterSource
 
 from dsa_export._version import __version__
-from dsa_export.build.options import SEED, FiniteFloat, OutputPath, click_options, options_from, with_recorded
+from dsa_export.build.options import (SEED, FiniteFloat, OutputPath, check_upstream, click_options, options_from,
+                                      with_recorded)
 from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, forget_signals, note_signal, signal_received
 
 
@@ -104,14 +105,22 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
         given = {key for key in values if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
         out = values.get("out") or Path("build") / str(values.get("gpu", "h100")).lower()
         manifest = Path(out) / "manifest.json"
-        recorded = read_manifest(manifest).get("options")
-        if isinstance(recorded, dict):  # a build: its options, unless given; a conflicting one is refused
-            upstream, by_name = set(), {s.name: s for s in STEPS}
-            for other in reversed(STEPS):  # what this step reads, transitively, and does not run now
-                if other.name == name or other.name in upstream:
-                    upstream.update(n for n in other.after + other.uses if n not in only)
-            values = with_recorded(values, given, recorded, upstream & set(by_name), manifest)
-        _run_build(options_from(values), only)
+        recorded = read_manifest(manifest)
+        if isinstance(recorded.get("options"), dict):  # a build: its options, unless given
+            values = with_recorded(values, given, recorded["options"])
+        options = options_from(values)
+        records = recorded.get("steps", {})
+
+        def made(step: str) -> bool:  # its outputs are there (a skipped step made none, read nothing)
+            return isinstance(records.get(step), dict) and records[step].get("status") in ("ok", "reused")
+
+        reads = set()
+        for other in reversed(STEPS):  # what this step reads, transitively, and does not run now
+            if other.name == name or (other.name in reads and made(other.name)):
+                reads.update(n for n in other.after + other.uses if n not in only)
+        finished = {s.name: records[s.name] for s in STEPS if s.name in reads and made(s.name)}  # in build order
+        check_upstream(options, given, finished, manifest)  # those outputs were made with other options: refused
+        _run_build(options, only)
 
     command.__doc__ = f"{summary}\n\n    \\b\n    Example: {example}\n    "
     return cli.command(name)(click_options((name,), defaults)(command))

@@ -181,11 +181,22 @@ def test_bf16_build_checks_parity_against_fp32_and_measures_bf16(capsys, tmp_pat
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["options"] == recorded
     # an option that differs from the one the build's export was made with is refused, naming both
     code, _, err = run_cli(capsys, "parity", "--out", str(tmp_path / "b"), "--dtype", "float32")
-    assert code == 2 and "--dtype float32 differs from the bfloat16 this build was made with" in err
+    assert code == 2 and "--dtype float32 differs from the bfloat16 this build's" in err and "export" in err
     assert "leave --dtype out to use the build's, or rebuild with `dsa-export build --dtype float32" in err
     code, _, err = run_cli(capsys, "engine", "--out", str(tmp_path / "b"), "--gpu", "h100")
     assert code == 2 and "--gpu h100 differs from the a100" in err and "kernels" in err
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["options"] == recorded
+    # an option a previous stage command changed in the manifest is checked against the steps' own options too
+    code, _, err = run_cli(capsys, "kernels", "--out", str(tmp_path / "b"), "--seed", "5")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "parity", "--out", str(tmp_path / "b"))
+    assert code == 2 and "this build's checkpoint, export step(s) were made with --seed 0, its last run used 5" \
+        in err, err
+    code, _, err = run_cli(capsys, "parity", "--out", str(tmp_path / "b"), "--seed", "0")
+    assert code == 0, err
+    # the engine was skipped here (no GPU): it made nothing, so a serving shape for deploy conflicts with nothing
+    code, _, err = run_cli(capsys, "deploy", "--out", str(tmp_path / "b"), "--max-batch", "16")
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["options"] == recorded | {"max_batch": 16}
 
 
 def test_cost_of_a_small_model_is_not_compared_with_the_papers_671b_figure(capsys, tmp_path, tiny_checkpoint):

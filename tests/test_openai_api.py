@@ -84,6 +84,13 @@ def test_a_chat_completion_is_the_models_greedy_text_with_usage(oai, build, expe
         (len(ids), 12, len(ids) + 12)
 
 
+def test_a_chat_without_max_tokens_may_use_the_rest_of_the_context(oai, build):
+    ids = TextCodec(build).encode_chat(MESSAGES)
+    reply = oai.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0, stop=["e"])
+    assert reply.choices[0].finish_reason == "stop" and reply.usage.prompt_tokens == len(ids)
+    assert 0 < reply.usage.completion_tokens <= CAPACITY - len(ids)
+
+
 def test_a_streamed_chat_returns_the_reasoning_apart_and_usage_last(oai, build, expected):
     """With DeepSeek's thinking switch the template opens a <think> block: everything before </think> is
     reasoning_content (the tiny random model never closes it); without, it is the answer."""

@@ -188,13 +188,10 @@ def options_from(values: dict[str, Any]) -> Options:
     return Options(**kwargs)
 
 
-def with_recorded(values: dict[str, Any], given: set[str], recorded: dict[str, Any], upstream: set[str],
-                  manifest: Path) -> dict[str, Any]:
+def with_recorded(values: dict[str, Any], given: set[str], recorded: dict[str, Any]) -> dict[str, Any]:
     """A step command's option values: those given on the command line, else the build's as its manifest recorded
     them (every option, also those the command has no flag for), else the defaults, so that a stage command on a
-    build needs no repeated options and leaves the recorded ones as they were. A given value that
-    differs from the recorded one of an option an upstream step read (one whose outputs this command reads and does
-    not remake) is refused: those outputs were made with the recorded value."""
+    build needs no repeated options and leaves the recorded ones as they were."""
     out = dict(values)
     for f in dataclasses.fields(Options):
         if not f.metadata["fingerprint"] or f.name not in recorded:
@@ -203,17 +200,33 @@ def with_recorded(values: dict[str, Any], given: set[str], recorded: dict[str, A
         old_values = recorded[f.name] if group is not None else {f.name: recorded[f.name]}
         if not isinstance(old_values, dict):
             continue
-        read_upstream = upstream & set(f.metadata["steps"] or upstream)
         for name, old in old_values.items():
-            if name not in given:  # (also the options this command has no flag for: the manifest keeps them)
+            if name not in given:
                 out[name] = Path(old) if old is not None and "Path" in str(f.type) else old
-                continue
-            new = _jsonable(values[name])
-            new = new.lower() if name == "gpu" and isinstance(new, str) else new
-            if new != old and read_upstream:
-                flag = f"--{name.replace('_', '-')}"
-                raise DSAExportError(f"{flag} {new} differs from the {old} this build was made with ({manifest}: "
-                                     f"the {', '.join(sorted(read_upstream))} step read it): leave {flag} out to use "
-                                     f"the build's, or rebuild with `dsa-export build {flag} {new} --out "
-                                     f"{manifest.parent}`")
     return out
+
+
+def _comparable(name: str, value: Any) -> Any:
+    return ALIASES.get(value, value) if name == "dtype" and isinstance(value, str) else value
+
+
+def check_upstream(options: Options, given: set[str], upstream: dict[str, dict], manifest: Path) -> None:
+    """Refuse options that differ from those the upstream steps' outputs (which this command reads and does not
+    remake) were made with (upstream: step name → its manifest record, finished ones): one line naming both."""
+    differ: dict[str, tuple[Any, Any, list[str]]] = {}
+    for step, record in upstream.items():
+        made_with = record.get("options")
+        if not isinstance(made_with, dict):
+            continue
+        for name, now in options.used_by(step).items():
+            if name in made_with and not isinstance(now, dict) and                     _comparable(name, now) != _comparable(name, made_with[name]):
+                differ.setdefault(name, (now, made_with[name], []))[2].append(step)
+    for name, (now, old, steps) in differ.items():
+        flag, which = f"--{name.replace('_', '-')}", ", ".join(steps)
+        if name in given:
+            raise DSAExportError(f"{flag} {now} differs from the {old} this build's {which} step(s) were made with "
+                                 f"({manifest}): leave {flag} out to use the build's, or rebuild with "
+                                 f"`dsa-export build {flag} {now} --out {manifest.parent}`")
+        raise DSAExportError(f"this build's {which} step(s) were made with {flag} {old}, its last run used {now} "
+                             f"({manifest}): give {flag} {old}, or rebuild with `dsa-export build --out "
+                             f"{manifest.parent}`")

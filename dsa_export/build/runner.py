@@ -46,7 +46,7 @@ from dsa_export.files import digest, ensure_output_dir, locked, stamp, tree_file
 FINISHED = ("ok", "reused")
 RUN_PREFIX = ".dsa-run-"  # a run's staging and trash, inside the build directory
 RECORD_KEYS = {"status", "fingerprint", "outputs", "digests", "seconds", "reason", "command", "signal", "error",
-               "peak_rss_gb"}  # the runner's
+               "peak_rss_gb", "options"}  # the runner's
 
 
 @dataclass(frozen=True)
@@ -367,7 +367,8 @@ class Runner:
                 ctx.stage_into(None)
             assert not RECORD_KEYS & set(details), f"step {step.name} returned the runner's keys"
             self._commit(ctx, step, staging, written)
-            record.update(details, outputs=[str(p) for p in written], digests=self._digests(ctx.build.root, written))
+            record.update(details, outputs=[str(p) for p in written], digests=self._digests(ctx.build.root, written),
+                          options=ctx.options.used_by(step.name))  # what a stage command checks its options against
             record["status"] = "failed" if details.get("passed") is False else "ok"
         except KeyboardInterrupt:
             record.update(status="interrupted", signal="SIGINT")

@@ -17,6 +17,7 @@ the server (its gRPC stream is cancelled), and so does a stop string.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -66,7 +67,7 @@ def _number(body: dict, name: str, default, low: float, high: float, integer: bo
 @dataclass
 class Sampling:
     """What a request asks of the generation, checked."""
-    max_tokens: int
+    max_tokens: int | None  # None: up to the context (a chat that gives none)
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -82,8 +83,10 @@ class Sampling:
             raise APIError("only n=1 is supported", param="n")
         names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
         name = next((n for n in names if body.get(n) is not None), names[-1])
-        max_tokens = _number(body, name, min(16 if not chat else max_tokens_limit, max_tokens_limit), 1,
-                             max_tokens_limit, integer=True)
+        # not given: 16 for a completion (OpenAI's default), the rest of the context for a chat (set once the
+        # prompt's length is known)
+        max_tokens = _number(body, name, None if chat else min(16, max_tokens_limit), 1, max_tokens_limit,
+                             integer=True)
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else stop or []
         if not isinstance(stop, list) or len(stop) > MAX_STOP_STRINGS or not all(
@@ -249,15 +252,23 @@ async def generate(url: str, ids: list[int], sampling: Sampling, timeout: float 
                 raise APIError(f"no token from the model within {timeout:.0f} s", status=504, kind="timeout") from None
             if error is not None:
                 message = error.message() if hasattr(error, "message") else str(error)
-                busy = message.startswith("the server is")
-                raise APIError(message, status=503 if busy else 400,
-                               kind="server_busy" if busy else "invalid_request_error")
+                raise _server_error(message, str(error.status()) if hasattr(error, "status") else "")
             for chunk in client.chunks(result):
                 yield chunk
             if client._is_final(result):
                 return
     finally:  # off the event loop: closing joins tritonclient's stream thread
         threading.Thread(target=_close, args=(stream,), daemon=True).start()
+
+
+def _server_error(message: str, status: str) -> APIError:
+    """What dsa_generate (or the way to it) said, as an HTTP status: its refusals of the request are 400s, a busy or
+    stopping server 503, a server that cannot be reached 503, a failed step 500."""
+    if message.startswith("the server is") or "UNAVAILABLE" in status:
+        return APIError(message, 503, kind="server_busy")
+    if message.startswith("the step failed"):
+        return APIError(message, 500, kind="server_error")
+    return APIError(message, 400)
 
 
 def _close(stream) -> None:
@@ -348,6 +359,9 @@ class OpenAIServer:
         return self._json(APIError(f"no route {request.url.path}", 404, kind="not_found").body(), 404)
 
     async def _body(self, request) -> dict:
+        declared = request.headers.get("content-length", "0")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            raise APIError(f"the request body is {int(declared):,} bytes; at most {MAX_BODY_BYTES:,}", status=413)
         raw = await request.body()
         if len(raw) > MAX_BODY_BYTES:
             raise APIError(f"the request body is {len(raw):,} bytes; at most {MAX_BODY_BYTES:,}", status=413)
@@ -363,7 +377,7 @@ class OpenAIServer:
                            param="model", code="model_not_found")
         return body
 
-    async def _encode(self, fn, *args, **kwargs) -> list[int]:
+    async def _encode(self, fn, /, *args, **kwargs) -> list[int]:
         from dsa_export.serving.generation import RequestError
 
         if self.text is None:
@@ -429,12 +443,18 @@ class OpenAIServer:
                 ids, thinking, tools = await (self._chat_prompt(body) if chat else self._completion_prompt(body))
             finally:
                 self.metrics.waiting.dec()
+            if sampling.max_tokens is None:
+                sampling.max_tokens = max(1, self.capacity - len(ids))
             if len(ids) + sampling.max_tokens > self.capacity:
                 raise APIError(f"the prompt ({len(ids)} tokens) and max_tokens ({sampling.max_tokens}) exceed the "
                                f"model's context of {self.capacity} tokens", param="max_tokens")
         except APIError as e:
             self._access(request, endpoint, e.status, started)
             return self._json(e.body(), e.status)
+        except Exception as e:  # a bug: a 500 with one line, and the server goes on
+            log.exception("request failed")
+            self._access(request, endpoint, 500, started)
+            return self._json(APIError(f"internal error: {type(e).__name__}: {e}", 500, kind="server_error").body(), 500)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.metrics.prompt_tokens.inc(len(ids))
         events = self._events(ids, sampling, thinking, tools)
@@ -479,6 +499,8 @@ class OpenAIServer:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]  # one prompt in a batch of one
         if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(0 <= t < 2**63 for t in prompt):
+                raise APIError("'prompt' token ids must be from 0 to 2**63-1", param="prompt")
             return prompt, False, False  # token ids (the server checks them against the vocabulary)
         if not isinstance(prompt, str) or not prompt:
             raise APIError("'prompt' must be a non-empty string or a list of token ids (one prompt)", param="prompt")
@@ -510,7 +532,8 @@ class OpenAIServer:
                     if answer:
                         yield ("content", answer)
                     if stop.stopped:
-                        break  # closes the gRPC stream: the server stops generating
+                        await chunks.aclose()  # the gRPC stream is cancelled: the server stops generating
+                        break
             think, answer = reasoning.flush()
             if think:
                 yield ("reasoning", think)
@@ -531,7 +554,7 @@ class OpenAIServer:
         parts = {"reasoning": [], "content": [], "tool_calls": []}
         finish, tokens = "stop", 0
         task = asyncio.ensure_future(self._collect(events, parts))
-        try:
+        try:  # (finally: a cancelled handler cancels its generation too)
             while not task.done():  # a client that goes away cancels its request
                 done, _ = await asyncio.wait({task}, timeout=0.5)
                 if not done and await request.is_disconnected():
@@ -542,6 +565,8 @@ class OpenAIServer:
         except APIError as e:
             self._access(request, endpoint, e.status, started)
             return self._json(e.body(), e.status)
+        finally:
+            task.cancel()
         if first is not None:
             self.metrics.ttft.observe(first - started)
         text, reasoning = "".join(parts["content"]), "".join(parts["reasoning"])
@@ -562,13 +587,14 @@ class OpenAIServer:
     @staticmethod
     async def _collect(events, parts) -> tuple[str, int, float | None]:
         first = None
-        async for kind, value in events:
-            if kind == "token":
-                first = value
-            elif kind == "end":
-                return value[0], value[1], first
-            else:
-                parts[kind].append(value)
+        async with contextlib.aclosing(events):
+            async for kind, value in events:
+                if kind == "token":
+                    first = value
+                elif kind == "end":
+                    return value[0], value[1], first
+                else:
+                    parts[kind].append(value)
         return "stop", 0, first
 
     def _streamed(self, request, endpoint, request_id, chat, events, sampling, prompt_tokens, started):

@@ -12,6 +12,7 @@ imported when a graph is created.
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ class TrtGraph:
         torch.cuda.set_device(self.device)  # the engine, its context and its memory belong to the current device
         with torch.cuda.device(self.device):
             self.runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            with open(plan_path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as plan:
+                # mapped, not read: no second copy of a plan of tens of GB in this process's memory
+                self.engine = self.runtime.deserialize_cuda_engine(plan)
             if self.engine is None:
                 raise RuntimeError(f"{plan_path}: TensorRT cannot load this engine (built by another TensorRT "
                                    f"version, or for another GPU?)")
