@@ -110,6 +110,13 @@ class Sampling:
                    stop=stop, stop_ids=stop_ids, stream=stream, include_usage=bool(options.get("include_usage")))
 
 
+def _hold_back(text: str, *markers: str) -> tuple[str, str]:
+    """(what can go out now, what is held back): the longest end of `text` that may be the start of a marker."""
+    hold = max((n for marker in markers for n in range(min(len(marker) - 1, len(text)), 0, -1)
+                if text.endswith(marker[:n])), default=0)
+    return text[:len(text) - hold], text[len(text) - hold:]
+
+
 class StopText:
     """Text as it streams, cut before the first stop string: what may start a stop string is held back until the
     next piece shows it is not one."""
@@ -125,9 +132,7 @@ class StopText:
         if cut >= 0:
             out, self.pending, self.stopped = self.pending[:cut], "", True
             return out
-        hold = max((n for s in self.stop for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
-                    if self.pending.endswith(s[:n])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        out, self.pending = _hold_back(self.pending, *self.stop)
         return out
 
     def flush(self) -> str:
@@ -149,9 +154,8 @@ class Reasoning:
         if found:
             self.in_reasoning = False
             return head, tail.lstrip("\n")
-        keep = next((n for n in range(min(len(THINK_END) - 1, len(text)), 0, -1) if text.endswith(THINK_END[:n])), 0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep], ""
+        text, self.held = _hold_back(text, THINK_END)
+        return text, ""
 
     def flush(self) -> tuple[str, str]:
         held, self.held = self.held, ""
@@ -179,10 +183,8 @@ class ToolCalls:
         if found:
             self.markup = tail
             return head
-        keep = next((n for n in range(min(len(TOOL_CALLS_BEGIN) - 1, len(text)), 0, -1)
-                     if text.endswith(TOOL_CALLS_BEGIN[:n])), 0)
-        self.held = text[len(text) - keep:] if keep else ""
-        return text[:len(text) - keep]
+        text, self.held = _hold_back(text, TOOL_CALLS_BEGIN)
+        return text
 
     def flush(self) -> str:
         held, self.held = self.held, ""
