@@ -41,7 +41,7 @@ def cli(ctx, quiet: bool, verbose: bool, as_json: bool):
 def _run_build(options, only: list[str] | None = None) -> None:
     """Run the build (or `only` these steps); with --junit-xml, the parity verdicts go to that file too, whether
     they passed or not (not when the run was refused: then there are none of this run)."""
-    from dsa_export.build import run_build
+    from dsa_export.build import BuildDir, run_build
     from dsa_export.files import write_atomic
 
     junit = options.junit_xml
@@ -50,7 +50,7 @@ def _run_build(options, only: list[str] | None = None) -> None:
 
     def write_junit() -> None:
         if junit is not None:
-            source = Path(options.out or Path("build") / options.gpu) / "parity" / "junit.xml"
+            source = BuildDir(options.build_root).parity / "junit.xml"
             if not source.is_file():
                 raise DSAExportError("--junit-xml: parity did not run in this build (see the summary above)")
             write_atomic(junit, source.read_bytes())
@@ -71,9 +71,10 @@ def _report(options, settings: dict) -> None:
     """The end of a run as asked: the JSON summary (--json), one line (-q), every step's record (-v)."""
     import json
 
+    from dsa_export.build import BuildDir
     from dsa_export.build.runner import read_manifest
 
-    manifest_path = Path(options.out or Path("build") / options.gpu) / "manifest.json"
+    manifest_path = BuildDir(options.build_root).manifest
     steps = read_manifest(manifest_path).get("steps", {})
     keys = ("status", "seconds", "outputs", "reason", "note", "error", "failures", "command")
     if settings.get("json"):
@@ -94,17 +95,16 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
     """A command that runs the build step `name` in the build directory --out, with that step's options."""
 
     def command(**values):
-        from dsa_export.build import STEPS
-        from dsa_export.build.runner import read_manifest
+        from dsa_export.build import STEPS, BuildDir
+        from dsa_export.build.runner import FINISHED, read_manifest
 
         step = next(s for s in STEPS if s.name == name)
         # the checkpoint step resolves (or writes, for a preset) the model the step reads: cheap, and reused
         only = ["checkpoint", name] if "checkpoint" in step.after else [name]
-        options_from(values)  # the values as given are valid together (one line naming the problem), first
+        # the values as given are valid together (one line naming the problem), first
+        manifest = BuildDir(options_from(values).build_root).manifest
         ctx = click.get_current_context()
         given = {key for key in values if ctx.get_parameter_source(key) not in (ParameterSource.DEFAULT, None)}
-        out = values.get("out") or Path("build") / str(values.get("gpu", "h100")).lower()
-        manifest = Path(out) / "manifest.json"
         recorded = read_manifest(manifest)
         if isinstance(recorded.get("options"), dict):  # a build: its options, unless given
             values = with_recorded(values, given, recorded["options"])
@@ -112,7 +112,7 @@ def _step_command(name: str, summary: str, example: str, defaults: dict | None =
         records = recorded.get("steps", {})
 
         def made(step: str) -> bool:  # its outputs are there (a skipped step made none, read nothing)
-            return isinstance(records.get(step), dict) and records[step].get("status") in ("ok", "reused")
+            return isinstance(records.get(step), dict) and records[step].get("status") in FINISHED
 
         reads = set()
         for other in reversed(STEPS):  # what this step reads, transitively, and does not run now

@@ -61,7 +61,7 @@ class BuildContext:
 
     @cached_property
     def build(self) -> BuildDir:
-        return BuildDir(Path(self.options.out) if self.options.out else Path("build") / self.target.name)
+        return BuildDir(self.options.build_root)
 
     @property
     def out(self) -> BuildDir:

@@ -122,6 +122,11 @@ class Options:
                                  f"{fp8})")
 
     @property
+    def build_root(self) -> Path:
+        """The build directory: --out, else build/<gpu>."""
+        return Path(self.out) if self.out else Path("build") / str(self.gpu).lower()
+
+    @property
     def source(self) -> str:
         return str(self.checkpoint) if self.checkpoint is not None else self.preset
 
