@@ -70,9 +70,46 @@ def test_the_671b_plan_on_8_h200_matches_a_hand_computation(capsys):
     assert "61 layers on 8 x h200 (141 GB each); bf16 weights and caches, FP8 routed experts" in out
     for i, stage in enumerate(plan.stages):
         row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(i)])
-        assert row[1] == f"{stage.layers[0]}-{stage.layers[1] - 1}"
-        assert row[2] == f"{stage.weights / 1e9:.2f}" and row[6] == f"{stage.total / 1e9:.2f}"
-        assert row[8] == f"{(141e9 - stage.total) / 1e9:.2f}"
+        assert row[1:3] == ["0", f"{stage.layers[0]}-{stage.layers[1] - 1}"]  # one node of 8
+        assert row[3] == f"{stage.weights / 1e9:.2f}" and row[7] == f"{stage.total / 1e9:.2f}"
+        assert row[9] == f"{(141e9 - stage.total) / 1e9:.2f}"
+    assert "node 0:" not in out  # a single node: no node lines
+
+
+def test_the_671b_plan_on_h100s_with_fp8_experts_spans_two_nodes(capsys):
+    """`dsa-export plan --preset v3.2-exp --gpu h100 --dtype bf16` (FP8 experts as shipped): the fewest H100s that
+    hold it are 12 (11 cannot: its largest stage is over 80 GB), on two nodes of 8 GPUs: stages 0-7 and 8-11, each
+    GPU's bytes as written out by hand."""
+    config = get_preset("v3.2-exp")
+    embed, layers, head = hand_weights(config)
+    cache_row = (config.kv_lora_rank + config.qk_rope_head_dim + config.index_head_dim) * 2  # bf16 latent + key
+    pool = 8 * 131072
+    plan = plan_pipeline(config, get_target("h100"), torch.bfloat16, True, None, EngineShapes(), 4.0)
+    assert plan.gpus == 12 and plan.fits and plan.nodes == [list(range(8)), [8, 9, 10, 11]]
+    assert not plan_pipeline(config, get_target("h100"), torch.bfloat16, True, None, EngineShapes(), 4.0, 11).fits
+    totals = []
+    for i, stage in enumerate(plan.stages):
+        start, stop = stage.layers
+        weights = sum(layers[start:stop]) + (embed if i == 0 else 0) + (head if i == 11 else 0)
+        activations = 256 * 2**20 + (8 * config.vocab_size * 4 if i == 11 else 0)
+        totals.append(weights + (stop - start) * cache_row * pool + activations + 4 * GiB)
+        assert stage.total == totals[-1] <= 80e9
+    record = plan.to_json()
+    assert [(n["stages"], n["gpus"], n["layers"]) for n in record["nodes"]] == \
+        [(list(range(8)), 8, [0, plan.stages[7].layers[1]]), ([8, 9, 10, 11], 4, [plan.stages[8].layers[0], 61])]
+    assert [n["total_gb"] for n in record["nodes"]] == pytest.approx([sum(totals[:8]) / 1e9, sum(totals[8:]) / 1e9])
+
+    assert main(["plan", "--preset", "v3.2-exp", "--gpu", "h100", "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "61 layers on 12 x h100 (80 GB each); bf16 weights and caches, FP8 routed experts" in out
+    for i, stage in enumerate(plan.stages):
+        row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(i)])
+        assert row[1] == str(i // 8) and row[7] == f"{totals[i] / 1e9:.2f}"  # its node, its GPU's GB
+    last = plan.stages[7].layers[1] - 1
+    assert f"node 0: stages 0-7 (layers 0-{last}) on 8 x h100, {sum(totals[:8]) / 1e9:.2f} GB of 640 GB" in out
+    assert f"node 1: stages 8-11 (layers {last + 1}-60) on 4 x h100, {sum(totals[8:]) / 1e9:.2f} GB of 320 GB" in out
+    assert main(["plan", "--preset", "v3.2-exp", "--gpu", "h100", "--dtype", "bf16", "--gpus-per-node", "4"]) == 0
+    assert "node 2: stages 8-11" in capsys.readouterr().out
 
 
 def test_the_pool_is_sized_from_pool_tokens_in_whole_blocks(capsys):
@@ -105,8 +142,8 @@ def test_the_pool_is_sized_from_pool_tokens_in_whole_blocks(capsys):
     out = capsys.readouterr().out
     for i, stage in enumerate(plan.stages):
         row = next(line.split() for line in out.splitlines() if line.split()[:1] == [str(i)])
-        assert row[3] == f"{(stage.layers[1] - stage.layers[0]) * cache_row * rows / 1e9:.2f}"  # caches GB
-        assert row[6] == f"{stage.total / 1e9:.2f}"
+        assert row[4] == f"{(stage.layers[1] - stage.layers[0]) * cache_row * rows / 1e9:.2f}"  # caches GB
+        assert row[7] == f"{stage.total / 1e9:.2f}"
 
     # ten million tokens of pool: 14.08 GB per layer, more than 8 GPUs can hold beside the weights
     huge = plan_pipeline(config, get_target("h200"), torch.bfloat16, True, None, EngineShapes(pool_tokens=10**7),

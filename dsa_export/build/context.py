@@ -169,7 +169,7 @@ class BuildContext:
 
         o = self.options
         return plan_pipeline(self.config, self.target, self.dtype, self.experts_fp8(), o.capacity, self.engine_shapes,
-                             o.workspace_gb, o.gpus)
+                             o.workspace_gb, o.gpus, o.gpus_per_node)
 
     @cached_property
     def plan(self):

@@ -1,6 +1,7 @@
 """Memory plans: the pipeline stages across GPUs and each engine's memory.
 
-Pipeline stages across GPUs: the model's layers cut into contiguous ranges, one per GPU, balanced by memory.
+Pipeline stages across GPUs: the model's layers cut into contiguous ranges, one per GPU, balanced by memory; the
+stages go to nodes in order, `gpus_per_node` to a node (one Triton Inference Server each).
 
 What one stage's GPU holds (`stage_memory`, also the engine build's memory check):
 - weights: the tensors its graph reads, as the export stores them (FP8 routed experts one byte per parameter plus
@@ -96,6 +97,13 @@ class PipelinePlan:
     stages: tuple[StageMemory, ...]
     pool_rows: int = 0  # every stage's pools hold this many tokens (all sequences together)
     capacity: int = 0  # the longest sequence
+    gpus_per_node: int = 8  # the stages go to nodes in order, this many per node (one server each)
+
+    @property
+    def nodes(self) -> list[list[int]]:
+        """Each node's stages (their indices), in order: node i holds stages i·gpus_per_node ...."""
+        return [list(range(i, min(i + self.gpus_per_node, self.gpus)))
+                for i in range(0, self.gpus, self.gpus_per_node)]
 
     @property
     def pool_sequences(self) -> int:
@@ -123,18 +131,33 @@ class PipelinePlan:
                 "shortfall_gb": self.shortfall / GB, "pool_tokens": self.pool_rows, "capacity": self.capacity,
                 "pool_sequences_at_capacity": self.pool_sequences,
                 "stages": [{**asdict(s), "layers": list(s.layers), "total": s.total,
-                            "headroom_gb": (self.gpu_bytes - s.total) / GB} for s in self.stages]}
+                            "headroom_gb": (self.gpu_bytes - s.total) / GB} for s in self.stages],
+                "gpus_per_node": self.gpus_per_node,
+                "nodes": [{"node": n, "stages": stages, "gpus": len(stages),
+                           "layers": [self.stages[stages[0]].layers[0], self.stages[stages[-1]].layers[1]],
+                           "total_gb": sum(self.stages[i].total for i in stages) / GB}
+                          for n, stages in enumerate(self.nodes)]}
 
     def table(self) -> str:
-        rows = [("stage", "layers", "weights GB", "caches GB", "activations GB", "workspace GB", "total GB",
+        """One row per stage (its node, layers, bytes by kind, its GPU's headroom); then one line per node when the
+        stages span several."""
+        node_of = {stage: n for n, stages in enumerate(self.nodes) for stage in stages}
+        rows = [("stage", "node", "layers", "weights GB", "caches GB", "activations GB", "workspace GB", "total GB",
                  "GPU GB", "headroom GB")]
         for i, s in enumerate(self.stages):
-            rows.append((str(i), f"{s.layers[0]}-{s.layers[1] - 1}",
+            rows.append((str(i), str(node_of[i]), f"{s.layers[0]}-{s.layers[1] - 1}",
                          *(f"{b / GB:.2f}" for b in (s.weights, s.caches, s.activations, s.workspace, s.total)),
                          f"{self.gpu_bytes / GB:.0f}", f"{(self.gpu_bytes - s.total) / GB:.2f}"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
+        if len(self.nodes) > 1:
+            for n, stages in enumerate(self.nodes):
+                first, last = self.stages[stages[0]], self.stages[stages[-1]]
+                lines.append(f"node {n}: stages {stages[0]}-{stages[-1]} (layers {first.layers[0]}-"
+                             f"{last.layers[1] - 1}) on {len(stages)} x {self.target}, "
+                             f"{sum(self.stages[i].total for i in stages) / GB:.2f} GB of "
+                             f"{len(stages) * self.gpu_bytes / GB:.0f} GB")
         return "\n".join(lines)
 
 
@@ -165,9 +188,10 @@ def split_layers(costs: list[int], first: int, last: int, parts: int) -> list[tu
 
 
 def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_experts: bool, capacity: int | None,
-                  shapes: EngineShapes, workspace_gb: float, gpus: int | None = None) -> PipelinePlan:
-    """The stages for `gpus` GPUs (default: the fewest that fit, up to MAX_GPUS), balanced by memory. The plan may
-    not fit (see `check_plan`)."""
+                  shapes: EngineShapes, workspace_gb: float, gpus: int | None = None,
+                  gpus_per_node: int = 8) -> PipelinePlan:
+    """The stages for `gpus` GPUs (default: the fewest that fit, up to MAX_GPUS), balanced by memory, on nodes of
+    `gpus_per_node` GPUs. The plan may not fit (see `check_plan`)."""
     layers = config.num_hidden_layers
     if gpus is not None and not 1 <= gpus <= layers:
         raise DSAExportError(f"--gpus {gpus}: the model has {layers} layers, so 1 to {layers} stages")
@@ -186,7 +210,7 @@ def plan_pipeline(config: DSAConfig, target: GPUTarget, dtype: torch.dtype, fp8_
             weights = sum(per_layer[start:stop]) + (embed if start == 0 else 0) + (head if stop == layers else 0)
             stages.append(stage_memory(io, weights, shapes, workspace_gb))
         return PipelinePlan(target.name, int(target.memory_gb * GB), tuple(stages), shapes.pool_rows(whole.capacity),
-                            whole.capacity)
+                            whole.capacity, gpus_per_node)
 
     if gpus is not None:
         return plan(gpus)
