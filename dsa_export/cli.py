@@ -15,7 +15,8 @@ from click.core import ParameterSource
 from dsa_export._version import __version__
 from dsa_export.build.options import (SEED, FiniteFloat, OutputPath, check_upstream, click_options, options_from,
                                       with_recorded)
-from dsa_export.errors import CheckFailure, DSAExportError, Interrupted, forget_signals, note_signal, signal_received
+from dsa_export.errors import (CheckFailure, DSAExportError, Interrupted, deferring, forget_signals, note_signal,
+                               signal_received)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
@@ -368,13 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         if over:
             return
         note_signal("SIGTERM")
-        raise Interrupted("SIGTERM")
+        if not deferring():  # else errors.signals_deferred raises it when its body ends
+            raise Interrupted("SIGTERM")
 
     def interrupted(signum, frame):  # not KeyboardInterrupt: click would print a line of its own for that
         if over:
             return
         note_signal("SIGINT")
-        raise Interrupted("SIGINT")
+        if not deferring():
+            raise Interrupted("SIGINT")
 
     forget_signals()
     previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, terminated),

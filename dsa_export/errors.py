@@ -6,8 +6,6 @@ Anything else escaping is a bug and keeps its traceback.
 """
 
 import contextlib
-import signal
-import threading
 
 
 class DSAExportError(ValueError):
@@ -45,16 +43,24 @@ def signal_received() -> str | None:
     return _signals[0] if _signals else None
 
 
+_deferring = [0]  # nesting depth of signals_deferred
+
+
+def deferring() -> bool:
+    """Whether a signal now is to be noted only (the command line's handlers ask)."""
+    return _deferring[0] > 0
+
+
 @contextlib.contextmanager
-def signals_held():
-    """SIGINT and SIGTERM held while the body runs, delivered the moment it ends: for an import that must not be cut
-    in half (matplotlib catches whatever stops its 3D toolkit's import, warns and carries on half-imported)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+def signals_deferred():
+    """SIGINT and SIGTERM noted but not raised while the body runs, then raised as Interrupted the moment it ends: for
+    library code that must not be cut by a Python exception (torch aborts the process from C++ when one unwinds its
+    fake-tensor mode stack; matplotlib catches whatever stops its 3D toolkit's import and carries on half-imported).
+    A mask would not do: Python runs its handlers in the main thread whichever thread the signal reached."""
+    _deferring[0] += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
+        _deferring[0] -= 1
+    if not deferring() and _signals:
+        raise Interrupted(_signals[0])

@@ -13,17 +13,20 @@ import torch
 OUT_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def best_times(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Min seconds of each function, timed round-robin (one call of each per round) so that all see the same machine
-    state: on a shared VM the load drifts by tens of percent within seconds. One warm-up call each first."""
+def best_times(fns: dict[str, Callable[[], object]], repeat: int, block: int = 1) -> dict[str, float]:
+    """Min seconds of one call of each function, timed round-robin (`block` calls of each in a row per round) so
+    that all see the same machine state: on a shared VM the load drifts by tens of percent within seconds. A block
+    of several calls times each with its data warm in the caches, as a loop of decode steps runs (one call per round
+    times it after the others evicted it). One warm-up call each first."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
         for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            for _ in range(block):
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - start)
     return best
 
 

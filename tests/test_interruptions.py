@@ -174,12 +174,21 @@ def test_a_signal_after_the_command_is_over_is_ignored_while_the_program_exits()
     assert "h100" in proc.stdout
 
 
-def test_a_signal_during_a_held_import_arrives_once_it_is_done():
-    """errors.signals_held: a signal sent inside waits for the block to end (an import that a library would leave half
-    done, warning on stderr), then arrives as usual."""
-    code = ("import os, signal; from dsa_export.errors import signals_held\n"
-            "got = []\nsignal.signal(signal.SIGTERM, lambda *a: got.append('TERM'))\n"
-            "with signals_held():\n    os.kill(os.getpid(), signal.SIGTERM)\n    inside = list(got)\n"
-            "print(inside, got)")
+def test_a_signal_inside_a_deferred_block_stops_the_command_once_the_block_ends():
+    """errors.signals_deferred under the command line's handlers: a SIGTERM sent inside the block (while another
+    thread runs, as torch's do: a signal mask would not hold it) is noted, the block runs to its end, then the
+    command stops as interrupted, in one line."""
+    code = ("import os, signal, sys, threading, time, click\n"
+            "from dsa_export import cli, errors\n"
+            "threading.Thread(target=time.sleep, args=(5,), daemon=True).start()\n"
+            "@cli.cli.command('probe')\n"
+            "def probe():\n"
+            "    with errors.signals_deferred():\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "        time.sleep(0.3)\n"
+            "        print('block done', flush=True)\n"
+            "    print('after the block', flush=True)\n"
+            "sys.exit(cli.main(['probe']))\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == "[] ['TERM']", proc.stderr
+    assert proc.stdout == "block done\n" and proc.returncode == 128 + signal.SIGTERM, (proc.stdout, proc.stderr)
+    assert proc.stderr == "dsa-export: interrupted (SIGTERM)\n"

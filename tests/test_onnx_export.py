@@ -43,7 +43,7 @@ def test_graph_has_one_plugin_node_per_op_and_local_decompositions(tiny_onnx, ti
     functions = {(f.domain, f.name): f for f in model.functions}
     assert {("dsa", "LightningIndexer"), ("dsa", "SparseMLA"), ("dsa", "WriteCache"), ("dsa", "RoutedExperts"),
             ("dsa", "RoutedExpertsFP8")} <= set(functions)
-    assert {(IMPL_DOMAIN, "IndexerTile"), (IMPL_DOMAIN, "KeyRows")} <= set(functions)
+    assert {(IMPL_DOMAIN, "IndexerTile"), (IMPL_DOMAIN, "KeyBlocks")} <= set(functions)
     # WriteCache decomposes to one ScatterND (no reduction: TensorRT's restriction), nothing that copies the pool
     write = functions["dsa", "WriteCache"]
     assert [n.op_type for n in write.node if n.op_type not in ("Constant", "Unsqueeze", "CastLike")] == ["ScatterND"]

@@ -431,3 +431,59 @@ def test_routed_experts_opcheck(dtype):
     gate_up8, gate_up_scale, down8, down_scale = quantise_experts(gate_up, down, (4, 8))
     torch.library.opcheck(torch.ops.dsa.routed_experts_fp8.default,
                           (x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, 4, 8))
+
+
+def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | None = None):
+    """One dsa:: node run by ONNX Runtime through its decomposition (plugins/onnx_ops.py); budget: the tile budget
+    in bytes of a tiled op (small: a Loop over many tiles)."""
+    import onnxruntime as ort
+    from onnx import helper as oh
+
+    from dsa_export.plugins import onnx_ops
+
+    arrays = {name: t.numpy() for name, t in inputs.items()}
+    output = contract.outputs[0].name
+    graph = oh.make_graph(
+        [oh.make_node(contract.onnx_name, list(arrays), [output], domain=onnx_ops.DSA_DOMAIN, **attributes)], "op",
+        [oh.make_tensor_value_info(n, oh.np_dtype_to_tensor_dtype(a.dtype), [f"{n}_{i}" for i in range(a.ndim)])
+         for n, a in arrays.items()],  # dynamic, as in an export
+        [oh.make_empty_tensor_value_info(output)])
+    model = onnx_ops.add_decompositions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", onnx_ops.OPSET)]))
+    if budget is not None:
+        tiles = {LIGHTNING_INDEXER.onnx_name: ("IndexerTile", "IndexerRows", ["q", "positions"]),
+                 SPARSE_MLA.onnx_name: ("SparseMLATile", "SparseMLARows", ["q", "indices"])}[contract.onnx_name]
+        for i, function in enumerate(model.functions):
+            if function.name == contract.onnx_name:
+                model.functions[i].CopyFrom(onnx_ops._tiled_function(contract, *tiles, budget=budget))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, arrays)[0])
+
+
+@pytest.mark.parametrize("budget", [None, 1], ids=["one tile", "a tile per token"])
+def test_onnx_indexer_and_sparse_mla_equal_the_semantics_in_one_tile_and_in_many(budget):
+    """The scattered paged step (NaN and huge rows outside the sequences' keys): a step that fits one tile (the If's
+    direct branch, every decode step) and one looped a token at a time select the same rows and attend alike."""
+    HI, DI, topk = 3, 8, 7
+    gen = torch.Generator().manual_seed(1)
+    q, w = torch.randn(8, HI, DI, generator=gen), torch.randn(8, HI, generator=gen)
+    pool, _ = Step.pools(DI)
+    inputs = dict(q=q, k=pool, w=w, positions=Step.POSITIONS, sequence=Step.SEQUENCE, block_tables=Step.TABLES)
+    got = run_decomposition(LIGHTNING_INDEXER, inputs, {"topk": topk, "block_size": BS}, budget)
+    expected = semantics.lightning_indexer(q, pool, w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, topk, BS)
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+    kv, _ = Step.pools(12, seed=3)
+    kv = torch.nan_to_num(kv, nan=0.0, posinf=0.0)
+    mla_q = torch.randn(8, 4, 12, generator=gen)
+    got = run_decomposition(SPARSE_MLA, dict(q=mla_q, kv=kv, indices=expected), {"scale": 0.3, "dv": 8}, budget)
+    torch.testing.assert_close(got, semantics.sparse_mla(mla_q, kv, expected, 0.3, 8), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [3, 7], ids=["N·k <= E: per pair", "N·k > E: per expert"])
+def test_onnx_routed_experts_equal_the_semantics_per_pair_and_per_expert(tokens):
+    from dsa_export.contracts import ROUTED_EXPERTS
+
+    x, experts, weights, gate_up, down, base = experts_inputs(N=tokens)
+    got = run_decomposition(ROUTED_EXPERTS, dict(x=x, experts=experts, weights=weights, gate_up=gate_up, down=down,
+                                                 base=base), {})
+    torch.testing.assert_close(got, semantics.routed_experts(x, experts, weights, gate_up, down, base),
+                               atol=1e-5, rtol=1e-5)

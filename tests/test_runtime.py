@@ -31,6 +31,32 @@ def test_greedy_generation_is_the_same_on_eager_and_onnxruntime(tiny_onnx, tiny_
     assert torch.equal(ort.lengths, eager.lengths) and ort.lengths.tolist() == [19 + 7, 3 + 7]
 
 
+def test_decode_steps_are_bound_once_and_follow_the_thread_policy(tiny_onnx, tiny_model):
+    """ONNX Runtime on the CPU: every decode step of a batch reuses one binding (inputs written in place, logits in
+    the same buffer) and still gives the eager model's logits; the session has the threads asked for, spinning only
+    while a step runs."""
+    import numpy as np
+
+    ort = GraphBackend.onnxruntime(tiny_onnx, threads=2)
+    options = ort.graphs[0].session.get_session_options()
+    assert options.intra_op_num_threads == 2
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    eager = EagerBackend(tiny_model, capacity=TINY_CAPACITY)
+    prompts = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8], [7, 8, 9, 9, 9, 9, 9, 9, 9, 9, 9, 9]])
+    caches = (ort.new_caches(2), eager.new_caches(2))
+    ort.step(prompts, torch.arange(12).expand(2, -1), caches[0])
+    eager.step(prompts, torch.arange(12).expand(2, -1), caches[1])
+    buffers = []
+    for position, tokens in enumerate([[11, 12], [13, 14], [15, 300]], start=12):
+        ids, positions = torch.tensor(tokens)[:, None], torch.full((2, 1), position)
+        got = ort.step(ids, positions, caches[0]).logits
+        assert (got - eager.step(ids, positions, caches[1]).logits).abs().max() < 1e-3
+        buffers.append(got.numpy())
+    assert list(caches[0].bound) == [(2, 1)]  # one binding for every decode step of the batch
+    assert all(np.shares_memory(buffers[0], b) for b in buffers[1:])  # its logits bound once
+
+
 def test_session_rejects_sequences_longer_than_the_cache(tiny_model):
     session = Session(EagerBackend(tiny_model, capacity=8))
     session.prefill([[1, 2, 3, 4, 5, 6]])

@@ -9,13 +9,13 @@ from pathlib import Path
 
 from dsa_export.cost.assumptions import Assumptions
 from dsa_export.cost.model import PAPER_POINTS, calibration, cost_curves, crossover, positions_grid
-from dsa_export.errors import signals_held
+from dsa_export.errors import signals_deferred
 from dsa_export.files import ensure_output_dir, write_atomic, write_json_atomic
 from dsa_export.models.config import DSAConfig
 from dsa_export.targets import GPUTarget
 
 def _plot(curves: dict, gpu: GPUTarget, price: float, paper: bool, measured: dict | None, out_dir: Path) -> list[str]:
-    with signals_held():  # whole or not at all: a signal is delivered once matplotlib is imported
+    with signals_deferred():  # whole or not at all: a signal is delivered once matplotlib is imported
         import matplotlib
 
         matplotlib.use("Agg")

@@ -26,12 +26,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
+from onnxscript.rewriter.rules.fusion._rms_normalization import fuse_rms_normalization
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dsa_export._version import __version__
-from dsa_export.errors import DSAExportError
+from dsa_export.errors import DSAExportError, signals_deferred
 from dsa_export.progress import heartbeat
 from dsa_export.exporter.artifacts import ExportDir, StageDir
 from dsa_export.exporter.checks import check_graph
@@ -103,7 +104,7 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
     fp8_block: routed experts held as FP8 codes with scales of this block (None: in `dtype`); indexer_fp8_sim: the
     indexer's FP8 simulation on (DSAForCausalLM.set_indexer_fp8_sim)."""
     mode = FakeTensorMode()
-    with mode:  # parameters and inputs are fake: shapes and dtypes only
+    with signals_deferred(), mode:  # parameters and inputs are fake: shapes and dtypes only (signals: below)
         model = DSAForCausalLM(config).cast(dtype)
         if fp8_block is not None:
             for experts in model.routed_experts():
@@ -119,7 +120,10 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
     # onnxscript's optimizer logs each opaque initializer it leaves alone
     for name in ("torch.onnx", "onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with torch.no_grad(), warnings.catch_warnings(), heartbeat(f"tracing the graph ({len(io.inputs)} inputs)"):
+    # signals deferred while torch traces: one that cuts its fake-tensor mode stack aborts the process from C++ (no
+    # clean exit, a stack dump); the trace is minutes at most, and the signal stops the export as soon as it ends
+    with torch.no_grad(), warnings.catch_warnings(), heartbeat(f"tracing the graph ({len(io.inputs)} inputs)"), \
+            signals_deferred():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(torch.export.export(CachedLM(model, io), args, dynamic_shapes=dynamic_shapes),
                                     dynamo=True, verbose=False, optimize=False, opset_version=OPSET,
@@ -134,6 +138,7 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
         weights[name] = WeightSpec(name.removeprefix(WRAPPER_PREFIX), tuple(tensor.shape), tensor.dtype)
         value.const_value = None  # opaque to the optimizer: nothing is computed from a weight at export time
     onnxscript.optimizer.optimize(program.model)
+    fuse_rms_normalization(program.model)  # 7 nodes per RMSNorm -> one ONNX RMSNormalization (opset 23)
     used = [(name, weights[name]) for name, value in graph.initializers.items() if name in weights and value.uses()]
     for name in [name for name in graph.initializers if name in weights]:
         graph.initializers.pop(name)  # written by exporter/weights.py straight into the external data (or unused:

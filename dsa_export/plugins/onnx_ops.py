@@ -7,11 +7,13 @@ function with the same domain and name, so ONNX Runtime (or any consumer without
 node (needs the registered schema, §1.2 style 2), and the functions added after export.
 
 The decompositions have the costs of a real implementation, not of the readable semantics:
-- LightningIndexer and SparseMLA run over tiles of tokens (a Loop whose scan output collects the tiles), the tile
-  height chosen in the graph so that one tile's gathered keys and scores stay within TILE_BYTES: a prefill never
-  holds the [S, HI, T] score tensor; each token gathers its own sequence's keys through the block table, only up to
-  the tile's last position; WriteCache is one ScatterND of the rows at their slots.
-- RoutedExperts loops over the experts some token chose (at most min(E, N·k)), running each once on its tokens.
+- LightningIndexer and SparseMLA run over tiles of tokens (a Loop whose scan output collects the tiles; a step whose
+  tokens fit one tile, every decode step, runs the tile directly), the tile height chosen in the graph so that one
+  tile's gathered keys and scores stay within TILE_BYTES: a prefill never holds the [S, HI, T] score tensor; each
+  token gathers its own sequence's keys a whole block at a time through the block table, only up to the tile's last
+  position; WriteCache is one ScatterND of the rows at their slots.
+- RoutedExperts loops over the experts some token chose (at most min(E, N·k)), running each once on its tokens; a
+  step of few tokens (N·k <= E: decode) runs every (token, slot) pair as one batched MatMul instead.
 Helper functions live in the `dsa.impl` domain. Everything is opset 24.
 """
 
@@ -200,41 +202,74 @@ def PadRows(x: FLOAT, rows: INT64, value: float) -> FLOAT:
 
 
 @onnxscript.script(IMPL, default_opset=op)
-def KeyRows(sequence: INT32, block_tables: INT32, num_keys: INT64, block_size: int) -> INT64:
-    """[R, T]: the pool row of key t < num_keys of each token's sequence (models/cache.py)."""
+def KeyBlocks(sequence: INT32, block_tables: INT32, num_keys: INT64, block_size: int) -> INT64:
+    """[R, ceil(num_keys / block_size)]: the pool blocks holding keys t < num_keys of each token's sequence
+    (models/cache.py); key t sits at row blocks[t // block_size]·block_size + t % block_size."""
     bs = op.Constant(value_int=block_size)
-    t = op.Range(op.Constant(value_int=0), num_keys, op.Constant(value_int=1))
+    used = op.Reshape(op.Div(op.Sub(op.Add(num_keys, bs), op.Constant(value_int=1)), bs), op.Constant(value_ints=[1]))
     tables = op.Gather(block_tables, op.Cast(sequence, to=TensorProto.INT64), axis=0)  # [R, M]
-    blocks = op.Cast(op.Gather(tables, op.Div(t, bs), axis=1), to=TensorProto.INT64)  # [R, T]
-    return op.Add(op.Mul(blocks, bs), op.Mod(t, bs))
+    return op.Cast(op.Slice(tables, op.Constant(value_ints=[0]), used, op.Constant(value_ints=[1])),
+                   to=TensorProto.INT64)
 
 
 @onnxscript.script(IMPL, default_opset=op)
-def IndexerTile(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, sequence: INT32, block_tables: INT32, index: INT64,
-                rows: INT64, topk: int, block_size: int) -> INT32:
-    q_tile = op.Cast(IMPL.RowSlice(q, index, rows), to=TensorProto.FLOAT)  # [R, HI, DI]
-    w_tile = IMPL.RowSlice(w, index, rows)  # [R, HI]
-    pos = op.Cast(IMPL.RowSlice(positions, index, rows), to=TensorProto.INT64)  # [R]
-    seq = IMPL.RowSlice(sequence, index, rows)  # [R]
+def HeadScores(q: FLOAT, k: FLOAT, sequence: INT32, blocks: INT64, block_size: int) -> FLOAT:
+    """ReLU(q·k) [R, HI, T] of each token against its sequence's keys, gathered whole blocks at a time (T =
+    B·block_size >= the keys seen; the caller masks the tail). Tokens of one sequence (a prefill, a decode step of
+    one sequence) gather its keys once and score them in one GEMM; else each token gathers its own."""
+    bs = op.Reshape(op.Constant(value_int=block_size), op.Constant(value_ints=[1]))
+    width = op.Shape(k, start=1, end=2)
+    by_block = op.Reshape(k, op.Concat(op.Constant(value_ints=[-1]), bs, width, axis=0))  # [pool blocks, bs, DI]
+    if op.Equal(op.ReduceMin(sequence, keepdims=0), op.ReduceMax(sequence, keepdims=0)):
+        keys = op.Gather(by_block, op.Gather(blocks, op.Constant(value_int=0), axis=0), axis=0)  # [B, bs, DI]
+        keys = op.Cast(op.Reshape(keys, op.Concat(op.Constant(value_ints=[-1]), width, axis=0)), to=TensorProto.FLOAT)
+        scores = op.MatMul(q, op.Transpose(keys, perm=[1, 0]))
+    else:
+        keys = op.Gather(by_block, blocks, axis=0)  # [R, B, bs, DI]
+        keys = op.Cast(op.Reshape(keys, op.Concat(op.Shape(blocks, start=0, end=1), op.Constant(value_ints=[-1]),
+                                                   width, axis=0)), to=TensorProto.FLOAT)
+        scores = op.MatMul(q, op.Transpose(keys, perm=[0, 2, 1]))
+    return op.Relu(scores)
+
+
+@onnxscript.script(IMPL, default_opset=op)
+def IndexerTokens(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, sequence: INT32, block_tables: INT32, topk: int,
+                  block_size: int) -> INT32:
+    """The indexer over all the tokens given ([R, topk] pool rows, -1 = none): a tile, or a whole decode step."""
+    q_tile = op.Cast(q, to=TensorProto.FLOAT)  # [R, HI, DI]
+    w_tile = w  # [R, HI]
+    pos = op.Cast(positions, to=TensorProto.INT64)  # [R]
+    seq = sequence  # [R]
     num_keys = op.Add(op.ReduceMax(pos, keepdims=0), op.Constant(value_int=1))  # keys this tile can see
     seen = op.Reshape(num_keys, op.Constant(value_ints=[1]))
-    key_rows = IMPL.KeyRows(seq, block_tables, num_keys, block_size=block_size)  # [R, T]
-    keys = op.Cast(op.Gather(k, key_rows, axis=0), to=TensorProto.FLOAT)  # [R, T, DI]: each token's sequence
-    head_scores = op.Relu(op.MatMul(q_tile, op.Transpose(keys, perm=[0, 2, 1])))  # [R, HI, T]
+    bs = op.Constant(value_int=block_size)
+    blocks = IMPL.KeyBlocks(seq, block_tables, num_keys, block_size=block_size)  # [R, B]
+    head_scores = IMPL.HeadScores(q_tile, k, seq, blocks, block_size=block_size)  # [R, HI, T]
     scores = op.Squeeze(op.MatMul(op.Unsqueeze(w_tile, op.Constant(value_ints=[1])), head_scores),
                         op.Constant(value_ints=[1]))  # Σ_h w·ReLU(q·k): [R, T]
-    key_ids = op.Range(op.Constant(value_int=0), num_keys, op.Constant(value_int=1))
+    key_ids = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(scores, start=1, end=2)),
+                       op.Constant(value_int=1))
     visible = op.LessOrEqual(key_ids, op.Unsqueeze(pos, op.Constant(value_ints=[-1])))
     neg_inf = op.Constant(value_float=float("-inf"))
     masked = op.Where(visible, scores, neg_inf)
     want = op.Reshape(op.Constant(value_int=topk), op.Constant(value_ints=[1]))
     kept = op.Min(want, seen)
     top_scores, top_keys = op.TopK(masked, kept, axis=-1)  # ONNX TopK: ties → lower index first
-    chosen = op.Where(op.Equal(top_scores, neg_inf), op.Constant(value_int=-1),
-                      op.GatherElements(key_rows, top_keys, axis=1))  # the keys' pool rows
+    key_rows = op.Add(op.Mul(op.GatherElements(blocks, op.Div(top_keys, bs), axis=1), bs), op.Mod(top_keys, bs))
+    chosen = op.Where(op.Equal(top_scores, neg_inf), op.Constant(value_int=-1), key_rows)  # the keys' pool rows
     padded = op.Pad(chosen, op.Concat(op.Constant(value_ints=[0, 0, 0]), op.Sub(want, kept), axis=0),
                     op.Constant(value_int=-1))
-    return IMPL.PadRows(op.Cast(padded, to=TensorProto.INT32), rows, value=-1.0)
+    return op.Cast(padded, to=TensorProto.INT32)
+
+
+@onnxscript.script(IMPL, default_opset=op)
+def IndexerTile(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, sequence: INT32, block_tables: INT32, index: INT64,
+                rows: INT64, topk: int, block_size: int) -> INT32:
+    """Tile `index` of `rows` tokens, padded to `rows` (a Loop's scan outputs all have one shape)."""
+    chosen = IMPL.IndexerTokens(IMPL.RowSlice(q, index, rows), k, IMPL.RowSlice(w, index, rows),
+                                IMPL.RowSlice(positions, index, rows), IMPL.RowSlice(sequence, index, rows),
+                                block_tables, topk=topk, block_size=block_size)
+    return IMPL.PadRows(chosen, rows, value=-1.0)
 
 
 @onnxscript.script(IMPL, default_opset=op)
@@ -248,9 +283,10 @@ def IndexerRows(q: FLOAT, positions: INT64, budget: int) -> INT64:
 
 
 @onnxscript.script(IMPL, default_opset=op)
-def SparseMLATile(q: FLOAT, kv: FLOAT, indices: INT32, index: INT64, rows: INT64, scale: float, dv: int) -> FLOAT:
-    q_tile = op.Cast(IMPL.RowSlice(q, index, rows), to=TensorProto.FLOAT)  # [R, H, DK]
-    idx = IMPL.RowSlice(indices, index, rows)  # [R, K]
+def SparseMLATokens(q: FLOAT, kv: FLOAT, indices: INT32, scale: float, dv: int) -> FLOAT:
+    """Sparse MLA over all the tokens given ([R, H, dv]): a tile, or a whole decode step."""
+    q_tile = op.Cast(q, to=TensorProto.FLOAT)  # [R, H, DK]
+    idx = indices  # [R, K]
     zero = op.CastLike(op.Constant(value_int=0), idx)
     pool_rows = op.CastLike(op.Shape(kv, start=0, end=1), idx)
     valid = op.And(op.GreaterOrEqual(idx, zero), op.Less(idx, pool_rows))  # a row outside the pool: an empty slot
@@ -264,9 +300,16 @@ def SparseMLATile(q: FLOAT, kv: FLOAT, indices: INT32, index: INT64, rows: INT64
     probs = op.Softmax(op.Where(valid_heads, logits, op.Constant(value_float=MASKED)), axis=-1)
     probs = op.Mul(probs, op.Cast(valid_heads, to=TensorProto.FLOAT))  # an empty row stays all zeros
     value_end = op.Reshape(op.Constant(value_int=dv), op.Constant(value_ints=[1]))
-    values = op.Slice(selected, op.Constant(value_ints=[0]), value_end, op.Constant(value_ints=[-1]))
-    out = op.MatMul(probs, values)  # [R, H, dv]
-    return IMPL.PadRows(op.CastLike(out, q), rows, value=0.0)
+    out = op.MatMul(probs, selected)  # [R, H, DK]: cutting the [R, H] result costs less than the [R, K] values
+    return op.CastLike(op.Slice(out, op.Constant(value_ints=[0]), value_end, op.Constant(value_ints=[-1])), q)
+
+
+@onnxscript.script(IMPL, default_opset=op)
+def SparseMLATile(q: FLOAT, kv: FLOAT, indices: INT32, index: INT64, rows: INT64, scale: float, dv: int) -> FLOAT:
+    """Tile `index` of `rows` tokens, padded to `rows`."""
+    out = IMPL.SparseMLATokens(IMPL.RowSlice(q, index, rows), kv, IMPL.RowSlice(indices, index, rows), scale=scale,
+                               dv=dv)
+    return IMPL.PadRows(out, rows, value=0.0)
 
 
 @onnxscript.script(IMPL, default_opset=op)
@@ -312,8 +355,30 @@ def Dequantize(weight: FLOAT, scale: FLOAT, like: FLOAT, rows: INT64, block_out:
     return op.CastLike(op.Mul(values, full_scale), like)
 
 
-@onnxscript.script(DSA, default_opset=op)
-def RoutedExperts(x: FLOAT, experts: INT32, weights: FLOAT, gate_up: FLOAT, down: FLOAT, base: FLOAT) -> FLOAT:
+@onnxscript.script(IMPL, default_opset=op)
+def ExpertsPerPair(x: FLOAT, experts: INT32, weights: FLOAT, gate_up: FLOAT, down: FLOAT, base: FLOAT) -> FLOAT:
+    """A few tokens (N·k <= E, a decode step): every (token, slot) pair gathers its expert's weights and all pairs
+    run as two batched MatMuls, a dozen nodes whatever k is. The weights gathered, N·k experts' worth, are no more
+    than the loop over experts would read (at most E)."""
+    slots = op.Shape(experts, start=1, end=2)
+    flat = op.Reshape(op.Cast(experts, to=TensorProto.INT64), op.Constant(value_ints=[-1]))  # [P = N·k]
+    pair_shape = op.Concat(op.Constant(value_ints=[-1]), op.Shape(x, start=1, end=2), op.Constant(value_ints=[1]),
+                           axis=0)
+    xs = op.Reshape(op.Expand(op.Unsqueeze(x, op.Constant(value_ints=[1])), op.Concat(
+        op.Shape(x, start=0, end=1), slots, op.Shape(x, start=1, end=2), axis=0)), pair_shape)  # [P, H, 1]
+    gu = op.Cast(op.MatMul(op.Gather(gate_up, flat, axis=0), xs), to=TensorProto.FLOAT)  # [P, 2I, 1]
+    gate, up = op.Split(gu, num_outputs=2, axis=1)
+    h = op.Cast(op.CastLike(op.Mul(op.Mul(gate, op.Sigmoid(gate)), up), x), to=TensorProto.FLOAT)
+    y = op.MatMul(op.Cast(op.Gather(down, flat, axis=0), to=TensorProto.FLOAT), h)  # [P, H, 1]
+    weighted = op.Mul(y, op.Reshape(weights, op.Constant(value_ints=[-1, 1, 1])))
+    per_token = op.Reshape(weighted, op.Concat(op.Shape(experts), op.Shape(x, start=1, end=2), axis=0))  # [N, k, H]
+    return op.Add(op.Cast(base, to=TensorProto.FLOAT), op.ReduceSum(per_token, op.Constant(value_ints=[1]),
+                                                                      keepdims=0))
+
+
+@onnxscript.script(IMPL, default_opset=op)
+def ExpertsByExpert(x: FLOAT, experts: INT32, weights: FLOAT, gate_up: FLOAT, down: FLOAT, base: FLOAT) -> FLOAT:
+    """Many tokens: a loop over the experts some token chose, each run once on its tokens."""
     slots = op.Shape(experts, start=1, end=2)
     flat = op.Reshape(op.Cast(experts, to=TensorProto.INT64), op.Constant(value_ints=[-1]))  # (token, slot) pairs
     flat_weights = op.Reshape(weights, op.Constant(value_ints=[-1]))
@@ -329,6 +394,15 @@ def RoutedExperts(x: FLOAT, experts: INT32, weights: FLOAT, gate_up: FLOAT, down
                            op.Gather(down, expert, axis=0))
         weighted = op.Mul(y, op.Unsqueeze(op.Gather(flat_weights, pairs), op.Constant(value_ints=[-1])))
         out = op.ScatterND(out, op.Unsqueeze(tokens, op.Constant(value_ints=[-1])), weighted, reduction="add")
+    return out
+
+
+@onnxscript.script(DSA, default_opset=op)
+def RoutedExperts(x: FLOAT, experts: INT32, weights: FLOAT, gate_up: FLOAT, down: FLOAT, base: FLOAT) -> FLOAT:
+    if op.LessOrEqual(op.Size(experts), op.Squeeze(op.Shape(gate_up, start=0, end=1))):
+        out = IMPL.ExpertsPerPair(x, experts, weights, gate_up, down, base)
+    else:
+        out = IMPL.ExpertsByExpert(x, experts, weights, gate_up, down, base)
     return out
 
 
@@ -366,24 +440,41 @@ def _attribute_ref(name: str, kind: int) -> onnx.AttributeProto:
 
 def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: list[str],
                     budget: int = TILE_BYTES) -> onnx.FunctionProto:
-    """`contract`'s op as: rows = dsa.impl.<rows_fn>(...); a Loop over ceil(N / rows) tiles of tokens whose body
-    computes one tile with dsa.impl.<tile> (rows padded to `rows`); the scan output [tiles, rows, ...] reshaped to
-    [tiles·rows, ...] and cut to N rows."""
+    """`contract`'s op as: rows = dsa.impl.<rows_fn>(...); if all N tokens fit one tile (a decode step), one call of
+    dsa.impl.<Op>Tokens (the tile's body: no slicing, no padding); else a Loop over ceil(N / rows) tiles of tokens whose body computes one tile (rows padded to
+    `rows`), the scan output [tiles, rows, ...] reshaped to [tiles·rows, ...] and cut to N rows."""
     names = [t.name for t in contract.inputs]
     output = contract.outputs[0].name
     attr_kinds = {"int": onnx.AttributeProto.INT, "float": onnx.AttributeProto.FLOAT}
-    tile_node = oh.make_node(tile, [*names, "tile_index", "tile_rows"], ["tile_out"], domain=IMPL_DOMAIN)
-    tile_node.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
+
+    def tile_node(index: str, rows: str, out: str) -> onnx.NodeProto:
+        node = oh.make_node(tile, [*names, index, rows], [out], domain=IMPL_DOMAIN)
+        node.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
+        return node
+
+    def const(name, values, dims=None):
+        dims = [len(values)] if dims is None else dims
+        return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, dims, values))
+
     body = oh.make_graph(
-        [tile_node, oh.make_node("Identity", ["cond_in"], ["cond_out"])], f"{contract.onnx_name}_tile",
+        [tile_node("tile_index", "tile_rows", "tile_out"), oh.make_node("Identity", ["cond_in"], ["cond_out"])],
+        f"{contract.onnx_name}_tile",
         [oh.make_tensor_value_info("tile_index", TensorProto.INT64, []),
          oh.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
         [oh.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          onnx.ValueInfoProto(name="tile_out")])  # typed by the tile function
-
-    def const(name, values):
-        return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
-
+    whole = oh.make_node(tile.removesuffix("Tile") + "Tokens", names, ["one_tile_out"], domain=IMPL_DOMAIN)
+    whole.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
+    one_tile = oh.make_graph([whole], f"{contract.onnx_name}_one_tile", [],
+                             [onnx.ValueInfoProto(name="one_tile_out")])
+    tiles = oh.make_graph([
+        oh.make_node("Squeeze", ["num_tiles_1d"], ["num_tiles"]),
+        oh.make_node("Loop", ["num_tiles", ""], ["tiles"], body=body),
+        oh.make_node("Shape", ["tiles"], ["trailing_dims"], start=2),
+        oh.make_node("Concat", ["minus_one", "trailing_dims"], ["joined_shape"], axis=0),
+        oh.make_node("Reshape", ["tiles", "joined_shape"], ["joined"]),
+        oh.make_node("Slice", ["joined", "zero", "num_rows", "zero"], ["tiles_out"]),
+    ], f"{contract.onnx_name}_tiles", [], [onnx.ValueInfoProto(name="tiles_out")])
     nodes = [
         oh.make_node(rows_fn, rows_inputs, ["tile_rows"], domain=IMPL_DOMAIN, budget=budget),
         const("one", [1]), const("zero", [0]), const("minus_one", [-1]),
@@ -391,12 +482,9 @@ def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: 
         oh.make_node("Add", ["num_rows", "tile_rows"], ["rows_plus"]),
         oh.make_node("Sub", ["rows_plus", "one"], ["rows_ceil"]),
         oh.make_node("Div", ["rows_ceil", "tile_rows"], ["num_tiles_1d"]),
-        oh.make_node("Squeeze", ["num_tiles_1d"], ["num_tiles"]),
-        oh.make_node("Loop", ["num_tiles", ""], ["tiles"], body=body),
-        oh.make_node("Shape", ["tiles"], ["trailing_dims"], start=2),
-        oh.make_node("Concat", ["minus_one", "trailing_dims"], ["joined_shape"], axis=0),
-        oh.make_node("Reshape", ["tiles", "joined_shape"], ["joined"]),
-        oh.make_node("Slice", ["joined", "zero", "num_rows", "zero"], [output]),
+        oh.make_node("LessOrEqual", ["num_tiles_1d", "one"], ["fits_1d"]),
+        oh.make_node("Squeeze", ["fits_1d"], ["fits"]),
+        oh.make_node("If", ["fits"], [output], then_branch=one_tile, else_branch=tiles),
     ]
     return oh.make_function(contract.domain, contract.onnx_name, names, [output], nodes,
                             [oh.make_opsetid("", OPSET), oh.make_opsetid(IMPL_DOMAIN, 1)],
@@ -424,8 +512,9 @@ def decompositions() -> dict[str, onnx.FunctionProto]:
         ROUTED_EXPERTS.onnx_name: _function_proto(RoutedExperts),
         ROUTED_EXPERTS_FP8.onnx_name: _function_proto(RoutedExpertsFP8),
     }
-    for helper in (TileRows, RowSlice, PadRows, KeyRows, IndexerTile, IndexerRows, SparseMLATile, SparseMLARows,
-                   ExpertMLP, Dequantize):
+    for helper in (TileRows, RowSlice, PadRows, KeyBlocks, HeadScores, IndexerTokens, IndexerTile, IndexerRows, SparseMLATokens,
+                   SparseMLATile, SparseMLARows,
+                   ExpertMLP, ExpertsPerPair, ExpertsByExpert, Dequantize):
         functions[f"{IMPL_DOMAIN}.{helper.name}"] = _function_proto(helper)
     return functions
 

@@ -26,7 +26,8 @@ from dsa_export.models.cache import KVCache, Paging, blocks_for, cache_order, ch
 from dsa_export.models.model import DSAForCausalLM
 from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
 from dsa_export.serving.io_spec import (BLOCK_TABLES, HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS,
-                                        SEQUENCE, SLOTS, TEMPERATURE, TOP_K, TOP_P, UNIFORM, GraphIO)
+                                        SAMPLES, SEQUENCE, SEQUENCES, SLOTS, TEMPERATURE, TOKENS, TOP_K, TOP_P,
+                                        UNIFORM, GraphIO)
 from dsa_export.targets import GPUTarget
 
 
@@ -130,6 +131,7 @@ class GraphCaches:
     pools: list
     batch: int
     rows: int
+    bound: dict = field(default_factory=dict)  # decode step shape (B, 1) → each stage's BoundStep (ONNX Runtime, CPU)
 
 
 class GraphBackend:
@@ -148,11 +150,11 @@ class GraphBackend:
 
     @classmethod
     def onnxruntime(cls, export: ExportDir | str | Path, providers: list[str] | None = None,
-                    record_indexer: bool = False, threads: int | None = None) -> "GraphBackend":
+                    record_indexer: bool = False, threads: int | None = None, profile: bool = False) -> "GraphBackend":
         """ONNX Runtime sessions over the export's graphs (CPU; CUDA when onnxruntime-gpu and a GPU are present), each
         pool bound once as the input and the output of its dsa::WriteCache, so no step copies a pool.
         record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph, in
-        memory; the export directory is never written)."""
+        memory; the export directory is never written). threads, profile: serving/ort_graph.session_options."""
         from dsa_export.serving.ort_graph import OrtGraph
 
         export = as_export(export)
@@ -171,7 +173,7 @@ class GraphBackend:
                 graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
                 model_bytes = graph.SerializeToString()
             try:
-                graphs.append(OrtGraph(stage.model_path, stage.io, providers, model_bytes, extra, threads))
+                graphs.append(OrtGraph(stage.model_path, stage.io, providers, model_bytes, extra, threads, profile))
             except ValueError as e:  # OrtGraph's own refusal
                 raise DSAExportError(f"{stage.path}: {e}") from None
             except Exception as e:  # ONNX Runtime raises its own types for unreadable or mismatched files
@@ -216,23 +218,59 @@ class GraphBackend:
         return GraphCaches(pools, batch, rows)
 
     def step(self, input_ids, positions, caches: GraphCaches) -> StepResult:
+        """The logits of every position; with ONNX Runtime on the CPU they live in buffers bound to these caches
+        that the next decode step of the same batch overwrites (copy what you keep)."""
         input_ids, positions = check_step(self, input_ids, positions, caches.batch)
+        shape = (positions.shape[0], positions.shape[1])
+        bound = caches.bound.get(shape)
+        if bound is not None and not bound[-1].extra_outputs:  # a decode step like the last: three inputs change
+            first = bound[0].inputs
+            np.copyto(first[INPUT_IDS], input_ids.view(-1).numpy())
+            np.copyto(first[POSITIONS], positions.view(-1).numpy())
+            np.add(first[SEQUENCE], 0, out=first[SLOTS])  # slot = sequence · rows + position (identity paging)
+            first[SLOTS] *= caches.rows
+            first[SLOTS] += first[POSITIONS]
+            for stage in bound:
+                stage.run()
+            return StepResult(torch.from_numpy(bound[-1].outputs[LOGITS]).view(*shape, -1))
         paging = Paging.identity(positions, caches.rows, self.io.block_size)
         N = input_ids.numel()
         feeds = {INPUT_IDS: input_ids.reshape(-1).numpy(), POSITIONS: paging.positions.numpy(),
                  SEQUENCE: paging.sequence.numpy(), SLOTS: paging.slots.numpy(),
                  BLOCK_TABLES: paging.block_tables.numpy(), LOGITS_INDEX: np.arange(N, dtype=np.int64),
                  **greedy(N)}
-        selections = []
-        out = None
-        for graph, io, pools in zip(self.graphs, self.ios, caches.pools):
-            if not io.first:
-                feeds[HIDDEN_IN] = out
-            results = graph.run(feeds, pools)
-            out = results[LOGITS if io.last else HIDDEN_OUT]
-            selections += [paging.logical(torch.from_numpy(results[name])).view(*positions.shape, -1)
-                           for name in getattr(graph, "extra_outputs", [])]
-        return StepResult(torch.from_numpy(out).view(*positions.shape, -1), selections)
+        if all(getattr(graph, "device", None) == "cpu" for graph in self.graphs):  # ONNX Runtime on the CPU
+            results = self._bound_step(feeds, caches, shape)
+        else:
+            results = []
+            for graph, io, pools in zip(self.graphs, self.ios, caches.pools):
+                if not io.first:
+                    feeds[HIDDEN_IN] = results[-1][HIDDEN_OUT]
+                results.append(graph.run(feeds, pools))
+        selections = [paging.logical(torch.from_numpy(out[name])).view(*shape, -1)
+                      for graph, out in zip(self.graphs, results) for name in getattr(graph, "extra_outputs", [])]
+        return StepResult(torch.from_numpy(results[-1][LOGITS]).view(*shape, -1), selections)
+
+    def _bound_step(self, feeds: dict, caches: GraphCaches, shape: tuple[int, int]) -> list[dict]:
+        """One step through each stage's BoundStep for this shape (bound here; kept on the caches for decode steps,
+        whose shape repeats): the later stages share the first stage's input arrays, each hidden_out is bound as the
+        next stage's hidden_in, and the feeds are written into each stage's inputs."""
+        sizes = {TOKENS: shape[0] * shape[1], SEQUENCES: shape[0], SAMPLES: shape[0] * shape[1]}
+        bound = []
+        for graph, pools in zip(self.graphs, caches.pools):
+            shared = dict(bound[0].inputs) if bound else {}
+            if bound:
+                shared[HIDDEN_IN] = bound[-1].outputs[HIDDEN_OUT]
+            bound.append(getattr(graph, "bind")(pools, sizes, shared))  # OrtGraph.bind
+        if shape[1] == 1:  # a prefill's buffers are not kept
+            caches.bound[shape] = bound
+        for stage in bound:  # the inputs all stages have are one array, written by the first
+            for name, array in stage.inputs.items():
+                if name in feeds:
+                    array[...] = feeds[name]
+        for stage in bound:
+            stage.run()
+        return [stage.outputs for stage in bound]
 
 
 def greedy(samples: int) -> dict:
