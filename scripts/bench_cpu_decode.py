@@ -6,8 +6,9 @@ The checkpoint is a seeded random DeepSeek-V3.2 in the official HF layout (hidde
 index_topk 256, indexer heads of 64 dims (llama.cpp's indexer needs >= 64), fp32), written to a temporary directory
 unless --checkpoint names one. Each row is the minimum over round-robin rounds (benchlib.best_times, each round
 --block steps in a row) of one decode step (batch B, one token per sequence on top of `context` cached tokens) or
-of one prefill of `context` tokens, at each thread count; llama-bench runs just before ours at each context. Results: benchmarks/cpu_decode.json and .md; --profile also writes ONNX Runtime's own profile
-of a decode step, per node type and per layer (benchmarks/cpu_decode_profile.json and .md).
+of one prefill of `context` tokens, at each thread count; llama-bench runs just before ours at each context.
+Results: benchmarks/cpu_decode.json and .md; --profile also writes ONNX Runtime's own profile of a decode step, per
+node type and per layer (benchmarks/cpu_decode_profile.json and .md).
 
     python scripts/bench_cpu_decode.py [--contexts 1024 4096 16384 32768] [--threads 1 2] [--batches 1 8]
         [--prefill 1024 4096] [--repeat 4] [--block 8] [--profile] [--no-hf]
@@ -25,6 +26,7 @@ import collections
 import json
 import re
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def profile_decode(export: Path, config, context: int, steps: int = 20) -> dict:
             "by_layer": [{"layer": k, "us": t / runs} for k, t in sorted(by_layer.items())]}
 
 
-# ---- the run ----------------------------------------------------------------------------------------------------------
+# ---- the run --------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
@@ -234,7 +236,7 @@ def report(args, config, decode: list[dict], prefill: list[dict], with_llama: bo
     results = {"machine": machine(), "config": config.to_hf_dict(), "repeat": args.repeat, "decode": decode,
                "prefill": prefill}
     lines = ["# CPU decode and prefill: ONNX Runtime vs HF transformers and llama.cpp", "",
-             f"`python scripts/bench_cpu_decode.py {' '.join(_argv())}` — {machine()}; the checkpoint: hidden "
+             f"`python scripts/bench_cpu_decode.py {' '.join(sys.argv[1:])}` — {machine()}; the checkpoint: hidden "
              f"{config.hidden_size}, {config.num_hidden_layers} layers, {config.n_routed_experts} experts / "
              f"{config.num_experts_per_tok} active, index_topk {config.index_topk}, fp32. Min over {args.repeat} "
              f"round-robin rounds of {args.block} steps in a row; ms per decode step (B sequences, one token each, on "
@@ -243,11 +245,10 @@ def report(args, config, decode: list[dict], prefill: list[dict], with_llama: bo
              "| threads | batch | context | ONNX Runtime ms | HF ms | HF / ours | llama.cpp ms | llama.cpp / ours |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in decode:
-        lines.append(f"| {r['threads']} | {r['batch']} | {r['context']:,} | {r['onnxruntime_ms']:.2f} | "
-                     f"{r['hf_ms']:.2f} | {_ratio(r['hf_ms'], r['onnxruntime_ms'])} | " if r["hf_ms"] else
-                     f"| {r['threads']} | {r['batch']} | {r['context']:,} | {r['onnxruntime_ms']:.2f} | — | — | ")
-        lines[-1] += (f"{r['llama_cpp_ms']:.2f} | {_ratio(r['llama_cpp_ms'], r['onnxruntime_ms'])} |"
-                      if r["llama_cpp_ms"] else "— | — |")
+        hf = f"{r['hf_ms']:.2f} | {_ratio(r['hf_ms'], r['onnxruntime_ms'])}" if r["hf_ms"] else "— | —"
+        llama = (f"{r['llama_cpp_ms']:.2f} | {_ratio(r['llama_cpp_ms'], r['onnxruntime_ms'])}" if r["llama_cpp_ms"]
+                 else "— | —")
+        lines.append(f"| {r['threads']} | {r['batch']} | {r['context']:,} | {r['onnxruntime_ms']:.2f} | {hf} | {llama} |")
     if prefill:
         lines += ["", "## Prefill (batch 1)", "", "| threads | tokens | ONNX Runtime ms | llama.cpp ms | llama.cpp / ours |",
                   "|---:|---:|---:|---:|---:|"]
@@ -262,11 +263,13 @@ def goals(decode: list[dict], prefill: list[dict], with_llama: bool) -> list[str
     out = []
     hf = [r["hf_ms"] / r["onnxruntime_ms"] for r in decode if r["hf_ms"]]
     if hf:
-        out.append(f"- decode >= 5x faster than HF transformers: worst {min(hf):.1f}x ({'met' if min(hf) >= 5 else 'NOT met'})")
+        out.append(f"- decode >= 5x faster than HF transformers: worst {min(hf):.1f}x "
+                   f"({'met' if min(hf) >= 5 else 'NOT met'})")
     slower = [(b, c) for b in {r["batch"] for r in decode} for c in {r["context"] for r in decode}
               if _not_monotonic([r["onnxruntime_ms"] for r in sorted(decode, key=lambda r: r["threads"])
                                  if r["batch"] == b and r["context"] == c])]
-    out.append(f"- decode never slower with more threads: {'met' if not slower else 'NOT met at (batch, context) ' + str(sorted(slower))}")
+    verdict = "met" if not slower else f"NOT met at (batch, context) {sorted(slower)}"
+    out.append(f"- decode never slower with more threads: {verdict}")
     if with_llama:
         for c in sorted({r["context"] for r in decode}):
             best = min((r["llama_cpp_ms"] for r in decode if r["context"] == c and r["llama_cpp_ms"]), default=None)
@@ -291,20 +294,14 @@ def _not_monotonic(times: list[float]) -> bool:
     return any(b > a * 1.03 for a, b in zip(times, times[1:]))
 
 
-def _argv() -> list[str]:
-    import sys
-
-    return sys.argv[1:]
-
-
 def write_profile(profile: dict) -> None:
     total = sum(r["us"] for r in profile["by_type"])
     lines = ["# ONNX Runtime's profile of one decode step", "",
              f"`python scripts/bench_cpu_decode.py --profile` — batch 1, context {profile['context']:,}, 1 thread, "
              f"{profile['runs']} steps; kernel time per step as ONNX Runtime's profiler reports it (the profiler adds "
              f"its own overhead per node: compare the shares, not the sum, with the timed steps). {machine()}.", "",
-             f"Total {total:.0f} µs per step.", "", "## By node type", "", "| node type | nodes per step | µs per step | share |",
-             "|---|---:|---:|---:|"]
+             f"Total {total:.0f} µs per step.", "", "## By node type", "",
+             "| node type | nodes per step | µs per step | share |", "|---|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['nodes']:.0f} | {r['us']:.1f} | {r['us'] / total:.1%} |" for r in profile["by_type"]]
     lines += ["", "## By layer", "", "| layer | µs per step | share |", "|---|---:|---:|"]
     lines += [f"| {r['layer']} | {r['us']:.1f} | {r['us'] / total:.1%} |" for r in profile["by_layer"]]

@@ -236,16 +236,14 @@ def HeadScores(q: FLOAT, k: FLOAT, sequence: INT32, blocks: INT64, block_size: i
 def IndexerTokens(q: FLOAT, k: FLOAT, w: FLOAT, positions: INT64, sequence: INT32, block_tables: INT32, topk: int,
                   block_size: int) -> INT32:
     """The indexer over all the tokens given ([R, topk] pool rows, -1 = none): a tile, or a whole decode step."""
-    q_tile = op.Cast(q, to=TensorProto.FLOAT)  # [R, HI, DI]
-    w_tile = w  # [R, HI]
     pos = op.Cast(positions, to=TensorProto.INT64)  # [R]
-    seq = sequence  # [R]
     num_keys = op.Add(op.ReduceMax(pos, keepdims=0), op.Constant(value_int=1))  # keys this tile can see
     seen = op.Reshape(num_keys, op.Constant(value_ints=[1]))
     bs = op.Constant(value_int=block_size)
-    blocks = IMPL.KeyBlocks(seq, block_tables, num_keys, block_size=block_size)  # [R, B]
-    head_scores = IMPL.HeadScores(q_tile, k, seq, blocks, block_size=block_size)  # [R, HI, T]
-    scores = op.Squeeze(op.MatMul(op.Unsqueeze(w_tile, op.Constant(value_ints=[1])), head_scores),
+    blocks = IMPL.KeyBlocks(sequence, block_tables, num_keys, block_size=block_size)  # [R, B]
+    head_scores = IMPL.HeadScores(op.Cast(q, to=TensorProto.FLOAT), k, sequence, blocks,
+                                  block_size=block_size)  # [R, HI, T]
+    scores = op.Squeeze(op.MatMul(op.Unsqueeze(w, op.Constant(value_ints=[1])), head_scores),
                         op.Constant(value_ints=[1]))  # Σ_h w·ReLU(q·k): [R, T]
     key_ids = op.Range(op.Constant(value_int=0), op.Squeeze(op.Shape(scores, start=1, end=2)),
                        op.Constant(value_int=1))
@@ -286,7 +284,7 @@ def IndexerRows(q: FLOAT, positions: INT64, budget: int) -> INT64:
 def SparseMLATokens(q: FLOAT, kv: FLOAT, indices: INT32, scale: float, dv: int) -> FLOAT:
     """Sparse MLA over all the tokens given ([R, H, dv]): a tile, or a whole decode step."""
     q_tile = op.Cast(q, to=TensorProto.FLOAT)  # [R, H, DK]
-    idx = indices  # [R, K]
+    idx = indices  # [R, K] pool rows
     zero = op.CastLike(op.Constant(value_int=0), idx)
     pool_rows = op.CastLike(op.Shape(kv, start=0, end=1), idx)
     valid = op.And(op.GreaterOrEqual(idx, zero), op.Less(idx, pool_rows))  # a row outside the pool: an empty slot
@@ -441,8 +439,9 @@ def _attribute_ref(name: str, kind: int) -> onnx.AttributeProto:
 def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: list[str],
                     budget: int = TILE_BYTES) -> onnx.FunctionProto:
     """`contract`'s op as: rows = dsa.impl.<rows_fn>(...); if all N tokens fit one tile (a decode step), one call of
-    dsa.impl.<Op>Tokens (the tile's body: no slicing, no padding); else a Loop over ceil(N / rows) tiles of tokens whose body computes one tile (rows padded to
-    `rows`), the scan output [tiles, rows, ...] reshaped to [tiles·rows, ...] and cut to N rows."""
+    dsa.impl.<Op>Tokens (the tile's body: no slicing, no padding); else a Loop over ceil(N / rows) tiles of tokens
+    whose body computes one tile with dsa.impl.<tile> (rows padded to `rows`), the scan output [tiles, rows, ...]
+    reshaped to [tiles·rows, ...] and cut to N rows."""
     names = [t.name for t in contract.inputs]
     output = contract.outputs[0].name
     attr_kinds = {"int": onnx.AttributeProto.INT, "float": onnx.AttributeProto.FLOAT}
@@ -512,9 +511,9 @@ def decompositions() -> dict[str, onnx.FunctionProto]:
         ROUTED_EXPERTS.onnx_name: _function_proto(RoutedExperts),
         ROUTED_EXPERTS_FP8.onnx_name: _function_proto(RoutedExpertsFP8),
     }
-    for helper in (TileRows, RowSlice, PadRows, KeyBlocks, HeadScores, IndexerTokens, IndexerTile, IndexerRows, SparseMLATokens,
-                   SparseMLATile, SparseMLARows,
-                   ExpertMLP, ExpertsPerPair, ExpertsByExpert, Dequantize):
+    for helper in (TileRows, RowSlice, PadRows, KeyBlocks, HeadScores, IndexerTokens, IndexerTile, IndexerRows,
+                   SparseMLATokens, SparseMLATile, SparseMLARows, ExpertMLP, ExpertsPerPair, ExpertsByExpert,
+                   Dequantize):
         functions[f"{IMPL_DOMAIN}.{helper.name}"] = _function_proto(helper)
     return functions
 
