@@ -138,7 +138,9 @@ def trace_graph(config: DSAConfig, io: GraphIO, dtype: torch.dtype, fp8_block: t
         weights[name] = WeightSpec(name.removeprefix(WRAPPER_PREFIX), tuple(tensor.shape), tensor.dtype)
         value.const_value = None  # opaque to the optimizer: nothing is computed from a weight at export time
     onnxscript.optimizer.optimize(program.model)
-    fuse_rms_normalization(program.model)  # 7 nodes per RMSNorm -> one ONNX RMSNormalization (opset 23)
+    # 7 nodes per RMSNorm -> one RMSNormalization (opset 23+, in TensorRT's op table): onnxscript's own rule, called
+    # directly because its public onnx_fusions.fuse() runs only for opset 23 exactly
+    fuse_rms_normalization(program.model)
     used = [(name, weights[name]) for name, value in graph.initializers.items() if name in weights and value.uses()]
     for name in [name for name in graph.initializers if name in weights]:
         graph.initializers.pop(name)  # written by exporter/weights.py straight into the external data (or unused:

@@ -446,26 +446,26 @@ def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: 
     output = contract.outputs[0].name
     attr_kinds = {"int": onnx.AttributeProto.INT, "float": onnx.AttributeProto.FLOAT}
 
-    def tile_node(index: str, rows: str, out: str) -> onnx.NodeProto:
-        node = oh.make_node(tile, [*names, index, rows], [out], domain=IMPL_DOMAIN)
+    def impl_node(op_type: str, inputs: list[str], out: str) -> onnx.NodeProto:
+        """A dsa.impl call passing on the op's attributes."""
+        node = oh.make_node(op_type, inputs, [out], domain=IMPL_DOMAIN)
         node.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
         return node
 
-    def const(name, values, dims=None):
-        dims = [len(values)] if dims is None else dims
-        return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, dims, values))
+    def const(name, values):
+        return oh.make_node("Constant", [], [name],
+                            value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
 
     body = oh.make_graph(
-        [tile_node("tile_index", "tile_rows", "tile_out"), oh.make_node("Identity", ["cond_in"], ["cond_out"])],
+        [impl_node(tile, [*names, "tile_index", "tile_rows"], "tile_out"),
+         oh.make_node("Identity", ["cond_in"], ["cond_out"])],
         f"{contract.onnx_name}_tile",
         [oh.make_tensor_value_info("tile_index", TensorProto.INT64, []),
          oh.make_tensor_value_info("cond_in", TensorProto.BOOL, [])],
         [oh.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
          onnx.ValueInfoProto(name="tile_out")])  # typed by the tile function
-    whole = oh.make_node(tile.removesuffix("Tile") + "Tokens", names, ["one_tile_out"], domain=IMPL_DOMAIN)
-    whole.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
-    one_tile = oh.make_graph([whole], f"{contract.onnx_name}_one_tile", [],
-                             [onnx.ValueInfoProto(name="one_tile_out")])
+    one_tile = oh.make_graph([impl_node(tile.removesuffix("Tile") + "Tokens", names, "one_tile_out")],
+                             f"{contract.onnx_name}_one_tile", [], [onnx.ValueInfoProto(name="one_tile_out")])
     tiles = oh.make_graph([
         oh.make_node("Squeeze", ["num_tiles_1d"], ["num_tiles"]),
         oh.make_node("Loop", ["num_tiles", ""], ["tiles"], body=body),

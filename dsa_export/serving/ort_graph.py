@@ -50,6 +50,13 @@ def session_options(threads: int | None = None, profile: bool = False) -> ort.Se
     return options
 
 
+def bind_pools(binding, io, pools: OrtPools) -> None:
+    """Each pool bound as its WriteCache's input and output: the same buffer, written in place."""
+    for cache_in, cache_out, value in zip(io.cache_inputs, io.cache_outputs, pools.values):
+        binding.bind_ortvalue_input(cache_in.name, value)
+        binding.bind_ortvalue_output(cache_out.name, value)
+
+
 class BoundStep:
     """One step shape of one graph bound once (ONNX Runtime's IOBinding over numpy arrays): the caller writes the
     step's inputs into `inputs` in place, `run()`s, and reads `outputs`, which the next run overwrites. A Session's
@@ -68,9 +75,7 @@ class BoundStep:
                 array = np.zeros([sizes.get(d, d) for d in spec.dims], NUMPY.get(spec.dtype, np.float32))
             self.inputs[spec.name] = array
             self.binding.bind_ortvalue_input(spec.name, ort.OrtValue.ortvalue_from_numpy(array))
-        for cache_in, cache_out, value in zip(io.cache_inputs, io.cache_outputs, pools.values):
-            self.binding.bind_ortvalue_input(cache_in.name, value)
-            self.binding.bind_ortvalue_output(cache_out.name, value)  # the same buffer: written in place
+        bind_pools(self.binding, io, pools)
         self.outputs = {}
         for spec in io.step_outputs:
             self.outputs[spec.name] = np.zeros([sizes.get(d, d) for d in spec.dims], NUMPY.get(spec.dtype, np.float32))
@@ -133,9 +138,7 @@ class OrtGraph:
         for spec in self.io.step_inputs:
             binding.bind_cpu_input(spec.name, np.ascontiguousarray(feeds[spec.name], dtype=NUMPY.get(
                 spec.dtype, np.float32)))
-        for cache_in, cache_out, value in zip(self.io.cache_inputs, self.io.cache_outputs, pools.values):
-            binding.bind_ortvalue_input(cache_in.name, value)
-            binding.bind_ortvalue_output(cache_out.name, value)  # the same buffer: written in place
+        bind_pools(binding, self.io, pools)
         wanted = outputs if outputs is not None else [t.name for t in self.io.step_outputs] + self.extra_outputs
         for name in wanted:
             binding.bind_output(name, self.device)
