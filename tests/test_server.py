@@ -78,10 +78,12 @@ def metric(server, name):
     return server.metrics()[name]
 
 
-def wait_until(condition, seconds=30):
+def wait_until(server, condition, seconds=30):
+    """Until condition() holds; a failure reports the server's scheduler metrics."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "the server never got there"
+        state = {k: v for k, v in server.metrics().items() if k.startswith("dsa_")}
+        assert time.monotonic() < deadline, f"the server never got there: {state}"
         time.sleep(0.1)
 
 
@@ -147,7 +149,7 @@ def mixed_load(url, eager, requests=36, seed=0, lengths=(1, 4, 17, 60, 150, 300)
 def test_a_mixed_staggered_load_gets_each_request_its_own_tokens(server, eager):
     steps = metric(server, "dsa_steps_total")
     work = mixed_load(server.grpc_url, eager)
-    wait_until(lambda: pool_empty(server))  # cancelled and finished requests gave every block back
+    wait_until(server, lambda: pool_empty(server))  # cancelled and finished requests gave every block back
     fed = sum(len(p) + n - 1 for p, n, cancel in work if not cancel)
     assert metric(server, "dsa_steps_total") - steps < fed / 4  # batched: far fewer steps than tokens fed
 
@@ -170,7 +172,7 @@ def test_two_stages_and_a_pool_smaller_than_the_load(tmp_path, eager):
         watcher.start()
         mixed_load(two.grpc_url, eager, seed=1)
         stop.set()
-        wait_until(lambda: pool_empty(two))
+        wait_until(two, lambda: pool_empty(two))
         assert max(waiting) > 0 and metric(two, "dsa_pool_blocks") == 8
 
 
@@ -226,8 +228,8 @@ def test_a_bad_request_gets_an_error_and_the_server_keeps_serving(server, eager,
 def test_a_long_prompt_does_not_hold_up_a_short_request(server, eager):
     """A prompt of 2,000 tokens (32 steps of prefill) and then a 3-token one: the short request is answered before
     the long one's first token (the prompts share each step's budget; the whole long prompt is never one step). Both
-    streams are open before either request is sent, so the short one follows the long one by a send (microseconds),
-    not by a connection set up under load."""
+    streams have carried a request before the two are sent (a stream's connection is set up by its first request), so
+    the short one follows the long one by a send (microseconds), not by a connection set up under load."""
     import tritonclient.grpc as grpcclient
 
     events, errors, finals = [], [], threading.Semaphore(0)
@@ -249,6 +251,11 @@ def test_a_long_prompt_does_not_hold_up_a_short_request(server, eager):
         return stream
 
     long, short = opened("long"), opened("short")
+    for stream in (long, short):
+        stream.async_stream_infer(GENERATE, client.request_inputs([7], max_new_tokens=1, stop_ids=[]),
+                                  enable_empty_final_response=True)
+    assert finals.acquire(timeout=60) and finals.acquire(timeout=60) and not errors
+    events.clear()
     steps = metric(server, "dsa_steps_total")
     try:
         long.async_stream_infer(GENERATE, client.request_inputs(long_prompt, max_new_tokens=2, stop_ids=[]),
@@ -262,23 +269,24 @@ def test_a_long_prompt_does_not_hold_up_a_short_request(server, eager):
             stream.close()
     assert not errors and [name for name, _ in events] == ["short", "long", "long"]
     assert [t for name, t in events if name == "long"] == eager(long_prompt, 2)
-    wait_until(lambda: metric(server, "dsa_steps_total") - steps >= 2000 // MAX_TOKENS)
+    wait_until(server, lambda: metric(server, "dsa_steps_total") - steps >= 2000 // MAX_TOKENS)
 
 
 def test_clients_that_vanish_mid_stream_free_their_blocks(server, eager):
     cancelled = metric(server, "dsa_requests_cancelled_total")
-    # client processes killed after 3 tokens of 500 (they never close their streams)
+    # client processes killed after 3 tokens of 2,000 (they never close their streams; 2,000 tokens take seconds, so
+    # their requests cannot end before the server notices, in a tenth of a second, even on a loaded machine)
     code = ("import os, sys\nfrom dsa_export.deploy import client\n"
-            "for chunk in client.stream(sys.argv[1], client.request_inputs([4, 4, 4], max_new_tokens=500, "
+            "for chunk in client.stream(sys.argv[1], client.request_inputs([4, 4, 4], max_new_tokens=2000, "
             "stop_ids=[])):\n    if chunk.index == 2:\n        print('got 3', flush=True)\n        os._exit(0)\n")
     killed = [subprocess.Popen([sys.executable, "-c", code, server.grpc_url], stdout=subprocess.PIPE, text=True)
               for _ in range(4)]
     assert [p.communicate(timeout=60)[0].strip() for p in killed] == ["got 3"] * 4
     # a client that stops reading: closing the stream cancels the request
-    stream = client.stream(server.grpc_url, client.request_inputs([6, 6], max_new_tokens=500, stop_ids=[]))
+    stream = client.stream(server.grpc_url, client.request_inputs([6, 6], max_new_tokens=2000, stop_ids=[]))
     assert [next(stream).index for _ in range(2)] == [0, 1]
     stream.close()
-    wait_until(lambda: metric(server, "dsa_requests_cancelled_total") - cancelled == 5 and pool_empty(server))
+    wait_until(server, lambda: metric(server, "dsa_requests_cancelled_total") - cancelled == 5 and pool_empty(server))
     assert tokens(client.generate(server.grpc_url, input_ids=[4, 4, 4], max_new_tokens=8, stop_ids=[])) == \
         eager([4, 4, 4], 8)
 
@@ -478,7 +486,7 @@ def test_every_block_came_back_and_the_server_stops_cleanly(server, build):
     """Last (it stops the module's server): after everything above, cancelled and malformed requests included, the
     pool is empty; draining refuses new requests; stopping removes the server's shared memory (the malformed dtype
     request above keeps Triton 2.51 from unloading the model: it exits at its exit timeout, and nothing is left)."""
-    wait_until(lambda: pool_empty(server))
+    wait_until(server, lambda: pool_empty(server))
     assert server.shm_regions()
     assert server.drain(30)
     with pytest.raises(GenerationError, match="the server is shutting down"):
