@@ -201,10 +201,24 @@ def _token_ids(ctx, param, value: str | None) -> list[int] | None:
     return ids
 
 
+def _node_addresses(ctx, param, values: tuple[str, ...]) -> dict[int, str]:
+    addresses = {}
+    for value in values:
+        node, _, address = value.partition("=")
+        host, _, port = address.rpartition(":")
+        if not (node.isdigit() and int(node) > 0 and host and port.isdigit() and 0 < int(port) < 65536):
+            raise click.BadParameter(f"expected NODE=HOST:PORT with NODE >= 1 (that node's Triton gRPC), got {value!r}")
+        if int(node) in addresses:
+            raise click.BadParameter(f"node {node} is given twice")
+        addresses[int(node)] = address
+    return addresses
+
+
 @cli.command()
 @click.argument("source", type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the OpenAI API listens on (0.0.0.0: every interface). The Triton ports stay on 127.0.0.1.")
+              help="Address the OpenAI API listens on (0.0.0.0: every interface). Triton's HTTP and metrics ports "
+                   "stay on 127.0.0.1.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535),
               help="OpenAI-compatible API port (/v1/chat/completions, /v1/completions, /v1/models, /metrics, /health).")
 @click.option("--served-model-name", help="The model's name in the API [default: SOURCE as given].")
@@ -219,19 +233,30 @@ def _token_ids(ctx, param, value: str | None) -> list[int] | None:
 @click.option("--log-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Where the server's log goes [default: a temporary file].")
 @click.option("--verbose", is_flag=True, help="Log the server's info messages too.")
+@click.option("--node", default=0, show_default=True, type=click.IntRange(min=0),
+              help="A build on several nodes (deployed with --gpus-per-node): which one this is. Node 0 serves the "
+                   "API and runs the first stages; node N > 0 serves its stages to node 0 (start those first).")
+@click.option("--node-address", "node_addresses", multiple=True, callback=_node_addresses, metavar="NODE=HOST:PORT",
+              help="On node 0: where node NODE's Triton gRPC listens (repeat for each later node).")
+@click.option("--grpc-host", default="127.0.0.1", show_default=True,
+              help="Address Triton's gRPC listens on (node N > 0: one node 0 reaches, e.g. 0.0.0.0).")
 def serve(source: Path, host: str, port: int, served_model_name: str | None, grpc_port: int, http_port: int,
-          metrics_port: int, tritonserver: Path | None, log_file: Path | None, verbose: bool):
+          metrics_port: int, tritonserver: Path | None, log_file: Path | None, verbose: bool, node: int,
+          node_addresses: dict[int, str], grpc_host: str):
     """Serve SOURCE (a build directory, or a model repository) until Ctrl-C (running requests finish first):
     Triton Inference Server on 127.0.0.1 runs the generation model, batching every request into each step (the
     engines where the build has them, else ONNX Runtime on CPU), and an OpenAI-compatible API in front of it.
 
     \b
     Example: dsa-export serve build/h100   (then: curl 127.0.0.1:8000/v1/models)
+    Two nodes: dsa-export serve build/h100 --node 1 --grpc-host 0.0.0.0   (on the second)
+               dsa-export serve build/h100 --node-address 1=10.0.0.2:8001   (then on the first)
     """
     from dsa_export.deploy.server import serve_repository
 
     serve_repository(source, grpc_port, http_port, metrics_port, tritonserver, log_file, verbose, log=click.echo,
-                     host=host, port=port, served_model_name=served_model_name)
+                     host=host, port=port, served_model_name=served_model_name, node=node,
+                     node_addresses=node_addresses, grpc_host=grpc_host)
 
 
 @cli.command()

@@ -108,7 +108,7 @@ def test_repository_is_one_batching_model_that_reads_the_export(export_dir):
     assert (model_dir / stage["model_file"]).resolve() == (export_dir / "model.onnx").resolve()
     assert (model_dir / parameters["tokenizer_dir"]).resolve() == export_dir.resolve()
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == sorted(
-        ["model.py", "generation.py", "io_spec.py", "scheduler.py", "ort_graph.py", "trt_graph.py"])
+        ["model.py", "generation.py", "io_spec.py", "scheduler.py", "stages.py", "ort_graph.py", "trt_graph.py"])
 
 
 def test_the_engines_shapes_win_where_the_build_has_engines(export_dir, tmp_path):
@@ -131,7 +131,8 @@ def test_the_engines_shapes_win_where_the_build_has_engines(export_dir, tmp_path
 
 
 def test_a_staged_build_lists_its_stages_in_layer_order(export_dir, tmp_path):
-    """Pipeline stages: one model still, which runs stage i's graph (engine i on GPU i) for every step."""
+    """Pipeline stages: one model still, which runs stage i's graph (engine i on GPU i) for every step; on several
+    nodes, a model for each stage after the first node's."""
     import shutil
 
     from dsa_export.exporter.graph_io import graph_io
@@ -148,6 +149,29 @@ def test_a_staged_build_lists_its_stages_in_layer_order(export_dir, tmp_path):
     assert [(build / "model_repository" / GENERATE / s["io_file"]).resolve() for s in stages] == \
         [(build / f"stage-{i}" / "io.json").resolve() for i in range(3)]
     assert "float32 exports only" in written["note"]  # a bf16 build without engines is not served on the CPU
+
+    # on nodes of 2 GPUs: the first node runs stages 0-1 in dsa_generate, the second stage 2 as a model of its own,
+    # whose inputs and outputs are the stage graph's (hidden states in bfloat16, the export's dtype), and the epoch
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    written = write_repository(build, gpus_per_node=2)
+    repository = build / "model_repository"
+    assert written["nodes"] == [[GENERATE], ["dsa_stage_2"]] and written["models"] == [GENERATE, "dsa_stage_2"]
+    parameters = serving_parameters(repository)
+    stages = json.loads(parameters["stages"])
+    assert [(s.get("node", 0), s["gpu"]) for s in stages] == [(0, 0), (0, 1), (1, 0)] and "model_file" not in stages[2]
+    config = read_config(repository / "dsa_stage_2" / "config.pbtxt")
+    remote = {k: v.string_value for k, v in config.parameters.items()}
+    assert remote["key"] == parameters["key"] and len(parameters["key"]) == 32 and remote["gpu"] == "0"
+    assert (repository / "dsa_stage_2" / json.loads(remote["stage"])["io_file"]).resolve() == \
+        (build / "stage-2" / "io.json").resolve()
+    hidden = get_preset("tiny").hidden_size
+    assert [(t.name, mc.DataType.Name(t.data_type), list(t.dims)) for t in config.input][:2] == \
+        [("hidden_in", "TYPE_BF16", [-1, hidden]), ("positions", "TYPE_INT64", [-1])]
+    assert [t.name for t in config.output] == ["next_tokens", "logprobs", "epoch"]
+    assert not config.model_transaction_policy.decoupled and config.instance_group[0].count == 1
+    assert sorted(p.name for p in (repository / "dsa_stage_2" / "1").iterdir()) == \
+        sorted(["model.py", "io_spec.py", "stages.py", "ort_graph.py", "trt_graph.py"])
 
 
 def test_a_broken_config_is_one_clear_error(tmp_path):
@@ -166,11 +190,10 @@ def test_tokenizer_json_is_hf_tokenizers_own_format(tiny_checkpoint):
 
 def test_serve_waits_in_proportion_to_what_the_server_loads(export_dir, tmp_path):
     """The readiness wait grows with the bytes the stages load (a v3.2 stage's plan is tens of GB), from 3 minutes."""
-    from dsa_export.deploy.repository import serving_parameters
     from dsa_export.deploy.server import bytes_to_load, ready_timeout
 
     repository = tmp_path / "repository"
     write_repository(export_dir, repository, served_from=repository)
     graph = sum(f.stat().st_size for f in export_dir.glob("model.onnx*"))
-    assert bytes_to_load(repository, serving_parameters(repository)) == graph > 0
+    assert bytes_to_load(repository, [GENERATE]) == graph > 0
     assert ready_timeout(0) == 180 and ready_timeout(40 * 10**9) == 380  # a 40 GB plan: 200 s more

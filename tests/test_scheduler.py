@@ -1,7 +1,8 @@
 """The serving scheduler (serving/scheduler.py) driven directly over the tiny export's real ONNX Runtime graphs: a
 mixed, chunked, batched workload gives every request the eager model's tokens (1 and 2 pipeline stages); blocks are
 taken as tokens arrive and all come back; a burst larger than the pool waits and completes; requests that cannot fit
-are refused at once; cancelled and failed requests leave without disturbing the others; sampling is per request."""
+are refused at once; cancelled and failed requests leave without disturbing the others; a stage that lost its cache
+(another node down or restarted) fails every running request; sampling is per request."""
 
 import math
 import random
@@ -14,6 +15,7 @@ from dsa_export.exporter.onnx_export import export_onnx
 from dsa_export.runtime import EagerBackend, Session
 from dsa_export.serving.ort_graph import OrtGraph
 from dsa_export.serving.scheduler import Refused, Scheduler, Sequence
+from dsa_export.serving.stages import StageLost
 
 CAPACITY = 256
 
@@ -213,6 +215,44 @@ def test_a_failed_step_fails_its_requests_and_the_scheduler_keeps_serving(graphs
         run(scheduler, [good])
         assert good.tokens == eager([1, 2, 3], 6)
         assert scheduler.stats()["pool_blocks_in_use"] == 0 and scheduler.stats()["requests_failed"] == 1
+    finally:
+        scheduler.stop()
+
+
+def test_a_stage_that_loses_its_cache_fails_every_running_request(staged_graphs, eager):
+    """A stage on another node that stops answering or restarted (StageLost) fails every running request, in its
+    step or not, in flight or not, with its message; their blocks come back; the requests after it are served."""
+    first, second = staged_graphs
+    lose = threading.Event()
+    message = "node 1 (10.0.0.2:8001, dsa_stage_1) restarted: the cache of the running requests is gone"
+
+    class OtherNode:
+        io = second.io
+
+        def new_pools(self, rows):
+            return second.new_pools(rows)
+
+        def run(self, feeds, pools, outputs=None):
+            if lose.is_set():
+                lose.clear()
+                raise StageLost(message)
+            return second.run(feeds, pools, outputs)
+
+    scheduler = Scheduler([first, OtherNode()], pool_blocks=40, max_batch=4, max_tokens=48)
+    try:
+        running = [Client(scheduler, prompt, 100) for prompt in prompts(6, seed=3, lengths=(1, 5, 23, 64))]
+        for client in running:
+            scheduler.submit(client.sequence)
+        wait_for(lambda: all(len(client.tokens) >= 2 for client in running))
+        lose.set()
+        for client in running:
+            assert client.done.wait(60)
+        assert [client.error for client in running] == [message] * 6
+        wait_for(lambda: scheduler.stats()["pool_blocks_in_use"] == 0 and scheduler.stats()["running"] == 0)
+        after = [Client(scheduler, prompt, 8) for prompt in prompts(3, seed=4)]
+        run(scheduler, after)
+        assert [client.tokens for client in after] == [eager(client.sequence.prompt, 8) for client in after]
+        assert scheduler.stats()["requests_failed"] == 6
     finally:
         scheduler.stop()
 

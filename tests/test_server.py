@@ -53,6 +53,10 @@ def server(build):
 
 @pytest.fixture(scope="module")
 def eager(build):
+    return eager_tokens(build)
+
+
+def eager_tokens(build):
     """Greedy tokens of the eager model on the build's checkpoint, each prompt alone: (prompt, n) → tokens."""
     from dsa_export.models import load_checkpoint
     from dsa_export.runtime import EagerBackend, Session

@@ -82,8 +82,9 @@ class Options:
                               "memory, one graph and engine each [default: the fewest that fit the target].",
                               click.IntRange(min=1), steps=("export", "engine", "plan"))
     gpus_per_node: int = option(8, "GPUs per node: the pipeline stages go to nodes in order, this many to a node "
-                                "(`plan` shows each node's stages and memory).", click.IntRange(min=1, max=64),
-                                steps=("plan",))
+                                "(`plan` shows each node's stages and memory; `deploy` writes a model for each stage "
+                                "on a node after the first).", click.IntRange(min=1, max=64),
+                                steps=("plan", "deploy"))
     data_file_gb: float = option(4.0, "Largest external data file of the export (GB; a single tensor larger than "
                                  "that gets a file of its own).", FiniteFloat(min=0.001),
                                  steps=("export",))

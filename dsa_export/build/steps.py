@@ -260,7 +260,7 @@ def run_deploy(ctx: BuildContext) -> dict:
     from dsa_export.deploy.repository import write_repository
 
     written = write_repository(ctx.export, ctx.out.model_repository, served_from=ctx.build.model_repository,
-                               shapes=ctx.engine_shapes)
+                               shapes=ctx.engine_shapes, gpus_per_node=ctx.options.gpus_per_node)
     return {**written, "path": str(ctx.build.model_repository)}
 
 

@@ -3,6 +3,8 @@
     model_repository/
       dsa_generate/  Python backend, decoupled: token ids or text in, one response per new token (TOKEN, INDEX,
                      TEXT, LOGPROB), many requests at once (triton_generate.py + scheduler.py + generation.py)
+      dsa_stage_<i>/ a build on several nodes: stage i, on node n > 0 (serving/triton_stage.py), stepped by the first
+                     node's dsa_generate over gRPC
 
 The model runs the export's graphs itself, in process, one per pipeline stage in layer order: the TensorRT engines
 where the build has them (stage i on GPU i; the `tensorrt` and `torch` Python packages in the server's Python), else
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -36,6 +39,8 @@ from dsa_export.exporter.artifacts import ExportDir, as_export
 from dsa_export.exporter.plan import EngineShapes
 from dsa_export.files import atomic_dir, write_atomic
 from dsa_export.serving import shipped_files
+from dsa_export.serving.io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS
+from dsa_export.serving.stages import stage_model
 
 GENERATE = "dsa_generate"
 MAX_WAITING = 256  # requests queued for cache blocks (or the tokenizer) before more are refused as busy
@@ -62,6 +67,29 @@ def generate_config(parameters: dict):
                for name, (dtype, dims, optional) in GENERATE_INPUTS.items()],
         output=[mc.ModelOutput(name=name, data_type=mc.DataType.Value(dtype), dims=dims)
                 for name, (dtype, dims, _) in GENERATE_OUTPUTS.items()],
+        instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
+        parameters=_parameters(**parameters))
+
+
+def stage_config(name: str, io, parameters: dict):
+    """A stage on a node after the first (serving/triton_stage.py): one instance that holds the stage's pools and
+    runs the steps the first node's scheduler sends, in order; its inputs and outputs are the graph's step tensors
+    (io.json's), the epoch beside them."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from dsa_export.serving.stages import EPOCH, TRITON_DTYPES
+
+    def dims(tensor):
+        return [d if isinstance(d, int) else -1 for d in tensor.dims]
+
+    wanted = json.loads(parameters["outputs"])
+    return mc.ModelConfig(
+        name=name, backend="python", max_batch_size=0,
+        input=[mc.ModelInput(name=t.name, data_type=mc.DataType.Value(f"TYPE_{TRITON_DTYPES[t.dtype]}"), dims=dims(t))
+               for t in io.step_inputs],
+        output=[mc.ModelOutput(name=t.name, data_type=mc.DataType.Value(f"TYPE_{TRITON_DTYPES[t.dtype]}"),
+                               dims=dims(t)) for t in io.step_outputs if t.name in wanted]
+        + [mc.ModelOutput(name=EPOCH, data_type=mc.DataType.TYPE_INT64, dims=[1])],
         instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
         parameters=_parameters(**parameters))
 
@@ -101,44 +129,76 @@ def serving_shapes(export: ExportDir, shapes: EngineShapes | None = None) -> Eng
 
 
 def write_repository(export: ExportDir | str | Path, repository: str | Path | None = None,
-                     served_from: str | Path | None = None, shapes: EngineShapes | None = None) -> dict:
+                     served_from: str | Path | None = None, shapes: EngineShapes | None = None,
+                     gpus_per_node: int | None = None) -> dict:
     """Write the model repository of an export (default: <export root>/model_repository), atomically. served_from:
     where it will be served from, if it is written elsewhere first (the model finds the export relative to that);
-    shapes: the steps and pool to serve with (serving_shapes)."""
+    shapes: the steps and pool to serve with (serving_shapes); gpus_per_node: the stages go to nodes in order, this
+    many to a node (default: all on one). A build on several nodes gets one repository for all of them: the first
+    node's server loads dsa_generate (its stages run in process), node n's loads the dsa_stage_<i> of its stages
+    (`dsa-export serve --node n`); a key drawn here, in both configs, lets only that scheduler step those models."""
     export = as_export(export)
     repository = Path(repository) if repository is not None else export.root / "model_repository"
     location = Path(served_from) if served_from is not None else repository
     engine = export.has_engines
     shapes = serving_shapes(export, shapes)
     capacity = export.io.capacity
+    per_node = gpus_per_node or len(export.stages)
 
-    def relative(path: Path) -> str:  # the build directory moves (or is mounted) as a whole
-        return os.path.relpath(path.resolve(), (location / GENERATE).resolve())
+    def relative(path: Path) -> str:  # the build directory moves (or is mounted) as a whole; every model directory
+        return os.path.relpath(path.resolve(), (location / GENERATE).resolve())  # is a sibling of dsa_generate's
 
-    stages = []
-    for stage in export.stages:
+    key = secrets.token_hex(16)
+    stages, stage_models = [], {}
+    for index, stage in enumerate(export.stages):
+        node, gpu = divmod(index, per_node)
         files = {"io_file": relative(stage.io_path), "model_file": relative(stage.model_path)}
         if engine:
             files |= {"plan_file": relative(stage.plan_path), "engine_json": relative(stage.engine_json_path)}
-        stages.append(files)
+        if node == 0:
+            stages.append({**files, "gpu": gpu})
+            continue
+        stages.append({"io_file": files["io_file"], "node": node, "gpu": gpu})
+        outputs = [NEXT_TOKENS, LOGPROBS] if stage.io.last else [HIDDEN_OUT]
+        stage_models[stage_model(index)] = stage_config(stage_model(index), stage.io, {
+            "runtime": "tensorrt" if engine else "onnxruntime", "stage": json.dumps(files), "gpu": gpu,
+            "pool_tokens": shapes.pool_rows(capacity), "key": key, "outputs": json.dumps(outputs)})
     parameters = {"runtime": "tensorrt" if engine else "onnxruntime", "stages": json.dumps(stages),
                   "config_file": relative(export.stages[0].config_path), "tokenizer_dir": relative(export.root),
                   "max_batch": shapes.max_batch, "max_tokens": shapes.step_tokens(capacity),
                   "pool_tokens": shapes.pool_rows(capacity), "max_waiting": MAX_WAITING,
-                  "drain_seconds": DRAIN_SECONDS}
-    config = generate_config(parameters)
+                  "drain_seconds": DRAIN_SECONDS, "key": key}
+    configs = {GENERATE: (generate_config(parameters), "generate"),
+               **{name: (config, "stage") for name, config in stage_models.items()}}
     with atomic_dir(repository) as tmp:
-        (tmp / GENERATE / "1").mkdir(parents=True)
-        write_atomic(tmp / GENERATE / "config.pbtxt", config_text(config))
-        for source, target in shipped_files("generate"):
-            shutil.copyfile(source, tmp / GENERATE / "1" / target)
+        for name, (config, kind) in configs.items():
+            (tmp / name / "1").mkdir(parents=True)
+            write_atomic(tmp / name / "config.pbtxt", config_text(config))
+            for source, target in shipped_files(kind):
+                shutil.copyfile(source, tmp / name / "1" / target)
+    nodes = node_models(stages)
     runtime = "TensorRT engines" if engine else "ONNX Runtime (CPU)"
     note = (f"{GENERATE} runs {len(export.stages)} stage(s) by {runtime}: up to {shapes.max_batch} sequences and "
             f"{parameters['max_tokens']} tokens per step, a pool of {parameters['pool_tokens']:,} tokens; "
             f"serve: dsa-export serve {export.root}")
+    if len(nodes) > 1:
+        note += (f" --node-address 1=HOST:PORT ... on the first node, after `dsa-export serve {export.root} --node "
+                 f"N` on node N of {len(nodes) - 1}")
     if not engine and export.io.cache_dtype != "float32":
         note = (f"{GENERATE} runs ONNX Runtime on the CPU, which runs float32 exports only: serve this "
                 f"{export.io.cache_dtype} build on a GPU once its engine is built (then deploy again)")
-    return {"path": str(repository), "models": [GENERATE], "runtime": parameters["runtime"], "engine": engine,
-            "stages": len(export.stages), "max_batch": shapes.max_batch, "max_tokens": parameters["max_tokens"],
-            "pool_tokens": parameters["pool_tokens"], "note": note}
+    return {"path": str(repository), "models": list(configs), "nodes": nodes, "runtime": parameters["runtime"],
+            "engine": engine, "stages": len(export.stages), "max_batch": shapes.max_batch,
+            "max_tokens": parameters["max_tokens"], "pool_tokens": parameters["pool_tokens"], "note": note}
+
+
+def node_models(stages: list[dict]) -> list[list[str]]:
+    """The models each node's server loads, from dsa_generate's `stages` parameter: the first node dsa_generate,
+    node n the dsa_stage_<i> of its stages."""
+    nodes = [[GENERATE]]
+    for index, stage in enumerate(stages):
+        node = stage.get("node", 0)
+        if node:
+            nodes += [[] for _ in range(node + 1 - len(nodes))]
+            nodes[node].append(stage_model(index))
+    return nodes

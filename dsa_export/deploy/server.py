@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Callable
 
 from dsa_export.errors import DSAExportError, Interrupted
+from dsa_export.serving.stages import NODES_ENV
 
 TRITON_SERVER_WHEEL = "nvidia-pytriton==0.7.0"  # tritonserver 2.51.0 (NGC 24.10), installed without its deps
 # what the repository's Python models import, in the server's Python: numpy < 2 (see the module docstring)
-SERVING_REQUIREMENTS = ("numpy==1.26.4", "onnxruntime==1.32.0", "tokenizers==0.23.3", "jinja2==3.1.6")
+SERVING_REQUIREMENTS = ("numpy==1.26.4", "onnxruntime==1.32.0", "tokenizers==0.23.3", "jinja2==3.1.6",
+                        "tritonclient[grpc]==2.73.0")  # the last: the first node steps the stages of the others
 READY_MARKER = ".dsa-export-ready"
 
 
@@ -190,8 +192,13 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, models: list[str], install: ServerInstall, grpc_port: int = 0,
                  http_port: int = 0, log_path: str | Path | None = None, verbose: bool = False,
-                 metrics_port: int = 0, exit_timeout: float = 10.0):
+                 metrics_port: int = 0, exit_timeout: float = 10.0, grpc_host: str = "127.0.0.1",
+                 node_addresses: dict[int, str] | None = None):
+        """grpc_host: where its gRPC listens (a node that serves stages to another: an address that node reaches);
+        node_addresses: node → host:port of the servers holding the build's later stages (the first node's)."""
         self.repository = Path(repository).resolve()
+        self.grpc_host = grpc_host
+        self.node_addresses = dict(node_addresses or {})
         self.models = models
         self.install = install
         self.grpc_port = grpc_port or free_port()
@@ -207,7 +214,8 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        host = "127.0.0.1" if self.grpc_host in ("0.0.0.0", "::") else self.grpc_host
+        return f"{f'[{host}]' if ':' in host else host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
@@ -216,7 +224,7 @@ class TritonServer:
     def command(self) -> list[str]:
         command = [str(self.install.tritonserver), f"--model-repository={serve_path(self.repository, self.workdir)}",
                    "--http-address=127.0.0.1", f"--http-port={self.http_port}",
-                   "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",
+                   f"--grpc-address={self.grpc_host}", f"--grpc-port={self.grpc_port}",
                    "--allow-metrics=true", "--metrics-address=127.0.0.1", f"--metrics-port={self.metrics_port}",
                    f"--exit-timeout-secs={int(self.exit_timeout)}", "--model-control-mode=explicit",
                    f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
@@ -226,7 +234,8 @@ class TritonServer:
         return command
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ, **{DRAIN_FILE_ENV: str(self.drain_file)})
+        env = dict(os.environ, **{DRAIN_FILE_ENV: str(self.drain_file),
+                                  NODES_ENV: json.dumps({str(n): a for n, a in self.node_addresses.items()})})
         if self.install.python_bin is not None:
             env["PATH"] = f"{self.install.python_bin}{os.pathsep}{env.get('PATH', '')}"
             env.pop("PYTHONPATH", None)  # the project's packages must not shadow the serving environment's
@@ -390,16 +399,20 @@ def repository_of(source: str | Path) -> Path:
     return repository
 
 
-def bytes_to_load(repository: Path, parameters: dict) -> int:
-    """What the server reads before it is ready: every stage's plan (TensorRT) or graph and its weights."""
-    from dsa_export.deploy.repository import GENERATE
+def bytes_to_load(repository: Path, models: list[str]) -> int:
+    """What the server reads before `models` are ready: each of their stages' plan (TensorRT) or graph and its
+    weights (dsa_generate's own stages; a dsa_stage_<i>'s one)."""
+    from dsa_export.deploy.repository import read_config
 
-    model_dir = repository / GENERATE
     total = 0
-    for stage in json.loads(parameters.get("stages", "[]")):
-        graph = (model_dir / stage.get("plan_file", stage["model_file"])).resolve()
-        files = [graph] if "plan_file" in stage else [graph, *graph.parent.glob(f"{graph.name}.data*")]
-        total += sum(f.stat().st_size for f in files if f.is_file())
+    for model in models:
+        parameters = {k: v.string_value for k, v in read_config(repository / model / "config.pbtxt").parameters.items()}
+        stages = [json.loads(parameters["stage"])] if "stage" in parameters else \
+            [stage for stage in json.loads(parameters.get("stages", "[]")) if not stage.get("node")]
+        for stage in stages:
+            graph = (repository / model / stage.get("plan_file", stage["model_file"])).resolve()
+            files = [graph] if "plan_file" in stage else [graph, *graph.parent.glob(f"{graph.name}.data*")]
+            total += sum(f.stat().st_size for f in files if f.is_file())
     return total
 
 
@@ -409,22 +422,49 @@ def ready_timeout(bytes_loaded: int) -> float:
     return 180.0 + bytes_loaded / 200e6
 
 
+def check_nodes(source: str | Path, nodes: list[list[str]], node: int, node_addresses: dict[int, str]) -> None:
+    """`serve --node/--node-address` against the nodes a build's repository spans (DSAExportError if they do not
+    match): the first node needs every other node's address, the others none."""
+    if node >= len(nodes):
+        raise DSAExportError(f"{source}: the build runs on {len(nodes)} node(s): --node takes 0 to {len(nodes) - 1}")
+    if node > 0:
+        if node_addresses:
+            raise DSAExportError("--node-address is for the first node (--node 0), which sends the steps to the others")
+        return
+    unknown = sorted(set(node_addresses) - set(range(1, len(nodes))))
+    if unknown:
+        raise DSAExportError(f"{source}: the build has no node {unknown[0]} (its later nodes: 1 to {len(nodes) - 1})"
+                             if len(nodes) > 1 else f"{source}: the build runs on one node: no --node-address")
+    missing = [n for n in range(1, len(nodes)) if n not in node_addresses]
+    if missing:
+        raise DSAExportError(f"{source}: stages of this build run on node(s) {', '.join(map(str, missing))}: start "
+                             f"each with `dsa-export serve {source} --node N --grpc-host ADDRESS`, then give this one "
+                             f"--node-address N=ADDRESS:PORT for each")
+
+
 def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8003, metrics_port: int = 8002,
                      tritonserver: str | Path | None = None, log_file: str | Path | None = None,
                      verbose: bool = False, log: Callable[[str], None] = print, host: str = "127.0.0.1",
-                     port: int = 8000, served_model_name: str | None = None) -> None:
+                     port: int = 8000, served_model_name: str | None = None, node: int = 0,
+                     node_addresses: dict[int, str] | None = None, grpc_host: str = "127.0.0.1") -> None:
     """`dsa-export serve`: start the server on the repository's generation model and the OpenAI-compatible API in
     front of it (host:port), say where they listen, and run until Ctrl-C or SIGTERM; then take no new requests, let
-    running ones finish (up to the model's drain time), stop, and re-raise (the command exits 130 or 143)."""
+    running ones finish (up to the model's drain time), stop, and re-raise (the command exits 130 or 143). A build
+    on several nodes: node 0 does that, stepping the stages of the others at `node_addresses`; node n > 0 serves its
+    stages' models on gRPC at grpc_host:grpc_port (no API: its clients are the first node's scheduler)."""
     import logging
 
     from dsa_export.deploy.openai_api import APIThread, OpenAIServer
-    from dsa_export.deploy.repository import DRAIN_SECONDS, GENERATE, serving_parameters
+    from dsa_export.deploy.repository import DRAIN_SECONDS, GENERATE, node_models, serving_parameters
 
     signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the server, even if started from `&`
     repository = repository_of(source)
     parameters = serving_parameters(repository)
-    problem = _cannot_listen(host, port)
+    nodes = node_models(json.loads(parameters.get("stages", "[]")))
+    node_addresses = dict(node_addresses or {})
+    check_nodes(source, nodes, node, node_addresses)
+    first = node == 0
+    problem = _cannot_listen(host, port) if first else None
     if problem:
         raise DSAExportError(f"the OpenAI API cannot listen on {host}:{port} ({problem}): choose --host/--port")
     install = find_server(tritonserver, log)
@@ -432,32 +472,44 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
         raise DSAExportError(f"{repository}: the build has TensorRT engines, which run on a GPU with the tensorrt and "
                              f"torch packages in the server's Python: serve it in NVIDIA's Triton container (README), "
                              f"or pass --tritonserver")
-    server = TritonServer(repository, [GENERATE], install, grpc_port, http_port, log_file, verbose, metrics_port)
-    loaded = bytes_to_load(repository, parameters)
+    models = nodes[node]
+    server = TritonServer(repository, models, install, grpc_port, http_port, log_file, verbose, metrics_port,
+                          grpc_host=grpc_host, node_addresses=node_addresses)
+    loaded = bytes_to_load(repository, models)
     timeout = ready_timeout(loaded)
-    log(f"starting {install.tritonserver} on {repository} (log: {server.log_path}); it loads {loaded / 1e9:.1f} GB, "
-        f"allowed {timeout:.0f} s")
+    log(f"starting {install.tritonserver} on {repository}{f' (node {node} of {len(nodes)})' if len(nodes) > 1 else ''} "
+        f"(log: {server.log_path}); it loads {loaded / 1e9:.1f} GB, allowed {timeout:.0f} s")
     started = time.monotonic()
     api = None
     try:
         server.start(timeout, progress=lambda waited: log(f"loading ... {waited:.0f} s"))
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the API's access log
-        model_name = served_model_name or str(source)
-        api = APIThread(OpenAIServer.of_repository(repository, server.grpc_url, model_name, server.metrics_url),
-                        host, port, drain_seconds=DRAIN_SECONDS).start()
-        log(f"ready after {time.monotonic() - started:.1f} s: OpenAI API {api.url} (model \"{model_name}\"; metrics "
-            f"{api.url.removesuffix('/v1')}/metrics); Triton gRPC {server.grpc_url}, HTTP 127.0.0.1:{server.http_port}, "
-            f"metrics {server.metrics_url}; {GENERATE} batches up to {parameters.get('max_batch')} sequences per step "
-            f"over a pool of {parameters.get('pool_tokens')} tokens. Stop with Ctrl-C.")
-        log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
+        if not first:
+            log(f"node {node} ready after {time.monotonic() - started:.1f} s: {', '.join(models)} on Triton gRPC "
+                f"{grpc_host}:{grpc_port}; on the first node: dsa-export serve {source} --node-address "
+                f"{node}=ADDRESS:{grpc_port} (ADDRESS: this machine's, as the first node reaches it). Stop with Ctrl-C "
+                f"(the first node's running requests then fail; it serves again once this node is back).")
+        else:
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the API's access log
+            model_name = served_model_name or str(source)
+            api = APIThread(OpenAIServer.of_repository(repository, server.grpc_url, model_name, server.metrics_url),
+                            host, port, drain_seconds=DRAIN_SECONDS).start()
+            log(f"ready after {time.monotonic() - started:.1f} s: OpenAI API {api.url} (model \"{model_name}\"; "
+                f"metrics {api.url.removesuffix('/v1')}/metrics); Triton gRPC {server.grpc_url}, HTTP "
+                f"127.0.0.1:{server.http_port}, metrics {server.metrics_url}; {GENERATE} batches up to "
+                f"{parameters.get('max_batch')} sequences per step over a pool of {parameters.get('pool_tokens')} "
+                f"tokens{f', {len(nodes) - 1} more node(s) run its later stages' if len(nodes) > 1 else ''}. "
+                f"Stop with Ctrl-C.")
+            log(f"try: dsa-export generate --url {server.grpc_url} --prompt-ids 1,2,3")
         code = server.wait()
         how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited ({code})"
         raise DSAExportError(f"tritonserver {how}: {server.log_tail()} (log: {server.log_path})")
     except (KeyboardInterrupt, Interrupted):
-        log(f"stopping: running requests finish first (up to {DRAIN_SECONDS} s; Ctrl-C again stops at once) ...")
+        drain = DRAIN_SECONDS if first else 0
+        log(f"stopping: running requests finish first (up to {drain} s; Ctrl-C again stops at once) ..." if first
+            else "stopping ...")
         if api is not None:
             api.stop(wait=False)  # no new connections; the running streams go on while the server drains
-        server.stop(drain_seconds=DRAIN_SECONDS)
+        server.stop(drain_seconds=drain)
         log("stopped")
         raise  # the command exits 130 (SIGINT) or 143 (SIGTERM)
     finally:

@@ -18,7 +18,9 @@ cannot fit now waits in a bounded queue (in arrival order: a long request is not
 
 Pipeline stages: the graphs run on one worker thread each (stage i on device i), a step's hidden state going from one
 to the next. With N stages, up to N steps (micro-batches of the running sequences, each sequence in at most one) are
-in flight, so that every stage works at once.
+in flight, so that every stage works at once. A stage on another node (stages.RemoteStage) is one more graph whose
+run() is a gRPC call; when it loses its cache rows (StageLost: the node is down or restarted), every running sequence
+fails with its message and gives its blocks back.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ import numpy as np
 if __package__:  # imported from the package
     from .io_spec import (BLOCK_TABLES, HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS_INDEX, LOGPROBS, NEXT_TOKENS,
                           POSITIONS, SEQUENCE, SLOTS, TEMPERATURE, TOP_K, TOP_P, UNIFORM)
+    from .stages import StageLost
 else:  # shipped beside io_spec.py into the model repository
     from io_spec import (BLOCK_TABLES, HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS_INDEX, LOGPROBS, NEXT_TOKENS,
                          POSITIONS, SEQUENCE, SLOTS, TEMPERATURE, TOP_K, TOP_P, UNIFORM)
+    from stages import StageLost
 
 CANCEL_CHECK_SECONDS = 0.0  # how often `cancelled` is called (before every step: the server's only reads a flag)
 WAKE_SECONDS = 0.05  # an idle loop still looks at its waiting requests this often (cancelled ones leave)
@@ -99,6 +103,7 @@ class Sequence:
     promised: int = 0  # blocks promised and not yet taken
     writing: int = 0  # tokens in the step in flight (0: in none): their rows are being written
     done: bool = False
+    lost: str | None = None  # a stage lost its cache rows while this was in flight: it fails when its step is back
 
     @property
     def in_flight(self) -> bool:
@@ -127,8 +132,9 @@ class Step:
 
 
 class Scheduler:
-    """The serving loop over a pipeline of stage graphs (serving/ort_graph.py or trt_graph.py: `io`, `new_pools`,
-    `run`). submit() adds a request (from any thread); the loop runs in a thread of its own until stop()."""
+    """The serving loop over a pipeline of stage graphs (serving/ort_graph.py or trt_graph.py, or stages.RemoteStage
+    for a stage on another node: `io`, `new_pools`, `run`). submit() adds a request (from any thread); the loop runs
+    in a thread of its own until stop()."""
 
     def __init__(self, graphs: list, pool_blocks: int, max_batch: int, max_tokens: int, max_waiting: int = 256,
                  log: Callable[[str], None] = print, cancel_check_seconds: float = CANCEL_CHECK_SECONDS):
@@ -144,7 +150,7 @@ class Scheduler:
         self.log = log
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.finished: deque[tuple[Step, dict | None, str | None]] = deque()
+        self.finished: deque[tuple[Step, dict | None, str | None, bool]] = deque()  # _complete's arguments
         self.in_flight = 0
         self.micro_batches = len(graphs)
         self.lock = threading.Condition()
@@ -321,7 +327,7 @@ class Scheduler:
             if item is None:
                 return
             step, error = item if isinstance(item, tuple) else (item, None)
-            results = None
+            results, lost = None, False
             if error is None:
                 try:
                     wanted = [NEXT_TOKENS, LOGPROBS] if last else [HIDDEN_OUT]
@@ -330,28 +336,39 @@ class Scheduler:
                         results = out
                     else:
                         step.feeds[HIDDEN_IN] = out[HIDDEN_OUT]
+                except StageLost as e:  # another node lost our sequences' rows: every running one fails
+                    error, lost = str(e), True
                 except Exception as e:  # a failed step fails its sequences, not the server
                     error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             if last or error is not None:
                 with self.lock:
-                    self.finished.append((step, results, error))
+                    self.finished.append((step, results, error, lost))
                     self.lock.notify_all()
             else:
                 self.queues[stage + 1].put(step)
 
-    def _complete(self, step: Step, results: dict | None, error: str | None) -> None:
-        """A step came back: every sequence in it advances; sampled ones get their token (and may finish)."""
+    def _complete(self, step: Step, results: dict | None, error: str | None, lost: bool = False) -> None:
+        """A step came back: every sequence in it advances; sampled ones get their token (and may finish). `lost`:
+        a stage lost the cache rows of every running sequence (a node restarted or does not answer), and they fail:
+        now, or when their step in flight is back."""
         self.in_flight -= 1
         self.counters["steps"] += 1
         self.counters["step_seconds"] += time.monotonic() - step.started
+        if lost:
+            for sequence in list(self.running):
+                if sequence.in_flight:
+                    sequence.lost = error
+                elif not sequence.done:
+                    self.counters["requests_failed"] += 1
+                    self._finish(sequence, error)
         sampled = 0
         for sequence, count, sample in step.parts:
             sequence.writing = 0
             if sequence.done:
                 continue
-            if error is not None:
+            if error is not None or sequence.lost is not None:
                 self.counters["requests_failed"] += 1
-                self._finish(sequence, f"the step failed: {error}")
+                self._finish(sequence, error if lost else f"the step failed: {error}" if error else sequence.lost)
                 continue
             sequence.fed += count
             self.counters["tokens_fed"] += count

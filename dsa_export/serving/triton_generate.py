@@ -28,6 +28,7 @@ from generation import (MAX_STOP_IDS, GenerationRequest, RequestError, TextCodec
                         max_prompt_bytes)
 from io_spec import GraphIO
 from scheduler import Refused, Scheduler, Sequence
+from stages import NODES_ENV, RemoteStage, load_graph, node_addresses
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_SECONDS = 0.2  # how often the server's metrics are brought up to date
@@ -190,20 +191,20 @@ def _python() -> str:
     return shutil.which("python3") or shutil.which("python") or "python3"
 
 
-def _graphs(here: Path, runtime: str, stages: list[dict]) -> list:
-    """The export's graphs, one per pipeline stage in layer order (the paths are relative to the model directory)."""
+def _graphs(here: Path, runtime: str, stages: list[dict], key: str) -> list:
+    """The export's graphs, one per pipeline stage in layer order (the paths are relative to the model directory):
+    this node's, and those on other nodes (their servers' addresses from NODES_ENV, set by `dsa-export serve`)."""
+    addresses = node_addresses(os.environ.get(NODES_ENV))
     graphs = []
-    for device, files in enumerate(stages):
-        io = GraphIO.load(here / files["io_file"])
-        if runtime == "tensorrt":
-            from trt_graph import TrtGraph
-
-            profiles = json.loads((here / files["engine_json"]).read_text(encoding="utf-8"))["profiles"]
-            graphs.append(TrtGraph(here / files["plan_file"], io, profiles, device=device))
+    for stage, files in enumerate(stages):
+        node = files.get("node", 0)
+        if node == 0:
+            graphs.append(load_graph(here, runtime, files, device=files.get("gpu", stage)))
+        elif node not in addresses:
+            raise RuntimeError(f"stage {stage} runs on node {node}: serve this node with --node-address "
+                               f"{node}=HOST:PORT (that node's Triton gRPC)")
         else:
-            from ort_graph import OrtGraph
-
-            graphs.append(OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"]))
+            graphs.append(RemoteStage(GraphIO.load(here / files["io_file"]), stage, node, addresses[node], key))
     return graphs
 
 
@@ -212,7 +213,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = Path(args["model_repository"])  # the model's directory: the other paths are relative to it
-        graphs = _graphs(here, parameters["runtime"], json.loads(parameters["stages"]))
+        graphs = _graphs(here, parameters["runtime"], json.loads(parameters["stages"]), parameters.get("key", ""))
         io = graphs[0].io
         self.capacity, self.vocab_size = io.capacity, io.vocab_size
         self.drain_seconds = float(parameters["drain_seconds"])

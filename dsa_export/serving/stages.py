@@ -1,0 +1,122 @@
+"""The pipeline stages a server runs: its own (a graph in this process, stage i on GPU i of its node) and, when a build
+spans several nodes, those of another node's Triton Inference Server, called over Triton's gRPC (tritonclient).
+
+Shipped (standard library and numpy at import; tritonclient, ml_dtypes, onnxruntime or tensorrt when used). The
+repository writer and `dsa-export serve` import its names from here: one definition of what crosses between nodes.
+
+A stage on another node is a model of that node's server, `dsa_stage_<i>` (triton_stage.py), holding its graph and
+its pools. The scheduler on the first node calls it like a local graph (`run(feeds, pools, outputs)`): the step's
+inputs (ids or hidden states, positions, slots, block tables, sampling) go in one request, the hidden states in the
+export's dtype as raw bytes (bfloat16 as ml_dtypes.bfloat16: 2 bytes a value), and its outputs come back the same way.
+Every call has a deadline. A node's answer carries the epoch its model drew at load: a node that restarted has lost
+the cache rows of every running sequence, so a new epoch, like a node that does not answer, raises StageLost, and the
+scheduler fails every running request with that message (their blocks go back; waiting requests go on once the node
+answers again). An error the stage model itself returns fails that step's requests only (RuntimeError).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+NODES_ENV = "DSA_EXPORT_NODES"  # {"1": "host:port", ...}: where the first node's generation model finds the others
+EPOCH = "epoch"  # a stage model's output: drawn at load, new after a restart
+KEY = "dsa_stage_key"  # a request parameter: a stage model answers only the first node's scheduler, which knows it
+# gRPC statuses of a node that is down, restarting (its model not loaded yet) or too slow: its rows are lost to us
+UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "UNKNOWN")
+DEADLINE_SECONDS = 120.0  # the longest a remote step may take (a prefill step of the 671B stays well below)
+# io.json dtypes → Triton's
+TRITON_DTYPES = {"int64": "INT64", "int32": "INT32", "float32": "FP32", "float16": "FP16", "bfloat16": "BF16"}
+
+
+def stage_model(stage: int) -> str:
+    """The name of stage `stage`'s model on its node's server."""
+    return f"dsa_stage_{stage}"
+
+
+def load_graph(here: Path, runtime: str, files: dict, device: int):
+    """One stage's graph as its model's parameters name it (paths relative to the model directory `here`): a
+    TensorRT engine on GPU `device`, or the ONNX graph with ONNX Runtime on the CPU."""
+    from io_spec import GraphIO
+
+    io = GraphIO.load(here / files["io_file"])
+    if runtime == "tensorrt":
+        from trt_graph import TrtGraph
+
+        profiles = json.loads((here / files["engine_json"]).read_text(encoding="utf-8"))["profiles"]
+        return TrtGraph(here / files["plan_file"], io, profiles, device=device)
+    from ort_graph import OrtGraph
+
+    return OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"])
+
+
+def node_addresses(text: str | None) -> dict[int, str]:
+    """NODES_ENV's value: node index → host:port of its server's gRPC."""
+    return {int(node): str(address) for node, address in json.loads(text or "{}").items()}
+
+
+def wire_array(value, dtype: str):
+    """A step tensor as it crosses the network: numpy in io.json's dtype (bfloat16: ml_dtypes')."""
+    import numpy as np
+
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return np.ascontiguousarray(value, dtype=ml_dtypes.bfloat16)
+    return np.ascontiguousarray(value, dtype=np.dtype(dtype))
+
+
+class StageLost(RuntimeError):
+    """A stage on another node did not answer, or answered from a new load: the cache rows it held are gone."""
+
+
+class RemoteStage:
+    """Stage `stage` (io: its io_spec.GraphIO) on node `node`, whose server listens at `address`."""
+
+    def __init__(self, io, stage: int, node: int, address: str, key: str, deadline: float = DEADLINE_SECONDS):
+        import tritonclient.grpc as grpcclient
+
+        self.io, self.stage, self.node, self.address, self.key, self.deadline = io, stage, node, address, key, deadline
+        self.model = stage_model(stage)
+        self.client = grpcclient.InferenceServerClient(address)
+        self.epoch = None  # of the load that holds our sequences' rows
+
+    def _reconnect(self) -> None:
+        """A new channel for the next step: gRPC's own would wait out its reconnect backoff (up to 2 minutes)
+        before it tried a node that is back."""
+        import tritonclient.grpc as grpcclient
+
+        self.client.close()
+        self.client = grpcclient.InferenceServerClient(self.address)
+
+    def new_pools(self, rows: int) -> None:
+        return None  # the node's model holds them
+
+    def run(self, feeds: dict, pools: None, outputs: list[str] | None = None) -> dict:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        inputs = []
+        for spec in self.io.step_inputs:
+            value = wire_array(feeds[spec.name], spec.dtype)
+            inputs.append(grpcclient.InferInput(spec.name, list(value.shape), TRITON_DTYPES[spec.dtype]))
+            inputs[-1].set_data_from_numpy(value)
+        wanted = outputs if outputs is not None else [t.name for t in self.io.step_outputs]
+        where = f"node {self.node} ({self.address}, {self.model})"
+        try:
+            result = self.client.infer(self.model, inputs, outputs=[grpcclient.InferRequestedOutput(name)
+                                                                    for name in [*wanted, EPOCH]],
+                                       parameters={KEY: self.key}, client_timeout=self.deadline)
+        except InferenceServerException as e:
+            message = (e.message() or str(e)).splitlines()[0][:200]
+            if str(e.status()).removeprefix("StatusCode.") not in UNREACHABLE:
+                raise RuntimeError(f"{where}: {message}") from None  # the step failed there: its sequences fail
+            self._reconnect()
+            self.epoch = None  # every running sequence fails with this: the next load to answer starts afresh
+            raise StageLost(f"{where} did not answer: {message}") from None
+        epoch = int(result.as_numpy(EPOCH)[0])
+        if self.epoch is not None and epoch != self.epoch:
+            self.epoch = epoch  # the requests admitted from now on are served by this load
+            raise StageLost(f"{where} restarted: the cache of the running requests is gone")
+        self.epoch = epoch
+        return {name: result.as_numpy(name) for name in wanted}
