@@ -1,7 +1,8 @@
 """Every code block of the README runs verbatim, in order, in a fresh directory: bash blocks command by command
 (`dsa-export ...` through the CLI's entry point, `make` targets as dry runs: they install and run this suite, other
-lines through bash; a command ending in `&` as a background job, which `kill -INT %N` stops and which must then exit
-130 as the README says, having stopped cleanly), python blocks in one namespace, as a reader would paste them."""
+lines through bash; a command ending in `&` as a background job, numbered as bash does, which `kill -INT %N` stops and
+which must then exit 130 as the README says, having stopped cleanly), python blocks in one namespace, as a reader
+would paste them."""
 
 import re
 import shlex
@@ -22,7 +23,7 @@ def readme_blocks() -> list[tuple[str, str]]:
 def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    jobs: list[subprocess.Popen] = []
+    jobs: dict[int, subprocess.Popen] = {}  # by bash's job number
     blocks = readme_blocks()
     assert {lang for lang, _ in blocks} <= {"bash", "python", "yaml"}, "a block in a language this test cannot run"
     try:
@@ -40,23 +41,25 @@ def test_every_readme_block_runs_verbatim(tmp_path, monkeypatch, capsys):
                 argv = shlex.split(command.removesuffix("&"))
                 if argv[0] == "make":
                     subprocess.run(["make", "-n", *argv[1:]], cwd=ROOT, check=True, capture_output=True)
-                elif argv[0] == "kill":  # kill -INT %N: the Nth background job
-                    job = jobs[int(argv[-1].lstrip("%")) - 1]
+                elif argv[0] == "kill":  # kill -INT %N: background job N
+                    job = jobs.pop(int(argv[-1].lstrip("%")))
                     job.send_signal(getattr(signal, f"SIG{argv[1].lstrip('-')}"))
                     output, _ = job.communicate(timeout=60)
                     assert job.returncode == 128 + signal.Signals[f"SIG{argv[1].lstrip('-')}"] and "stopped" in \
                         output, output
                 elif command.endswith("&"):
                     assert argv[0] == "dsa-export", command
-                    jobs.append(subprocess.Popen([sys.executable, "-m", "dsa_export.cli", *argv[1:]], text=True,
-                                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+                    # numbered as bash numbers them: one more than the highest job still there
+                    jobs[max(jobs, default=0) + 1] = subprocess.Popen(
+                        [sys.executable, "-m", "dsa_export.cli", *argv[1:]], text=True, stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT)
                 elif argv[0] == "dsa-export":
                     assert main(argv[1:]) == 0, f"{command}: {capsys.readouterr().err}"
                 else:  # a shell line (curl | grep): it succeeds and prints something
                     shell = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60)
                     assert shell.returncode == 0 and shell.stdout.strip(), (command, shell.stderr)
     finally:
-        for job in jobs:
+        for job in jobs.values():
             if job.poll() is None:
                 job.kill()
                 job.wait()

@@ -182,8 +182,8 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
             f"{parameters['max_tokens']} tokens per step, a pool of {parameters['pool_tokens']:,} tokens; "
             f"serve: dsa-export serve {export.root}")
     if len(nodes) > 1:
-        note += (f" --node-address 1=HOST:PORT ... on the first node, after `dsa-export serve {export.root} --node "
-                 f"N` on node N of {len(nodes) - 1}")
+        note += (f" --node-address N=ADDRESS:PORT for each N of 1-{len(nodes) - 1}, after `dsa-export serve "
+                 f"{export.root} --node N --grpc-host ADDRESS` on each of those nodes")
     if not engine and export.io.cache_dtype != "float32":
         note = (f"{GENERATE} runs ONNX Runtime on the CPU, which runs float32 exports only: serve this "
                 f"{export.io.cache_dtype} build on a GPU once its engine is built (then deploy again)")

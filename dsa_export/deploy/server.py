@@ -442,6 +442,36 @@ def check_nodes(source: str | Path, nodes: list[list[str]], node: int, node_addr
                              f"--node-address N=ADDRESS:PORT for each")
 
 
+def wait_for_nodes(source: str | Path, repository: Path, nodes: list[list[str]], node_addresses: dict[int, str],
+                   log: Callable[[str], None] = print) -> None:
+    """Until every later node's server has its stage models ready (each allowed ready_timeout for what it loads):
+    the first node starts stepping them only then."""
+    import tritonclient.grpc as grpcclient
+
+    for node, models in enumerate(nodes[1:], start=1):
+        address = node_addresses[node]
+        timeout = ready_timeout(bytes_to_load(repository, models))
+        started = time.monotonic()
+        report = started + 10
+        with contextlib.closing(grpcclient.InferenceServerClient(address)) as client:
+            while True:
+                try:
+                    if all(client.is_model_ready(model, client_timeout=2) for model in models):
+                        break
+                except Exception:  # not listening yet
+                    pass
+                if time.monotonic() - started > timeout:
+                    raise DSAExportError(f"node {node} at {address} does not serve {', '.join(models)} after "
+                                         f"{timeout:.0f} s: start it with `dsa-export serve {source} --node {node} "
+                                         f"--grpc-host ADDRESS`, or check --node-address {node}=ADDRESS:PORT")
+                if time.monotonic() > report:
+                    log(f"waiting for node {node} at {address} ({', '.join(models)}) ... "
+                        f"{time.monotonic() - started:.0f} s")
+                    report += 10
+                time.sleep(0.5)
+        log(f"node {node} at {address} serves {', '.join(models)}")
+
+
 def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int = 8003, metrics_port: int = 8002,
                      tritonserver: str | Path | None = None, log_file: str | Path | None = None,
                      verbose: bool = False, log: Callable[[str], None] = print, host: str = "127.0.0.1",
@@ -482,6 +512,8 @@ def serve_repository(source: str | Path, grpc_port: int = 8001, http_port: int =
     started = time.monotonic()
     api = None
     try:
+        if first and len(nodes) > 1:
+            wait_for_nodes(source, repository, nodes, node_addresses, log)
         server.start(timeout, progress=lambda waited: log(f"loading ... {waited:.0f} s"))
         if not first:
             log(f"node {node} ready after {time.monotonic() - started:.1f} s: {', '.join(models)} on Triton gRPC "

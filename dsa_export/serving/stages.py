@@ -17,7 +17,13 @@ answers again). An error the stage model itself returns fails that step's reques
 from __future__ import annotations
 
 import json
+from importlib import import_module
 from pathlib import Path
+
+if __package__:  # imported from the package
+    from .io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
+else:  # shipped beside io_spec.py into the model repository
+    from io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
 
 NODES_ENV = "DSA_EXPORT_NODES"  # {"1": "host:port", ...}: where the first node's generation model finds the others
 EPOCH = "epoch"  # a stage model's output: drawn at load, new after a restart
@@ -37,17 +43,15 @@ def stage_model(stage: int) -> str:
 def load_graph(here: Path, runtime: str, files: dict, device: int):
     """One stage's graph as its model's parameters name it (paths relative to the model directory `here`): a
     TensorRT engine on GPU `device`, or the ONNX graph with ONNX Runtime on the CPU."""
-    from io_spec import GraphIO
-
     io = GraphIO.load(here / files["io_file"])
-    if runtime == "tensorrt":
-        from trt_graph import TrtGraph
-
+    if runtime == "tensorrt":  # the runners are imported only where they run (tensorrt, torch; onnxruntime)
         profiles = json.loads((here / files["engine_json"]).read_text(encoding="utf-8"))["profiles"]
-        return TrtGraph(here / files["plan_file"], io, profiles, device=device)
-    from ort_graph import OrtGraph
+        return _runner("trt_graph").TrtGraph(here / files["plan_file"], io, profiles, device=device)
+    return _runner("ort_graph").OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"])
 
-    return OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"])
+
+def _runner(name: str):
+    return import_module(f"{__package__}.{name}" if __package__ else name)
 
 
 def node_addresses(text: str | None) -> dict[int, str]:
@@ -64,6 +68,20 @@ def wire_array(value, dtype: str):
 
         return np.ascontiguousarray(value, dtype=ml_dtypes.bfloat16)
     return np.ascontiguousarray(value, dtype=np.dtype(dtype))
+
+
+def wire_bytes(io, tokens: int, sequences: int, samples: int) -> int:
+    """Bytes one step sends to a remote stage (io: its GraphIO) and gets back, for `tokens` tokens of `sequences`
+    sequences, `samples` of them sampled: what the network between nodes carries."""
+    sizes = {TOKENS: tokens, SEQUENCES: sequences, SAMPLES: samples}
+    width = {"int64": 8, "int32": 4, "float32": 4, "float16": 2, "bfloat16": 2}
+    total = 8  # the epoch
+    for spec in (*io.step_inputs, *(t for t in io.step_outputs if t.name in (HIDDEN_OUT, NEXT_TOKENS, LOGPROBS))):
+        count = 1
+        for d in spec.dims:
+            count *= sizes[d] if isinstance(d, str) else d
+        total += count * width[spec.dtype]
+    return total
 
 
 class StageLost(RuntimeError):
