@@ -41,3 +41,17 @@ def tiny_onnx(tmp_path_factory, tiny_checkpoint):
     out = tmp_path_factory.mktemp("onnx")
     export_onnx(tiny_checkpoint, out, capacity=TINY_CAPACITY)
     return out
+
+
+# The longest modules first (minutes each on 2 cores): `--dist loadfile` hands whole modules to the two workers in
+# collection order, so starting with these keeps one worker from being left with a long module at the end.
+LONGEST_FIRST = ("test_interruptions", "test_readme", "test_server", "test_cli", "test_nodes", "test_bad_input",
+                 "test_streamed_export", "test_aot", "test_openai_api", "test_onnx_export")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.module.__name__.rpartition(".")[2] if item.module else ""
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: each module's tests keep their order

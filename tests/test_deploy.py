@@ -162,7 +162,9 @@ def test_a_staged_build_lists_its_stages_in_layer_order(export_dir, tmp_path):
     assert [(s.get("node", 0), s["gpu"]) for s in stages] == [(0, 0), (0, 1), (1, 0)] and "model_file" not in stages[2]
     config = read_config(repository / "dsa_stage_2" / "config.pbtxt")
     remote = {k: v.string_value for k, v in config.parameters.items()}
-    assert remote["key"] == parameters["key"] and len(parameters["key"]) == 32 and remote["gpu"] == "0"
+    key = (repository / GENERATE / "stage.key").read_text()  # a file: Triton's model-config API shows parameters
+    assert (repository / "dsa_stage_2" / "stage.key").read_text() == key and len(key.strip()) == 32
+    assert "key" not in parameters and "key" not in remote and remote["gpu"] == "0"
     assert (repository / "dsa_stage_2" / json.loads(remote["stage"])["io_file"]).resolve() == \
         (build / "stage-2" / "io.json").resolve()
     hidden = get_preset("tiny").hidden_size

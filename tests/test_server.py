@@ -468,7 +468,8 @@ def test_a_server_that_cannot_start_is_one_clear_error(build, tmp_path):
     path = repository / GENERATE / "config.pbtxt"
     config = read_config(path)
     stages = json.loads(config.parameters["stages"].string_value)
-    stages[0] = {key: str(tmp_path / "nowhere" / Path(value).name) for key, value in stages[0].items()}
+    stages[0] = {key: str(tmp_path / "nowhere" / Path(value).name) if isinstance(value, str) else value
+                 for key, value in stages[0].items()}
     config.parameters["stages"].string_value = json.dumps(stages)
     path.write_text(config_text(config))
     with pytest.raises(DSAExportError, match="exited .* before it was ready: .*dsa_generate"):

@@ -40,7 +40,7 @@ from dsa_export.exporter.plan import EngineShapes
 from dsa_export.files import atomic_dir, write_atomic
 from dsa_export.serving import shipped_files
 from dsa_export.serving.io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS
-from dsa_export.serving.stages import stage_model
+from dsa_export.serving.stages import KEY_FILE, stage_model
 
 GENERATE = "dsa_generate"
 MAX_WAITING = 256  # requests queued for cache blocks (or the tokenizer) before more are refused as busy
@@ -136,7 +136,8 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
     shapes: the steps and pool to serve with (serving_shapes); gpus_per_node: the stages go to nodes in order, this
     many to a node (default: all on one). A build on several nodes gets one repository for all of them: the first
     node's server loads dsa_generate (its stages run in process), node n's loads the dsa_stage_<i> of its stages
-    (`dsa-export serve --node n`); a key drawn here, in both configs, lets only that scheduler step those models."""
+    (`dsa-export serve --node n`); a key drawn here (KEY_FILE beside each config) lets only that scheduler step
+    those models."""
     export = as_export(export)
     repository = Path(repository) if repository is not None else export.root / "model_repository"
     location = Path(served_from) if served_from is not None else repository
@@ -162,12 +163,12 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
         outputs = [NEXT_TOKENS, LOGPROBS] if stage.io.last else [HIDDEN_OUT]
         stage_models[stage_model(index)] = stage_config(stage_model(index), stage.io, {
             "runtime": "tensorrt" if engine else "onnxruntime", "stage": json.dumps(files), "gpu": gpu,
-            "pool_tokens": shapes.pool_rows(capacity), "key": key, "outputs": json.dumps(outputs)})
+            "pool_tokens": shapes.pool_rows(capacity), "outputs": json.dumps(outputs)})
     parameters = {"runtime": "tensorrt" if engine else "onnxruntime", "stages": json.dumps(stages),
                   "config_file": relative(export.stages[0].config_path), "tokenizer_dir": relative(export.root),
                   "max_batch": shapes.max_batch, "max_tokens": shapes.step_tokens(capacity),
                   "pool_tokens": shapes.pool_rows(capacity), "max_waiting": MAX_WAITING,
-                  "drain_seconds": DRAIN_SECONDS, "key": key}
+                  "drain_seconds": DRAIN_SECONDS}
     configs = {GENERATE: (generate_config(parameters), "generate"),
                **{name: (config, "stage") for name, config in stage_models.items()}}
     with atomic_dir(repository) as tmp:
@@ -176,6 +177,9 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
             write_atomic(tmp / name / "config.pbtxt", config_text(config))
             for source, target in shipped_files(kind):
                 shutil.copyfile(source, tmp / name / "1" / target)
+            if stage_models:  # the key only the first node's scheduler and the stage models know
+                write_atomic(tmp / name / KEY_FILE, key + "\n")
+                (tmp / name / KEY_FILE).chmod(0o600)
     nodes = node_models(stages)
     runtime = "TensorRT engines" if engine else "ONNX Runtime (CPU)"
     note = (f"{GENERATE} runs {len(export.stages)} stage(s) by {runtime}: up to {shapes.max_batch} sequences and "

@@ -28,6 +28,7 @@ else:  # shipped beside io_spec.py into the model repository
 NODES_ENV = "DSA_EXPORT_NODES"  # {"1": "host:port", ...}: where the first node's generation model finds the others
 EPOCH = "epoch"  # a stage model's output: drawn at load, new after a restart
 KEY = "dsa_stage_key"  # a request parameter: a stage model answers only the first node's scheduler, which knows it
+KEY_FILE = "stage.key"  # the key, beside each model's config (a file: the server's model-config API shows parameters)
 # gRPC statuses of a node that is down, restarting (its model not loaded yet) or too slow: its rows are lost to us
 UNREACHABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "NOT_FOUND", "UNKNOWN")
 DEADLINE_SECONDS = 120.0  # the longest a remote step may take (a prefill step of the 671B stays well below)
@@ -52,6 +53,12 @@ def load_graph(here: Path, runtime: str, files: dict, device: int):
 
 def _runner(name: str):
     return import_module(f"{__package__}.{name}" if __package__ else name)
+
+
+def read_key(model_dir: Path) -> str:
+    """The key the repository drew, from a model's directory ("" for a build on one node, which has none)."""
+    path = Path(model_dir) / KEY_FILE
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else ""
 
 
 def node_addresses(text: str | None) -> dict[int, str]:

@@ -28,7 +28,7 @@ from generation import (MAX_STOP_IDS, GenerationRequest, RequestError, TextCodec
                         max_prompt_bytes)
 from io_spec import GraphIO
 from scheduler import Refused, Scheduler, Sequence
-from stages import NODES_ENV, RemoteStage, load_graph, node_addresses
+from stages import NODES_ENV, RemoteStage, load_graph, node_addresses, read_key
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 METRICS_SECONDS = 0.2  # how often the server's metrics are brought up to date
@@ -213,7 +213,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         here = Path(args["model_repository"])  # the model's directory: the other paths are relative to it
-        graphs = _graphs(here, parameters["runtime"], json.loads(parameters["stages"]), parameters.get("key", ""))
+        graphs = _graphs(here, parameters["runtime"], json.loads(parameters["stages"]), read_key(here))
         io = graphs[0].io
         self.capacity, self.vocab_size = io.capacity, io.vocab_size
         self.drain_seconds = float(parameters["drain_seconds"])

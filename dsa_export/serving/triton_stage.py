@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-from stages import EPOCH, KEY, load_graph
+from stages import EPOCH, KEY, KEY_FILE, load_graph, read_key
 
 
 def _feed(request, spec):
@@ -45,7 +45,9 @@ class TritonPythonModel:
         here = Path(args["model_repository"])  # the model's directory: the export's paths are relative to it
         self.graph = load_graph(here, parameters["runtime"], json.loads(parameters["stage"]), int(parameters["gpu"]))
         self.pools = self.graph.new_pools(int(parameters["pool_tokens"]))
-        self.key = parameters["key"]
+        self.key = read_key(here)
+        if not self.key:
+            raise RuntimeError(f"{here / KEY_FILE} is missing: deploy the build again")
         self.epoch = secrets.randbits(62)
         self.outputs = [t for t in self.graph.io.step_outputs if t.name in json.loads(parameters["outputs"])]
         pb_utils.Logger.log_info(f"{config['name']}: layers {self.graph.io.layers[0]}-{self.graph.io.layers[1] - 1} "
