@@ -3,8 +3,8 @@ deployed with --gpus-per-node 1, so that the first server (dsa_generate: the sch
 the second (dsa_stage_1) over Triton's gRPC. The mixed, staggered, partly cancelled load of test_server.py gets every
 request the eager model's tokens (which the one-server builds give too: test_server.py); the second server killed
 mid-load fails every running request with an error naming it, leaves no block in use and no request hanging, refuses
-new ones at once, and the load completes once it is started again (the first server never restarts). A client
-without the build's key cannot step the second server's stage."""
+new ones at once, and the load completes once it is started again (the first server never restarts); restarted
+while nothing runs, it loses nothing. A client without the build's key cannot step the second server's stage."""
 
 import os
 import signal
@@ -107,6 +107,11 @@ def test_a_node_that_goes_down_fails_its_requests_and_serving_resumes_when_it_is
     try:
         mixed_load(first.grpc_url, eager, requests=8, seed=1)
         wait_until(first, lambda: pool_empty(first))
+        # restarted while nothing runs: nothing is lost, and the next request is served by the new load
+        back.stop()
+        back = node1(build, second.grpc_port).start()
+        assert tokens(client.generate(first.grpc_url, input_ids=[4, 4, 4], max_new_tokens=8, stop_ids=[])) == \
+            eager([4, 4, 4], 8)
     finally:
         back.stop()
 

@@ -397,6 +397,10 @@ class Scheduler:
             self.running.remove(sequence)
             self.allocator.give_back(sequence.blocks, sequence.promised)
             sequence.blocks, sequence.promised = [], 0
+            if not self.running:  # no cache row of any request is held anywhere now
+                for graph in self.graphs:
+                    if hasattr(graph, "forget_epoch"):
+                        graph.forget_epoch()
         elif sequence in self.waiting:
             self.waiting.remove(sequence)
         if error is not None and not sent:

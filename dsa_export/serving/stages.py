@@ -117,6 +117,11 @@ class RemoteStage:
     def new_pools(self, rows: int) -> None:
         return None  # the node's model holds them
 
+    def forget_epoch(self) -> None:
+        """No running sequence has rows on the node any more (the scheduler is idle): a restart while idle loses
+        nothing, so the next load to answer is taken as it is."""
+        self.epoch = None
+
     def run(self, feeds: dict, pools: None, outputs: list[str] | None = None) -> dict:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
