@@ -43,8 +43,9 @@ def tiny_onnx(tmp_path_factory, tiny_checkpoint):
     return out
 
 
-# The longest modules first (minutes each on 2 cores): `--dist loadfile` hands whole modules to the two workers in
-# collection order, so starting with these keeps one worker from being left with a long module at the end.
+# The longest modules first (minutes each on 2 cores): `--dist loadfile --no-loadscope-reorder` hands whole modules
+# to the two workers in collection order (xdist's default order, most tests first, started the two longest modules,
+# of two and six tests, last), so starting with these keeps one worker from being left with a long module at the end.
 LONGEST_FIRST = ("test_interruptions", "test_readme", "test_server", "test_cli", "test_nodes", "test_bad_input",
                  "test_streamed_export", "test_aot", "test_openai_api", "test_onnx_export")
 

@@ -6,6 +6,7 @@ are refused at once; cancelled and failed requests leave without disturbing the 
 
 import math
 import random
+import re
 import threading
 import time
 
@@ -253,6 +254,47 @@ def test_a_stage_that_loses_its_cache_fails_every_running_request(staged_graphs,
         run(scheduler, after)
         assert [client.tokens for client in after] == [eager(client.sequence.prompt, 8) for client in after]
         assert scheduler.stats()["requests_failed"] == 6
+    finally:
+        scheduler.stop()
+
+
+def test_after_a_node_with_two_stages_restarts_the_requests_after_are_served(staged_graphs, eager):
+    """Stages 1 and 2 on one node (RemoteStage's own epoch logic, the node simulated in process: stage 1 hands its
+    hidden states on unchanged): the node restarts with requests running; the first of its stages to see it fails
+    them all; the requests submitted meanwhile wait until no lost step is in flight, so the other stage, which has not
+    seen the restart yet, never fails one of them."""
+    from dsa_export.serving.io_spec import HIDDEN_IN, HIDDEN_OUT
+    from dsa_export.serving.stages import RemoteStage
+
+    first, second = staged_graphs
+    node = {"epoch": 1}
+
+    class StageOnNode(RemoteStage):
+        def __init__(self, stage, graph=None):  # graph None: a stage of no layers
+            self.io, self.node, self.address, self.model = second.io, 1, "10.0.0.2:8001", f"stage {stage}"
+            self.epoch = None
+            self.graph, self.pools = graph, graph and graph.new_pools(40 * first.io.block_size)
+
+        def _call(self, feeds, wanted):
+            if self.graph is None:
+                return {HIDDEN_OUT: feeds[HIDDEN_IN]}, node["epoch"]
+            return self.graph.run(feeds, self.pools, wanted), node["epoch"]
+
+    scheduler = Scheduler([first, StageOnNode(1), StageOnNode(2, second)], pool_blocks=40, max_batch=4, max_tokens=48)
+    try:
+        running = [Client(scheduler, prompt, 100) for prompt in prompts(6, seed=5, lengths=(1, 5, 23))]
+        for client in running:
+            scheduler.submit(client.sequence)
+        wait_for(lambda: all(len(client.tokens) >= 2 for client in running))
+        node["epoch"] = 2  # restarted: its pools are new
+        after = [Client(scheduler, prompt, 8) for prompt in prompts(4, seed=6)]
+        run(scheduler, after)
+        for client in running:
+            assert client.done.wait(60)
+        for client in running:  # failed by whichever of the node's stages saw the new load first
+            assert re.fullmatch(r"node 1 \(10\.0\.0\.2:8001, stage [12]\) restarted: the cache of the running "
+                                r"requests is gone", client.error), client.error
+        assert [client.tokens for client in after] == [eager(client.sequence.prompt, 8) for client in after]
     finally:
         scheduler.stop()
 

@@ -439,7 +439,8 @@ def check_nodes(source: str | Path, nodes: list[list[str]], node: int, node_addr
     if missing:
         raise DSAExportError(f"{source}: stages of this build run on node(s) {', '.join(map(str, missing))}: start "
                              f"each with `dsa-export serve {source} --node N --grpc-host ADDRESS`, then give this one "
-                             f"--node-address N=ADDRESS:PORT for each")
+                             f"--node-address N=ADDRESS:PORT for each (one machine with GPUs for every stage: deploy "
+                             f"again with --gpus-per-node that many)")
 
 
 def wait_for_nodes(source: str | Path, repository: Path, nodes: list[list[str]], node_addresses: dict[int, str],

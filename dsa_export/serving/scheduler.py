@@ -249,9 +249,12 @@ class Scheduler:
             any(not s.in_flight for s in self.running) or self._admissible())
 
     def _admissible(self) -> bool:
-        """The first waiting request can join the running batch: a place in it, and its blocks can be promised."""
+        """The first waiting request can join the running batch: a place in it, and its blocks can be promised; and
+        no request lost to a stage is still in flight (until the last is back, another stage of the same node may
+        still hold the old load's epoch, and would fail the newcomer)."""
         return (bool(self.waiting) and len(self.running) < self.max_batch * self.micro_batches
-                and self.allocator.can_promise(math.ceil(self.waiting[0].rows_needed / self.block_size)))
+                and self.allocator.can_promise(math.ceil(self.waiting[0].rows_needed / self.block_size))
+                and not any(s.lost for s in self.running))
 
     def _admit(self) -> None:
         """Waiting requests join the running batch, in arrival order, while their blocks can be promised."""
@@ -328,6 +331,11 @@ class Scheduler:
                 return
             step, error = item if isinstance(item, tuple) else (item, None)
             results, lost = None, False
+            if error is None and all(s.lost or s.done for s, _, _ in step.parts):
+                with self.lock:  # its requests failed already: not sent to a node that may take a deadline to fail
+                    self.finished.append((step, None, None, False))
+                    self.lock.notify_all()
+                continue
             if error is None:
                 try:
                     wanted = [NEXT_TOKENS, LOGPROBS] if last else [HIDDEN_OUT]

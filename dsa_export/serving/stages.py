@@ -122,7 +122,21 @@ class RemoteStage:
         nothing, so the next load to answer is taken as it is."""
         self.epoch = None
 
+    @property
+    def where(self) -> str:
+        return f"node {self.node} ({self.address}, {self.model})"
+
     def run(self, feeds: dict, pools: None, outputs: list[str] | None = None) -> dict:
+        wanted = outputs if outputs is not None else [t.name for t in self.io.step_outputs]
+        results, epoch = self._call(feeds, wanted)
+        if self.epoch is not None and epoch != self.epoch:
+            self.epoch = epoch  # the requests admitted from now on are served by this load
+            raise StageLost(f"{self.where} restarted: the cache of the running requests is gone")
+        self.epoch = epoch
+        return results
+
+    def _call(self, feeds: dict, wanted: list[str]) -> tuple[dict, int]:
+        """One step on the node: its `wanted` outputs and the epoch of the load that ran it."""
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
@@ -131,8 +145,6 @@ class RemoteStage:
             value = wire_array(feeds[spec.name], spec.dtype)
             inputs.append(grpcclient.InferInput(spec.name, list(value.shape), TRITON_DTYPES[spec.dtype]))
             inputs[-1].set_data_from_numpy(value)
-        wanted = outputs if outputs is not None else [t.name for t in self.io.step_outputs]
-        where = f"node {self.node} ({self.address}, {self.model})"
         try:
             result = self.client.infer(self.model, inputs, outputs=[grpcclient.InferRequestedOutput(name)
                                                                     for name in [*wanted, EPOCH]],
@@ -140,13 +152,8 @@ class RemoteStage:
         except InferenceServerException as e:
             message = (e.message() or str(e)).splitlines()[0][:200]
             if str(e.status()).removeprefix("StatusCode.") not in UNREACHABLE:
-                raise RuntimeError(f"{where}: {message}") from None  # the step failed there: its sequences fail
+                raise RuntimeError(f"{self.where}: {message}") from None  # the step failed there: its sequences fail
             self._reconnect()
             self.epoch = None  # every running sequence fails with this: the next load to answer starts afresh
-            raise StageLost(f"{where} did not answer: {message}") from None
-        epoch = int(result.as_numpy(EPOCH)[0])
-        if self.epoch is not None and epoch != self.epoch:
-            self.epoch = epoch  # the requests admitted from now on are served by this load
-            raise StageLost(f"{where} restarted: the cache of the running requests is gone")
-        self.epoch = epoch
-        return {name: result.as_numpy(name) for name in wanted}
+            raise StageLost(f"{self.where} did not answer: {message}") from None
+        return {name: result.as_numpy(name) for name in wanted}, int(result.as_numpy(EPOCH)[0])

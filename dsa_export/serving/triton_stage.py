@@ -10,6 +10,7 @@ answers only requests that carry the repository's stage key (a request parameter
 sends), so no other client can step, or read, the sequences it holds.
 """
 
+import hmac
 import json
 import secrets
 from pathlib import Path
@@ -58,8 +59,10 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                if json.loads(request.parameters() or "{}").get(KEY) != self.key:
-                    raise PermissionError("this model takes steps from its build's first node only")
+                if not hmac.compare_digest(str(json.loads(request.parameters() or "{}").get(KEY, "")), self.key):
+                    raise PermissionError("the step does not carry this repository's stage key: this model takes "
+                                          "steps from its build's first node only, deployed with the same "
+                                          "model_repository/ (each deploy draws a new key: copy node 0's here)")
                 feeds = {spec.name: _feed(request, spec) for spec in self.graph.io.step_inputs}
                 results = self.graph.run(feeds, self.pools, [t.name for t in self.outputs])
                 responses.append(pb_utils.InferenceResponse(
