@@ -50,8 +50,10 @@ def main() -> None:
         print("eager references ...", flush=True)
         expected = references(build_dir, prompts, work.new_tokens)
         second_io = as_export(build_dir).stages[1].io
-        results["decode_bytes_per_token"] = wire_bytes(second_io, 1, 1, 1)
-        results["prefill_bytes_per_token"] = wire_bytes(second_io, work.max_tokens, 1, 1) / work.max_tokens
+        blocks = -(-(max(work.prompt_lengths) + work.new_tokens) // second_io.block_size)  # the longest context's
+        results["context_blocks"] = blocks
+        results["decode_bytes_per_token"] = wire_bytes(second_io, 1, 1, 1, blocks)
+        results["prefill_bytes_per_token"] = wire_bytes(second_io, work.max_tokens, 1, 1, blocks) / work.max_tokens
         with contextlib.ExitStack() as stack:
             install = find_server()
             node1 = stack.enter_context(TritonServer(build_dir / "model_repository", [stage_model(1)], install,
@@ -102,10 +104,11 @@ def markdown(results: dict, args) -> list[str]:
                      f"{two['step_ms']:.1f} | {one['lost'] + two['lost']}/{one['duplicated'] + two['duplicated']}/"
                      f"{one['wrong'] + two['wrong']} |")
     lines += ["", f"Per token fed, a step sends the second server and gets back {results['decode_bytes_per_token']:,} "
-                  f"bytes in a decode step of one sequence (the hidden state, its position, slot and row, the "
-                  f"sequence's block table, sampling, the token and log-probability back) and "
-                  f"{results['prefill_bytes_per_token']:,.0f} in a full prefill chunk (the block table shared by "
-                  f"{work['max_tokens']} tokens). The README works this out for the 671B on two 8 x H100 nodes."]
+                  f"bytes in a decode step of one sequence (the hidden state, its position, slot and row, its block "
+                  f"table cut to the {results['context_blocks']} blocks the longest context reaches, sampling, the "
+                  f"token and log-probability back) and {results['prefill_bytes_per_token']:,.0f} in a full prefill "
+                  f"chunk (the block table shared by {work['max_tokens']} tokens). The README works this out for the "
+                  f"671B on two 8 x H100 nodes."]
     return lines
 
 

@@ -144,3 +144,17 @@ def test_hidden_states_cross_in_the_exports_dtype():
     np.testing.assert_allclose(wire.astype(np.float32), hidden, rtol=2**-8)
     grpcclient.InferInput("hidden_in", list(wire.shape), TRITON_DTYPES["bfloat16"]).set_data_from_numpy(wire)
     assert wire_array(hidden, "float32").nbytes == hidden.nbytes
+
+
+def test_block_tables_cross_cut_to_the_blocks_reached():
+    """Columns no sequence has reached (0s, as the scheduler leaves them) stay home; padded back with 0s, the stage
+    gets the table the scheduler made, even where a sequence's last block is block 0."""
+    from dsa_export.serving.stages import wire_block_tables
+
+    tables = np.zeros((3, 32), dtype=np.int32)
+    tables[0, :3] = [5, 6, 0]  # block 0 is a real block
+    tables[1, :5] = [1, 2, 3, 4, 9]
+    cut = wire_block_tables(tables)
+    assert cut.shape == (3, 5)
+    np.testing.assert_array_equal(np.pad(cut, ((0, 0), (0, 32 - cut.shape[1]))), tables)
+    assert wire_block_tables(np.zeros((2, 32), dtype=np.int32)).shape == (2, 1)  # every sequence in block 0 alone

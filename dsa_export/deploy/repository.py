@@ -39,7 +39,7 @@ from dsa_export.exporter.artifacts import ExportDir, as_export
 from dsa_export.exporter.plan import EngineShapes
 from dsa_export.files import atomic_dir, write_atomic
 from dsa_export.serving import shipped_files
-from dsa_export.serving.io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS
+from dsa_export.serving.io_spec import BLOCK_TABLES, HIDDEN_OUT, LOGPROBS, NEXT_TOKENS
 from dsa_export.serving.stages import KEY_FILE, stage_model
 
 GENERATE = "dsa_generate"
@@ -79,8 +79,8 @@ def stage_config(name: str, io, parameters: dict):
 
     from dsa_export.serving.stages import EPOCH, TRITON_DTYPES
 
-    def dims(tensor):
-        return [d if isinstance(d, int) else -1 for d in tensor.dims]
+    def dims(tensor):  # block tables come without the blocks no sequence has reached (stages.wire_block_tables)
+        return [-1, -1] if tensor.name == BLOCK_TABLES else [d if isinstance(d, int) else -1 for d in tensor.dims]
 
     wanted = json.loads(parameters["outputs"])
     return mc.ModelConfig(

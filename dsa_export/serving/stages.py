@@ -6,8 +6,9 @@ repository writer and `dsa-export serve` import its names from here: one definit
 
 A stage on another node is a model of that node's server, `dsa_stage_<i>` (triton_stage.py), holding its graph and
 its pools. The scheduler on the first node calls it like a local graph (`run(feeds, pools, outputs)`): the step's
-inputs (ids or hidden states, positions, slots, block tables, sampling) go in one request, the hidden states in the
-export's dtype as raw bytes (bfloat16 as ml_dtypes.bfloat16: 2 bytes a value), and its outputs come back the same way.
+inputs (ids or hidden states, positions, slots, block tables cut to the blocks the step's sequences have reached,
+sampling) go in one request, the hidden states in the export's dtype as raw bytes (bfloat16 as ml_dtypes.bfloat16: 2
+bytes a value), and its outputs come back the same way.
 Every call has a deadline. A node's answer carries the epoch its model drew at load: a node that restarted has lost
 the cache rows of every running sequence, so a new epoch, like a node that does not answer, raises StageLost, and the
 scheduler fails every running request with that message (their blocks go back; waiting requests go on once the node
@@ -21,9 +22,9 @@ from importlib import import_module
 from pathlib import Path
 
 if __package__:  # imported from the package
-    from .io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
+    from .io_spec import BLOCK_TABLES, HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
 else:  # shipped beside io_spec.py into the model repository
-    from io_spec import HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
+    from io_spec import BLOCK_TABLES, HIDDEN_OUT, LOGPROBS, NEXT_TOKENS, SAMPLES, SEQUENCES, TOKENS, GraphIO
 
 NODES_ENV = "DSA_EXPORT_NODES"  # {"1": "host:port", ...}: where the first node's generation model finds the others
 EPOCH = "epoch"  # a stage model's output: drawn at load, new after a restart
@@ -77,9 +78,20 @@ def wire_array(value, dtype: str):
     return np.ascontiguousarray(value, dtype=np.dtype(dtype))
 
 
-def wire_bytes(io, tokens: int, sequences: int, samples: int) -> int:
+def wire_block_tables(tables):
+    """Block tables as they cross: without the columns no sequence of the step has reached (all 0, as the scheduler
+    leaves them; the stage model pads them back), so that they grow with the step's longest context, not with the
+    capacity."""
+    import numpy as np
+
+    used = np.flatnonzero(tables.any(axis=0))
+    return tables[:, :used[-1] + 1 if used.size else 1]
+
+
+def wire_bytes(io, tokens: int, sequences: int, samples: int, blocks: int | None = None) -> int:
     """Bytes one step sends to a remote stage (io: its GraphIO) and gets back, for `tokens` tokens of `sequences`
-    sequences, `samples` of them sampled: what the network between nodes carries."""
+    sequences, `samples` of them sampled, whose longest context spans `blocks` blocks (default: the capacity): what
+    the network between nodes carries."""
     sizes = {TOKENS: tokens, SEQUENCES: sequences, SAMPLES: samples}
     width = {"int64": 8, "int32": 4, "float32": 4, "float16": 2, "bfloat16": 2}
     total = 8  # the epoch
@@ -87,6 +99,8 @@ def wire_bytes(io, tokens: int, sequences: int, samples: int) -> int:
         count = 1
         for d in spec.dims:
             count *= sizes[d] if isinstance(d, str) else d
+        if spec.name == BLOCK_TABLES and blocks is not None:
+            count = sequences * blocks
         total += count * width[spec.dtype]
     return total
 
@@ -143,6 +157,8 @@ class RemoteStage:
         inputs = []
         for spec in self.io.step_inputs:
             value = wire_array(feeds[spec.name], spec.dtype)
+            if spec.name == BLOCK_TABLES:
+                value = wire_block_tables(value)
             inputs.append(grpcclient.InferInput(spec.name, list(value.shape), TRITON_DTYPES[spec.dtype]))
             inputs[-1].set_data_from_numpy(value)
         try:

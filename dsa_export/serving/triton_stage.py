@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from io_spec import BLOCK_TABLES
 from stages import EPOCH, KEY, KEY_FILE, load_graph, read_key
 
 
-def _feed(request, spec):
+def _feed(request, spec, io):
     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
     if tensor is None:
         raise ValueError(f"the step has no {spec.name}")
@@ -28,7 +29,12 @@ def _feed(request, spec):
         import torch
 
         return torch.from_dlpack(tensor.to_dlpack())
-    return tensor.as_numpy()
+    value = tensor.as_numpy()
+    if spec.name == BLOCK_TABLES:  # sent without the blocks no sequence has reached (stages.wire_block_tables)
+        if value.ndim != 2 or not 1 <= value.shape[1] <= io.blocks:
+            raise ValueError(f"block_tables of shape {list(value.shape)}: expected [sequences, 1..{io.blocks}]")
+        value = np.pad(value, ((0, 0), (0, io.blocks - value.shape[1])))
+    return value
 
 
 def _output(name, value, dtype):
@@ -63,7 +69,7 @@ class TritonPythonModel:
                     raise PermissionError("the step does not carry this repository's stage key: this model takes "
                                           "steps from its build's first node only, deployed with the same "
                                           "model_repository/ (each deploy draws a new key: copy node 0's here)")
-                feeds = {spec.name: _feed(request, spec) for spec in self.graph.io.step_inputs}
+                feeds = {spec.name: _feed(request, spec, self.graph.io) for spec in self.graph.io.step_inputs}
                 results = self.graph.run(feeds, self.pools, [t.name for t in self.outputs])
                 responses.append(pb_utils.InferenceResponse(
                     [_output(t.name, results[t.name], t.dtype) for t in self.outputs]
