@@ -261,8 +261,8 @@ def test_a_stage_that_loses_its_cache_fails_every_running_request(staged_graphs,
 def test_after_a_node_with_two_stages_restarts_the_requests_after_are_served(staged_graphs, eager):
     """Stages 1 and 2 on one node (RemoteStage's own epoch logic, the node simulated in process: stage 1 hands its
     hidden states on unchanged): the node restarts with requests running; the first of its stages to see it fails
-    them all; the requests submitted meanwhile wait until no lost step is in flight, so the other stage, which has not
-    seen the restart yet, never fails one of them."""
+    them all; the requests submitted after that wait until no lost step is in flight, so the other stage, which has
+    not seen the restart yet, never fails one of them."""
     from dsa_export.serving.io_spec import HIDDEN_IN, HIDDEN_OUT
     from dsa_export.serving.stages import RemoteStage
 
@@ -287,6 +287,7 @@ def test_after_a_node_with_two_stages_restarts_the_requests_after_are_served(sta
             scheduler.submit(client.sequence)
         wait_for(lambda: all(len(client.tokens) >= 2 for client in running))
         node["epoch"] = 2  # restarted: its pools are new
+        wait_for(lambda: any(client.error for client in running))  # seen (a request admitted before that fails too)
         after = [Client(scheduler, prompt, 8) for prompt in prompts(4, seed=6)]
         run(scheduler, after)
         for client in running:

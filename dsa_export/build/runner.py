@@ -352,10 +352,10 @@ class Runner:
             return
         self.log(f"[{step.name}] {step.doc or '...'}")
         start = time.perf_counter()
-        record["status"] = "running"
-        self._write(ctx)
         staging = run_dir / step.name
-        try:
+        try:  # from "running" on: a signal that lands even inside this write is recorded as the step's interruption
+            record["status"] = "running"
+            self._write(ctx)
             ctx.stage_into(staging)  # the step writes its outputs there
             try:
                 details = step.run(ctx) or {}
