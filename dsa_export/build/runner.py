@@ -328,8 +328,18 @@ class Runner:
         run_dir.mkdir(exist_ok=True)  # from the start: a run killed at any point leaves it for the next run to remove
         self._trash = run_dir / "trash"
         self._write(ctx)
-        for step in plan.selected:
-            self._run_step(ctx, step, old_steps.get(step.name, {}), step.name in plan.to_run, run_dir)
+        try:
+            for step in plan.selected:
+                self._run_step(ctx, step, old_steps.get(step.name, {}), step.name in plan.to_run, run_dir)
+        except (KeyboardInterrupt, Interrupted) as e:  # landed between steps: the next one is where the run stopped
+            records = [self.manifest["steps"][s.name] for s in plan.selected]
+            if not any(r["status"] == "interrupted" for r in records):
+                stopped = next((r for r in records if r["status"] in ("pending", "running")), None)
+                if stopped is not None:
+                    stopped.update(status="interrupted",
+                                   signal=e.signal_name if isinstance(e, Interrupted) else "SIGINT")
+                    self._write(ctx)
+            raise
 
     def _write(self, ctx) -> None:
         write_json_atomic(ctx.build.manifest, self.manifest)
