@@ -4,6 +4,7 @@ points at the export's files; the tokenizer `init` writes; text decoded incremen
 import json
 import random
 
+import onnx
 import pytest
 from tokenizers import Tokenizer
 
@@ -107,6 +108,12 @@ def test_repository_is_one_batching_model_that_reads_the_export(export_dir):
     assert (model_dir / stage["io_file"]).resolve() == (export_dir / "io.json").resolve()
     assert (model_dir / stage["model_file"]).resolve() == (export_dir / "model.onnx").resolve()
     assert (model_dir / parameters["tokenizer_dir"]).resolve() == export_dir.resolve()
+    # the graph as ONNX Runtime runs it on the CPU: the routed experts fused, no weights (they stay in the export)
+    cpu_graph = onnx.load(model_dir / stage["cpu_graph"], load_external_data=False)
+    assert (model_dir / stage["cpu_graph"]).resolve() == (model_dir / "stage_0.cpu.onnx").resolve()
+    branches = [g.node for n in cpu_graph.graph.node if n.op_type == "If" for g in (a.g for a in n.attribute)]
+    assert sorted({n.op_type for nodes in branches for n in nodes} & {"MoE", "RoutedExperts"}) == [
+        "MoE", "RoutedExperts"] and "RoutedExperts" not in {n.op_type for n in cpu_graph.graph.node}
     assert sorted(p.name for p in (model_dir / "1").iterdir()) == sorted(
         ["model.py", "generation.py", "io_spec.py", "scheduler.py", "stages.py", "ort_graph.py", "trt_graph.py"])
 
@@ -125,7 +132,7 @@ def test_the_engines_shapes_win_where_the_build_has_engines(export_dir, tmp_path
     assert written["runtime"] == "tensorrt" and (written["max_batch"], written["pool_tokens"]) == (2, 640)
     parameters = serving_parameters(build / "model_repository")
     (stage,) = json.loads(parameters["stages"])
-    assert parameters["runtime"] == "tensorrt"
+    assert parameters["runtime"] == "tensorrt" and "cpu_graph" not in stage
     assert (build / "model_repository" / GENERATE / stage["plan_file"]).resolve() == \
         (build / "engine" / "model.plan").resolve()
 
@@ -172,6 +179,8 @@ def test_a_staged_build_lists_its_stages_in_layer_order(export_dir, tmp_path):
         [("hidden_in", "TYPE_BF16", [-1, hidden]), ("positions", "TYPE_INT64", [-1])]
     assert [t.name for t in config.output] == ["next_tokens", "logprobs", "epoch"]
     assert not config.model_transaction_policy.decoupled and config.instance_group[0].count == 1
+    assert [s["cpu_graph"] for s in stages[:2]] == [f"../{GENERATE}/stage_{i}.cpu.onnx" for i in range(2)]
+    assert (repository / "dsa_stage_2" / json.loads(remote["stage"])["cpu_graph"]).is_file()
     assert sorted(p.name for p in (repository / "dsa_stage_2" / "1").iterdir()) == \
         sorted(["model.py", "io_spec.py", "stages.py", "ort_graph.py", "trt_graph.py"])
 

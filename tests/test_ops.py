@@ -478,6 +478,23 @@ def test_onnx_indexer_and_sparse_mla_equal_the_semantics_in_one_tile_and_in_many
     torch.testing.assert_close(got, semantics.sparse_mla(mla_q, kv, expected, 0.3, 8), atol=1e-5, rtol=1e-5)
 
 
+def test_onnx_sparse_mla_reads_nothing_of_an_empty_slots_stand_in_row():
+    """Empty slots (-1, or a row outside the pool) anywhere in a token's list, and a token with none valid, over a
+    pool whose row 0 (the clamped stand-in) and free rows hold NaN and inf: the decomposition gives the semantics,
+    finite everywhere (an empty slot reads a row the token owns; a token without one gives zeros)."""
+    gen = torch.Generator().manual_seed(4)
+    kv = torch.randn(12, 6, generator=gen)
+    kv[0], kv[5], kv[9] = float("nan"), float("inf"), float("nan")
+    indices = torch.tensor([[3, -1, 7, 40],  # valid, empty, valid, outside the pool
+                            [-1, 2, -1, 4],  # the first slot empty
+                            [-1, -1, -1, -1],  # none valid: zeros
+                            [8, 1, 11, 6]], dtype=torch.int32)
+    q = torch.randn(4, 2, 6, generator=gen)
+    got = run_decomposition(SPARSE_MLA, dict(q=q, kv=kv, indices=indices), {"scale": 0.5, "dv": 4})
+    assert got.isfinite().all() and got[2].eq(0).all()
+    torch.testing.assert_close(got, semantics.sparse_mla(q, kv, indices, 0.5, 4), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("tokens", [3, 7], ids=["N·k <= E: per pair", "N·k > E: per expert"])
 def test_onnx_routed_experts_equal_the_semantics_per_pair_and_per_expert(tokens):
     from dsa_export.contracts import ROUTED_EXPERTS
@@ -487,3 +504,52 @@ def test_onnx_routed_experts_equal_the_semantics_per_pair_and_per_expert(tokens)
                                                  base=base), {})
     torch.testing.assert_close(got, semantics.routed_experts(x, experts, weights, gate_up, down, base),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens, fused", [(1, True), (7, True), (7, False)],
+                         ids=["a decode token", "N·k > E", "more than FUSED_EXPERTS_PAIRS·E pairs"])
+def test_onnxruntime_cpu_graph_runs_few_tokens_routed_experts_as_one_fused_node(tokens, fused, monkeypatch, tmp_path):
+    """onnxruntime_cpu_graph: each dsa::RoutedExperts of an export (weights as initializers, k known) runs a step of
+    few tokens as ONNX Runtime's com.microsoft::MoE (its profile shows the kernel ran) and more by the decomposition,
+    both giving the semantics, for weights that do not sum to one and a zero weight; a node whose k is not known
+    keeps its decomposition; the model given is left as it was."""
+    import json
+
+    import onnxruntime as ort
+    from onnx import helper as oh, numpy_helper
+
+    from dsa_export.contracts import ROUTED_EXPERTS
+    from dsa_export.plugins import onnx_ops
+
+    if not fused:  # 7 tokens x 2 slots > 1 pair per expert (6)
+        monkeypatch.setattr(onnx_ops, "FUSED_EXPERTS_PAIRS", 1)
+    x, experts, weights, gate_up, down, base = experts_inputs(N=tokens)
+    weights = weights * 3
+    weights[0, 1] = 0.0
+    feeds = {"x": x.numpy(), "experts": experts.numpy(), "weights": weights.numpy(), "base": base.numpy()}
+
+    def model(k):
+        graph = oh.make_graph(
+            [oh.make_node(ROUTED_EXPERTS.onnx_name, ["x", "experts", "weights", "gate_up", "down", "base"], ["out"],
+                          "experts_node", domain=onnx_ops.DSA_DOMAIN)], "op",
+            [oh.make_tensor_value_info(name, oh.np_dtype_to_tensor_dtype(a.dtype), ["N", a.shape[1] if k else "k"])
+             for name, a in feeds.items()],
+            [oh.make_empty_tensor_value_info("out")],
+            [numpy_helper.from_array(gate_up.numpy(), "gate_up"), numpy_helper.from_array(down.numpy(), "down")])
+        return onnx_ops.add_decompositions(oh.make_model(graph, opset_imports=[oh.make_opsetid("", onnx_ops.OPSET)]))
+
+    exported = model(k=True)
+    lowered = onnx_ops.onnxruntime_cpu_graph(exported)
+    assert [n.op_type for n in exported.graph.node] == [ROUTED_EXPERTS.onnx_name]
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(tmp_path / "profile")
+    session = ort.InferenceSession(lowered.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    torch.testing.assert_close(got, semantics.routed_experts(x, experts, weights, gate_up, down, base),
+                               atol=1e-5, rtol=1e-5)
+    kernels = {e["args"]["op_name"] for e in json.loads(open(session.end_profiling()).read())
+               if e.get("cat") == "Node"}
+    assert ("MoE" in kernels) == fused and ("NonZero" in kernels) != fused  # NonZero: the loop over experts
+    unknown_k = onnx_ops.onnxruntime_cpu_graph(model(k=False))
+    assert [n.op_type for n in unknown_k.graph.node] == [ROUTED_EXPERTS.onnx_name]

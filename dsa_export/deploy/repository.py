@@ -38,11 +38,13 @@ from dsa_export.errors import DSAExportError
 from dsa_export.exporter.artifacts import ExportDir, as_export
 from dsa_export.exporter.plan import EngineShapes
 from dsa_export.files import atomic_dir, write_atomic
+from dsa_export.plugins.onnx_ops import onnxruntime_cpu_graph
 from dsa_export.serving import shipped_files
 from dsa_export.serving.io_spec import BLOCK_TABLES, HIDDEN_OUT, LOGPROBS, NEXT_TOKENS
 from dsa_export.serving.stages import KEY_FILE, stage_model
 
 GENERATE = "dsa_generate"
+CPU_GRAPH = "stage_{}.cpu.onnx"  # stage i as ONNX Runtime runs it on the CPU, beside the config of its model
 MAX_WAITING = 256  # requests queued for cache blocks (or the tokenizer) before more are refused as busy
 DRAIN_SECONDS = 60  # on shutdown, running requests finish for up to this long
 
@@ -150,12 +152,16 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
         return os.path.relpath(path.resolve(), (location / GENERATE).resolve())  # is a sibling of dsa_generate's
 
     key = secrets.token_hex(16)
-    stages, stage_models = [], {}
+    stages, stage_models, cpu_graphs = [], {}, {}
     for index, stage in enumerate(export.stages):
         node, gpu = divmod(index, per_node)
         files = {"io_file": relative(stage.io_path), "model_file": relative(stage.model_path)}
         if engine:
             files |= {"plan_file": relative(stage.plan_path), "engine_json": relative(stage.engine_json_path)}
+        else:  # the graph as ONNX Runtime runs it on the CPU (no weights: they stay beside model_file)
+            model = GENERATE if node == 0 else stage_model(index)
+            cpu_graphs[(model, CPU_GRAPH.format(index))] = onnxruntime_cpu_graph(stage.graph).SerializeToString()
+            files["cpu_graph"] = f"../{model}/{CPU_GRAPH.format(index)}"  # the model directories are siblings
         if node == 0:
             stages.append({**files, "gpu": gpu})
             continue
@@ -177,6 +183,8 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
             write_atomic(tmp / name / "config.pbtxt", config_text(config))
             for source, target in shipped_files(kind):
                 shutil.copyfile(source, tmp / name / "1" / target)
+            for file in [file for model, file in cpu_graphs if model == name]:
+                write_atomic(tmp / name / file, cpu_graphs[(name, file)])
             if stage_models:  # the key only the first node's scheduler and the stage models know
                 write_atomic(tmp / name / KEY_FILE, key + "\n")
                 (tmp / name / KEY_FILE).chmod(0o600)

@@ -24,7 +24,7 @@ from dsa_export.kernels import CUSTOM_OPS
 from dsa_export.models import inputs
 from dsa_export.models.cache import KVCache, Paging, blocks_for, cache_order, check_room, default_capacity
 from dsa_export.models.model import DSAForCausalLM
-from dsa_export.plugins.onnx_ops import DSA_DOMAIN, register_schemas
+from dsa_export.plugins.onnx_ops import DSA_DOMAIN, onnxruntime_cpu_graph, register_schemas
 from dsa_export.serving.io_spec import (BLOCK_TABLES, HIDDEN_IN, HIDDEN_OUT, INPUT_IDS, LOGITS, LOGITS_INDEX, POSITIONS,
                                         SAMPLES, SEQUENCE, SEQUENCES, SLOTS, TEMPERATURE, TOKENS, TOP_K, TOP_P,
                                         UNIFORM, GraphIO)
@@ -160,18 +160,20 @@ class GraphBackend:
         export = as_export(export)
         export.check()
         register_schemas()
+        on_cpu = "CUDAExecutionProvider" not in (providers or onnxruntime_module().get_available_providers())
         graphs = []
         for stage in export.stages:
-            model_bytes, extra = None, []
-            if record_indexer:
+            graph, extra = stage.graph, []
+            if on_cpu or record_indexer:  # a modified copy, in memory: the export directory is never written
                 import onnx
 
-                graph = onnx.ModelProto()
-                graph.CopyFrom(stage.graph)
+                graph = onnxruntime_cpu_graph(graph) if on_cpu else onnx.ModelProto.FromString(
+                    graph.SerializeToString())
+            if record_indexer:
                 extra = [n.output[0] for n in graph.graph.node
                          if n.domain == DSA_DOMAIN and n.op_type == LIGHTNING_INDEXER.onnx_name]
                 graph.graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in extra)
-                model_bytes = graph.SerializeToString()
+            model_bytes = None if graph is stage.graph else graph.SerializeToString()
             try:
                 graphs.append(OrtGraph(stage.model_path, stage.io, providers, model_bytes, extra, threads, profile))
             except ValueError as e:  # OrtGraph's own refusal

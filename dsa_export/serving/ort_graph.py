@@ -111,9 +111,11 @@ class OrtGraph:
         options = session_options(threads, profile)
         if model_bytes is None:
             self.session = ort.InferenceSession(str(model_path), options, providers=self.providers)
-        else:  # from memory, the external weights from the export directory
+        else:  # from memory, the external weights from the export directory; the path as given, unresolved (a
+            # served build in a non-ASCII path is reached through an ASCII symlink: resolved, the Python backend's
+            # ASCII filesystem encoding could not pass it on)
             options.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                             str(model_path.parent.resolve()))
+                                             str(model_path.parent.absolute()))
             self.session = ort.InferenceSession(model_bytes, options, providers=self.providers)
 
     def new_pools(self, rows: int) -> OrtPools:

@@ -49,7 +49,9 @@ def load_graph(here: Path, runtime: str, files: dict, device: int):
     if runtime == "tensorrt":  # the runners are imported only where they run (tensorrt, torch; onnxruntime)
         profiles = json.loads((here / files["engine_json"]).read_text(encoding="utf-8"))["profiles"]
         return _runner("trt_graph").TrtGraph(here / files["plan_file"], io, profiles, device=device)
-    return _runner("ort_graph").OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"])
+    cpu_graph = (here / files["cpu_graph"]).read_bytes() if "cpu_graph" in files else None  # fused for the CPU
+    return _runner("ort_graph").OrtGraph(here / files["model_file"], io, providers=["CPUExecutionProvider"],
+                                         model_bytes=cpu_graph)
 
 
 def _runner(name: str):
