@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import re
 import subprocess
@@ -87,27 +88,41 @@ def hf_decode(model, batch: int, context: int):
     return step
 
 
+def with_torch_threads(threads: int, fn):
+    """fn run with torch's intra-op threads set to `threads` (HF's thread count is torch's, process-wide)."""
+    def run():
+        torch.set_num_threads(threads)
+        return fn()
+    return run
+
+
 # ---- llama.cpp ------------------------------------------------------------------------------------------------------
-def llama_bench(binary: str, gguf: str, threads: list[int], contexts: list[int], prefills: list[int]) -> dict:
-    """llama-bench's decode (a token after -d context tokens) and prefill, ms, keyed (kind, threads, tokens). Each
-    test builds its context first (untimed, most of the wall time at 32K): contexts beyond 4K run once."""
+def llama_bench(args, contexts: list[int], prefills: list[int]) -> dict:
+    """llama-bench's decode (a token after -d context tokens) and prefill, ms, keyed (kind, threads, tokens): its best
+    repeat (as ours: the best round). Each test builds its context first (untimed, most of the wall time at 32K):
+    contexts beyond 4K run once."""
     out = {}
     runs = [("decode", ["-p", "0", "-n", "16", "-d", str(c), "-r", "3" if c <= 4096 else "1"]) for c in contexts]
     if prefills:
         runs.append(("prefill", ["-p", ",".join(map(str, prefills)), "-n", "0", "-r", "2"]))
-    for kind, args in runs:
-        command = [binary, "-m", gguf, "-t", ",".join(map(str, threads)), "-o", "json", *args]
+    for kind, options in runs:
+        command = [args.llama_bench, "-m", args.gguf, "-t", ",".join(map(str, args.threads)), "-o", "json", *options]
         print("$", " ".join(command), flush=True)
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=True)
         except (OSError, subprocess.CalledProcessError) as e:
             raise SystemExit(f"llama-bench failed: {getattr(e, 'stderr', '') or e}")
-        for row in json.loads(done.stdout):  # avg_ts: tokens per second of the timed part
+        for row in json.loads(done.stdout):  # samples_ts: tokens per second of each repeat's timed part
+            best = max(row["samples_ts"])
             if kind == "decode":
-                out[(kind, row["n_threads"], row["n_depth"])] = 1e3 / row["avg_ts"]
+                out[(kind, row["n_threads"], row["n_depth"])] = 1e3 / best
             else:
-                out[(kind, row["n_threads"], row["n_prompt"])] = 1e3 * row["n_prompt"] / row["avg_ts"]
+                out[(kind, row["n_threads"], row["n_prompt"])] = 1e3 * row["n_prompt"] / best
     return out
+
+
+def best_of(*runs: dict) -> dict:
+    return {key: min(run[key] for run in runs if key in run) for key in set().union(*runs)}
 
 
 # ---- ONNX Runtime's profile of one decode step ----------------------------------------------------------------------
@@ -191,36 +206,42 @@ def run(args, checkpoint: Path, export: Path) -> None:
     sessions = {threads: GraphBackend.onnxruntime(export, threads=threads) for threads in args.threads}
     decode, prefill, llama = [], [], {}
     before = torch.get_num_threads()
-    # context by context, llama.cpp just before ours: this VM's speed drifts by tens of percent over minutes
+    # context by context, llama.cpp just before and just after ours (its best of the two): this VM's speed drifts by
+    # tens of percent over minutes; the thread counts (and HF) are timed round-robin in one call, so the more-threads
+    # comparison sees one machine state
     for context in args.contexts:
-        if args.llama_bench:
-            llama.update(llama_bench(args.llama_bench, args.gguf, args.threads, [context], []))
-        for threads, ort in sessions.items():
-            torch.set_num_threads(threads)
-            for batch in args.batches:
-                fns = {"onnxruntime": ort_decode(ort, config, batch, context)}
+        llama_before = llama_bench(args, [context], []) if args.llama_bench else {}
+        times = {}
+        for batch in args.batches:
+            fns = {}
+            for threads, ort in sessions.items():
+                fns[f"onnxruntime {threads}"] = ort_decode(ort, config, batch, context)
                 if hf is not None:
-                    fns["hf"] = hf_decode(hf, batch, context)
-                t = best_times(fns, args.repeat, block=args.block)
-                row = {"threads": threads, "batch": batch, "context": context,
-                       "onnxruntime_ms": 1e3 * t["onnxruntime"], "hf_ms": 1e3 * t["hf"] if hf else None,
-                       "llama_cpp_ms": llama.get(("decode", threads, context)) if batch == 1 else None}
-                decode.append(row)
-                print(f"decode t={threads} B={batch} ctx={context}: onnxruntime {row['onnxruntime_ms']:.2f} ms"
-                      + (f", hf {row['hf_ms']:.2f} ms" if hf else "")
-                      + (f", llama.cpp {row['llama_cpp_ms']:.2f} ms" if row["llama_cpp_ms"] else ""), flush=True)
-                del fns
-    if args.llama_bench and args.prefill:
-        llama.update(llama_bench(args.llama_bench, args.gguf, args.threads, [], args.prefill))
-    for threads, ort in sessions.items():
-        torch.set_num_threads(threads)
-        for context in args.prefill:
-            t = best_times({"onnxruntime": ort_prefill(ort, config, 1, context)}, 2)
-            row = {"threads": threads, "context": context, "onnxruntime_ms": 1e3 * t["onnxruntime"],
-                   "llama_cpp_ms": llama.get(("prefill", threads, context))}
-            prefill.append(row)
-            print(f"prefill t={threads} {context}: onnxruntime {row['onnxruntime_ms']:.0f} ms"
-                  + (f", llama.cpp {row['llama_cpp_ms']:.0f} ms" if row["llama_cpp_ms"] else ""), flush=True)
+                    fns[f"hf {threads}"] = with_torch_threads(threads, hf_decode(hf, batch, context))
+            times[batch] = best_times(fns, args.repeat, block=args.block, block_mean=True)
+            del fns
+        llama.update(best_of(llama_before, llama_bench(args, [context], []) if args.llama_bench else {}))
+        for batch, threads in itertools.product(args.batches, args.threads):
+            t = times[batch]
+            row = {"threads": threads, "batch": batch, "context": context,
+                   "onnxruntime_ms": 1e3 * t[f"onnxruntime {threads}"],
+                   "hf_ms": 1e3 * t[f"hf {threads}"] if hf else None,
+                   "llama_cpp_ms": llama.get(("decode", threads, context)) if batch == 1 else None}
+            decode.append(row)
+            print(f"decode t={threads} B={batch} ctx={context}: onnxruntime {row['onnxruntime_ms']:.2f} ms"
+                  + (f", hf {row['hf_ms']:.2f} ms" if hf else "")
+                  + (f", llama.cpp {row['llama_cpp_ms']:.2f} ms" if row["llama_cpp_ms"] else ""), flush=True)
+    if args.prefill:
+        llama_before = llama_bench(args, [], args.prefill) if args.llama_bench else {}
+        times = {context: best_times({threads: ort_prefill(ort, config, 1, context)
+                                      for threads, ort in sessions.items()}, 3) for context in args.prefill}
+        llama.update(best_of(llama_before, llama_bench(args, [], args.prefill) if args.llama_bench else {}))
+    for context, threads in itertools.product(args.prefill, args.threads):
+        row = {"threads": threads, "context": context, "onnxruntime_ms": 1e3 * times[context][threads],
+               "llama_cpp_ms": llama.get(("prefill", threads, context))}
+        prefill.append(row)
+        print(f"prefill t={threads} {context}: onnxruntime {row['onnxruntime_ms']:.0f} ms"
+              + (f", llama.cpp {row['llama_cpp_ms']:.0f} ms" if row["llama_cpp_ms"] else ""), flush=True)
     torch.set_num_threads(before)
     report(args, config, decode, prefill, bool(llama))
     if args.profile:
@@ -238,13 +259,16 @@ def report(args, config, decode: list[dict], prefill: list[dict], with_llama: bo
     lines = ["# CPU decode and prefill: ONNX Runtime vs HF transformers and llama.cpp", "",
              f"`python scripts/bench_cpu_decode.py {' '.join(sys.argv[1:])}` — {machine()}; the checkpoint: hidden "
              f"{config.hidden_size}, {config.num_hidden_layers} layers, {config.n_routed_experts} experts / "
-             f"{config.num_experts_per_tok} active, index_topk {config.index_topk}, fp32. Min over {args.repeat} "
-             f"round-robin rounds of {args.block} steps in a row; ms per decode step (B sequences, one token each, on "
-             "top of `context` tokens). llama.cpp: `llama-bench` (batch 1, f16 KV cache as it defaults), run just "
-             "before ours at each context.", "",
+             f"{config.num_experts_per_tok} active, index_topk {config.index_topk}, fp32. ms per decode step (B "
+             f"sequences, one token each, on top of `context` tokens): the best of {args.repeat} round-robin rounds "
+             f"(ours and HF at each thread count in turn) of the mean of {args.block} steps in a row after one "
+             "untimed (the caches the others evicted: llama-bench warms up too); prefill: the "
+             "best of 3 rounds, both thread counts in turn. llama.cpp: `llama-bench` (batch 1, f16 KV cache as it "
+             "defaults; decode the mean of 16 tokens), its best repeat, run just before and just after ours at each "
+             "context (the VM drifts by tens of percent over minutes).", "",
              "| threads | batch | context | ONNX Runtime ms | HF ms | HF / ours | llama.cpp ms | llama.cpp / ours |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in decode:
+    for r in sorted(decode, key=lambda r: (r["context"], r["threads"], r["batch"])):
         hf = f"{r['hf_ms']:.2f} | {_ratio(r['hf_ms'], r['onnxruntime_ms'])}" if r["hf_ms"] else "— | —"
         llama = (f"{r['llama_cpp_ms']:.2f} | {_ratio(r['llama_cpp_ms'], r['onnxruntime_ms'])}" if r["llama_cpp_ms"]
                  else "— | —")

@@ -13,16 +13,26 @@ import torch
 OUT_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def best_times(fns: dict[str, Callable[[], object]], repeat: int, block: int = 1) -> dict[str, float]:
+def best_times(fns: dict[str, Callable[[], object]], repeat: int, block: int = 1,
+               block_mean: bool = False) -> dict[str, float]:
     """Min seconds of one call of each function, timed round-robin (`block` calls of each in a row per round) so
     that all see the same machine state: on a shared VM the load drifts by tens of percent within seconds. A block
     of several calls times each with its data warm in the caches, as a loop of decode steps runs (one call per round
-    times it after the others evicted it). One warm-up call each first."""
+    times it after the others evicted it). block_mean: the best round's mean call instead of the fastest call (as
+    llama-bench reports a run of tokens after a warm-up), the round's first call warming up, untimed. One warm-up
+    call each first."""
     for fn in fns.values():
         fn()
     best = dict.fromkeys(fns, float("inf"))
     for _ in range(repeat):
         for name, fn in fns.items():
+            if block_mean:
+                fn()
+                start = time.perf_counter()
+                for _ in range(block):
+                    fn()
+                best[name] = min(best[name], (time.perf_counter() - start) / block)
+                continue
             for _ in range(block):
                 start = time.perf_counter()
                 fn()
