@@ -159,9 +159,9 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
         if engine:
             files |= {"plan_file": relative(stage.plan_path), "engine_json": relative(stage.engine_json_path)}
         else:  # the graph as ONNX Runtime runs it on the CPU (no weights: they stay beside model_file)
-            model = GENERATE if node == 0 else stage_model(index)
-            cpu_graphs[(model, CPU_GRAPH.format(index))] = onnxruntime_cpu_graph(stage.graph).SerializeToString()
-            files["cpu_graph"] = f"../{model}/{CPU_GRAPH.format(index)}"  # the model directories are siblings
+            model, file = GENERATE if node == 0 else stage_model(index), CPU_GRAPH.format(index)
+            cpu_graphs.setdefault(model, {})[file] = onnxruntime_cpu_graph(stage.graph).SerializeToString()
+            files["cpu_graph"] = f"../{model}/{file}"  # the model directories are siblings
         if node == 0:
             stages.append({**files, "gpu": gpu})
             continue
@@ -183,8 +183,8 @@ def write_repository(export: ExportDir | str | Path, repository: str | Path | No
             write_atomic(tmp / name / "config.pbtxt", config_text(config))
             for source, target in shipped_files(kind):
                 shutil.copyfile(source, tmp / name / "1" / target)
-            for file in [file for model, file in cpu_graphs if model == name]:
-                write_atomic(tmp / name / file, cpu_graphs[(name, file)])
+            for file, graph in cpu_graphs.get(name, {}).items():
+                write_atomic(tmp / name / file, graph)
             if stage_models:  # the key only the first node's scheduler and the stage models know
                 write_atomic(tmp / name / KEY_FILE, key + "\n")
                 (tmp / name / KEY_FILE).chmod(0o600)

@@ -177,6 +177,10 @@ def split_indexer(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _int64_constant(name: str, values: list[int]) -> onnx.NodeProto:
+    return oh.make_node("Constant", [], [name], value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
+
+
 ORT_DOMAIN = "com.microsoft"  # ONNX Runtime's own (contrib) ops
 FUSED_EXPERTS_PAIRS = 4  # (token, expert) pairs per expert up to which ONNX Runtime's MoE kernel beats the loop
 
@@ -209,8 +213,7 @@ def onnxruntime_cpu_graph(model: onnx.ModelProto) -> onnx.ModelProto:
         name = node.name or node.output[0]
 
         def const(suffix: str, values: list, into: list) -> str:
-            into.append(oh.make_node("Constant", [], [f"{name}/{suffix}"], value=oh.make_tensor(
-                f"{name}/{suffix}", TensorProto.INT64, [len(values)], values)))
+            into.append(_int64_constant(f"{name}/{suffix}", values))
             return f"{name}/{suffix}"
 
         def add(op_type: str, inputs: list[str], suffix: str, into: list, domain: str = "", **attributes) -> str:
@@ -539,10 +542,6 @@ def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: 
         node.attribute.extend(_attribute_ref(a.name, attr_kinds[a.type]) for a in contract.attributes)
         return node
 
-    def const(name, values):
-        return oh.make_node("Constant", [], [name],
-                            value=oh.make_tensor(name, TensorProto.INT64, [len(values)], values))
-
     body = oh.make_graph(
         [impl_node(tile, [*names, "tile_index", "tile_rows"], "tile_out"),
          oh.make_node("Identity", ["cond_in"], ["cond_out"])],
@@ -563,7 +562,7 @@ def _tiled_function(contract: OpContract, tile: str, rows_fn: str, rows_inputs: 
     ], f"{contract.onnx_name}_tiles", [], [onnx.ValueInfoProto(name="tiles_out")])
     nodes = [
         oh.make_node(rows_fn, rows_inputs, ["tile_rows"], domain=IMPL_DOMAIN, budget=budget),
-        const("one", [1]), const("zero", [0]), const("minus_one", [-1]),
+        _int64_constant("one", [1]), _int64_constant("zero", [0]), _int64_constant("minus_one", [-1]),
         oh.make_node("Shape", [names[0]], ["num_rows"], start=0, end=1),
         oh.make_node("Add", ["num_rows", "tile_rows"], ["rows_plus"]),
         oh.make_node("Sub", ["rows_plus", "one"], ["rows_ceil"]),

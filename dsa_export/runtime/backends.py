@@ -155,12 +155,12 @@ class GraphBackend:
         pool bound once as the input and the output of its dsa::WriteCache, so no step copies a pool.
         record_indexer exposes the indexer nodes' outputs as extra graph outputs (a modified copy of the graph, in
         memory; the export directory is never written). threads, profile: serving/ort_graph.session_options."""
-        from dsa_export.serving.ort_graph import OrtGraph
+        from dsa_export.serving.ort_graph import OrtGraph, providers_for
 
         export = as_export(export)
         export.check()
         register_schemas()
-        on_cpu = "CUDAExecutionProvider" not in (providers or onnxruntime_module().get_available_providers())
+        on_cpu = providers_for(providers)[0] == "CPUExecutionProvider"
         graphs = []
         for stage in export.stages:
             graph, extra = stage.graph, []

@@ -28,6 +28,12 @@ class OrtPools:
         return self.arrays[0].shape[0]
 
 
+def providers_for(requested: list[str] | None = None) -> list[str]:
+    """The execution providers a session runs on: those requested, else CUDA where onnxruntime-gpu has it, then CPU."""
+    available = ort.get_available_providers()
+    return requested or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
 def session_options(threads: int | None = None, profile: bool = False) -> ort.SessionOptions:
     """The thread policy of every ONNX Runtime session here (Session and parity, the measured cost, the served step
     model). `threads` given: the session owns that many cores, and its intra-op threads spin while a step runs (a
@@ -102,8 +108,7 @@ class OrtGraph:
         self.io = io
         self.capacity, self.vocab_size = io.capacity, io.vocab_size
         self.extra_outputs = list(extra_outputs or [])
-        available = ort.get_available_providers()
-        self.providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        self.providers = providers_for(providers)
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         if self.device == "cpu" and io.cache_dtype != "float32":
             raise ValueError(f"a {io.cache_dtype} export; ONNX Runtime on CPU runs float32 exports only "
