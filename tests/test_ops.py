@@ -433,9 +433,9 @@ def test_routed_experts_opcheck(dtype):
                           (x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, 4, 8))
 
 
-def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | None = None):
+def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | None = None, cpu_graph: bool = False):
     """One dsa:: node run by ONNX Runtime through its decomposition (plugins/onnx_ops.py); budget: the tile budget
-    in bytes of a tiled op (small: a Loop over many tiles)."""
+    in bytes of a tiled op (small: a Loop over many tiles); cpu_graph: as onnxruntime_cpu_graph rewrites it."""
     import onnxruntime as ort
     from onnx import helper as oh
 
@@ -455,20 +455,35 @@ def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | No
         for i, function in enumerate(model.functions):
             if function.name == contract.onnx_name:
                 model.functions[i].CopyFrom(onnx_ops._tiled_function(contract, *tiles, budget=budget))
+    if cpu_graph:
+        model = onnx_ops.onnxruntime_cpu_graph(model)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return torch.from_numpy(session.run(None, arrays)[0])
 
 
-@pytest.mark.parametrize("budget", [None, 1], ids=["one tile", "a tile per token"])
-def test_onnx_indexer_and_sparse_mla_equal_the_semantics_in_one_tile_and_in_many(budget):
-    """The scattered paged step (NaN and huge rows outside the sequences' keys): a step that fits one tile (the If's
-    direct branch, every decode step) and one looped a token at a time select the same rows and attend alike."""
+@pytest.mark.parametrize("budget, cpu_graph", [(None, False), (1, False), (None, True), (1, True)],
+                         ids=["one tile", "a tile per token", "one tile, CPU copy", "a tile per token, CPU copy"])
+def test_onnx_indexer_and_sparse_mla_equal_the_semantics_in_one_tile_and_in_many(budget, cpu_graph):
+    """The scattered paged step (NaN and huge rows outside the sequences' keys, a token whose scores all tie): a step
+    that fits one tile (the If's direct branch, every decode step) and one looped a token at a time select the same
+    rows and attend alike, as exported (TopK sorted, as TensorRT wants) and in ONNX Runtime's CPU copy (unsorted)."""
+    import onnx
+
+    from dsa_export.plugins import onnx_ops
+
     HI, DI, topk = 3, 8, 7
     gen = torch.Generator().manual_seed(1)
     q, w = torch.randn(8, HI, DI, generator=gen), torch.randn(8, HI, generator=gen)
+    q[5] = 0.0  # every score 0: ties go to the lower key
     pool, _ = Step.pools(DI)
     inputs = dict(q=q, k=pool, w=w, positions=Step.POSITIONS, sequence=Step.SEQUENCE, block_tables=Step.TABLES)
-    got = run_decomposition(LIGHTNING_INDEXER, inputs, {"topk": topk, "block_size": BS}, budget)
+    got = run_decomposition(LIGHTNING_INDEXER, inputs, {"topk": topk, "block_size": BS}, budget, cpu_graph)
+    exported = onnx_ops.add_decompositions(onnx.ModelProto())
+
+    def sorted_flags(model):
+        return [next((a.i for a in n.attribute if a.name == "sorted"), 1)
+                for f in model.functions for n in f.node if n.op_type == "TopK"]
+    assert sorted_flags(exported) == [1] and sorted_flags(onnx_ops.onnxruntime_cpu_graph(exported)) == [0]
     expected = semantics.lightning_indexer(q, pool, w, Step.POSITIONS, Step.SEQUENCE, Step.TABLES, topk, BS)
     assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
     kv, _ = Step.pools(12, seed=3)
