@@ -1,5 +1,7 @@
 """The dsa:: custom ops: contract, tiled CPU reference vs the plain semantics, opcheck, export, use in the model."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -433,9 +435,14 @@ def test_routed_experts_opcheck(dtype):
                           (x, experts, weights, gate_up8, gate_up_scale, down8, down_scale, base, 4, 8))
 
 
-def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | None = None, cpu_graph: bool = False):
+def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | None = None, cpu_graph: bool = False,
+                      kernels_run: list | None = None):
     """One dsa:: node run by ONNX Runtime through its decomposition (plugins/onnx_ops.py); budget: the tile budget
-    in bytes of a tiled op (small: a Loop over many tiles); cpu_graph: as onnxruntime_cpu_graph rewrites it."""
+    in bytes of a tiled op (small: a Loop over many tiles); cpu_graph: as onnxruntime_cpu_graph rewrites it;
+    kernels_run: a list to which (op type, node name) of each kernel ONNX Runtime's profiler saw run are added."""
+    import json
+    import tempfile
+
     import onnxruntime as ort
     from onnx import helper as oh
 
@@ -457,8 +464,40 @@ def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | No
                 model.functions[i].CopyFrom(onnx_ops._tiled_function(contract, *tiles, budget=budget))
     if cpu_graph:
         model = onnx_ops.onnxruntime_cpu_graph(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return torch.from_numpy(session.run(None, arrays)[0])
+    options = ort.SessionOptions()
+    if kernels_run is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / "profile")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    result = torch.from_numpy(session.run(None, arrays)[0])
+    if kernels_run is not None:
+        kernels_run.extend((e["args"]["op_name"], e["name"]) for e in json.loads(Path(session.end_profiling()).read_text())
+                           if e.get("cat") == "Node")
+    return result
+
+
+@pytest.mark.parametrize("pool_blocks, in_place", [(8, True), (12, False)],
+                         ids=["keys fill half the pool: scored in place", "a third: gathered"])
+def test_onnx_indexer_one_token_scores_a_pool_its_keys_fill_in_place(pool_blocks, in_place):
+    """A decode token whose sequence's keys fill at least half the pool scores the pool where it lies and keeps its
+    keys' scores (no ReduceMin: the gathering branches' one-sequence test did not run); a smaller share gathers
+    them. Either way the semantics, over a pool whose other rows hold NaN and whose blocks are out of order."""
+    tables = torch.tensor([[6, 1, 7, 0, 3, -1]], dtype=torch.int32)  # 18 keys in 5 blocks (20 rows)
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.full((pool_blocks * BS, 8), float("nan"))
+    for t in range(18):
+        pool[int(tables[0, t // BS]) * BS + t % BS] = torch.randn(8, generator=gen)
+    q, w = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 3, generator=gen)
+    positions, sequence = torch.tensor([17]), torch.tensor([0], dtype=torch.int32)
+    kernels = []
+    got = run_decomposition(LIGHTNING_INDEXER, dict(q=q, k=pool, w=w, positions=positions, sequence=sequence,
+                                                    block_tables=tables), {"topk": 7, "block_size": BS},
+                            kernels_run=kernels)
+    expected = semantics.lightning_indexer(q, pool, w, positions, sequence, tables, 7, BS)
+    assert torch.equal(got.sort(-1).values, expected.sort(-1).values)
+    scoring = {op_type for op_type, name in kernels if "IndexScores" in name}
+    assert "MatMul" in scoring or "FusedMatMul" in scoring
+    assert ("ReduceMin" not in scoring) == in_place
 
 
 @pytest.mark.parametrize("budget, cpu_graph", [(None, False), (1, False), (None, True), (1, True)],

@@ -306,24 +306,38 @@ def IndexScores(q: FLOAT, k: FLOAT, w: FLOAT, sequence: INT32, blocks: INT64, bl
     B·block_size >= the keys seen; the caller masks the tail). Several tokens of one sequence (a prefill) gather
     its keys once and score all their R·HI heads in one GEMM. Else (a decode step) each token gathers its own keys,
     and they are the GEMM's left operand, streamed once, q the small packed one: with q on the left, ONNX Runtime
-    packs all T keys for each token's 8 heads (a decode step at 32K ran at a third of the speed)."""
+    packs all T keys for each token's 8 heads (a decode step at 32K ran at a third of the speed). One token whose
+    keys fill at least half the pool (one long sequence) scores the whole pool in place and keeps its keys' scores:
+    the gather copied every key once more (at 32K, 1.06 -> 0.67 ms a layer); the other rows' scores are dropped."""
     bs = op.Reshape(op.Constant(value_int=block_size), op.Constant(value_ints=[1]))
     width = op.Shape(k, start=1, end=2)
-    by_block = op.Reshape(k, op.Concat(op.Constant(value_ints=[-1]), bs, width, axis=0))  # [pool blocks, bs, DI]
-    one_sequence = op.Equal(op.ReduceMin(sequence, keepdims=0), op.ReduceMax(sequence, keepdims=0))
-    if op.And(one_sequence, op.Greater(op.Squeeze(op.Shape(q, start=0, end=1)), op.Constant(value_int=1))):
-        keys = op.Gather(by_block, op.Gather(blocks, op.Constant(value_int=0), axis=0), axis=0)  # [B, bs, DI]
-        keys = op.Cast(op.Reshape(keys, op.Concat(op.Constant(value_ints=[-1]), width, axis=0)), to=TensorProto.FLOAT)
-        per_head = op.Relu(op.MatMul(q, op.Transpose(keys, perm=[1, 0])))  # [R, HI, T]
-        scores = op.Squeeze(op.MatMul(op.Unsqueeze(w, op.Constant(value_ints=[1])), per_head),
-                            op.Constant(value_ints=[1]))
+    tokens = op.Squeeze(op.Shape(q, start=0, end=1))
+    seen_rows = op.Squeeze(op.Mul(op.Shape(blocks, start=1, end=2), bs))
+    pool_rows = op.Squeeze(op.Shape(k, start=0, end=1))
+    if op.And(op.Equal(tokens, op.Constant(value_int=1)),
+              op.LessOrEqual(pool_rows, op.Mul(seen_rows, op.Constant(value_int=2)))):
+        per_head = op.Relu(op.MatMul(op.Cast(k, to=TensorProto.FLOAT),
+                                     op.Transpose(op.Squeeze(q, op.Constant(value_ints=[0])), perm=[1, 0])))
+        per_row = op.MatMul(per_head, op.Reshape(w, op.Constant(value_ints=[-1, 1])))  # [P, 1]
+        per_block = op.Reshape(per_row, op.Concat(op.Constant(value_ints=[-1]), bs, axis=0))  # [pool blocks, bs]
+        scores = op.Reshape(op.Gather(per_block, blocks, axis=0), op.Constant(value_ints=[1, -1]))  # whole blocks
     else:
-        keys = op.Gather(by_block, blocks, axis=0)  # [R, B, bs, DI]
-        keys = op.Cast(op.Reshape(keys, op.Concat(op.Shape(blocks, start=0, end=1), op.Constant(value_ints=[-1]),
-                                                   width, axis=0)), to=TensorProto.FLOAT)
-        per_head = op.Relu(op.MatMul(keys, op.Transpose(q, perm=[0, 2, 1])))  # [R, T, HI]
-        scores = op.Squeeze(op.MatMul(per_head, op.Unsqueeze(w, op.Constant(value_ints=[-1]))),
-                            op.Constant(value_ints=[-1]))
+        by_block = op.Reshape(k, op.Concat(op.Constant(value_ints=[-1]), bs, width, axis=0))  # [pool blocks, bs, DI]
+        one_sequence = op.Equal(op.ReduceMin(sequence, keepdims=0), op.ReduceMax(sequence, keepdims=0))
+        if op.And(one_sequence, op.Greater(tokens, op.Constant(value_int=1))):
+            keys = op.Gather(by_block, op.Gather(blocks, op.Constant(value_int=0), axis=0), axis=0)  # [B, bs, DI]
+            keys = op.Cast(op.Reshape(keys, op.Concat(op.Constant(value_ints=[-1]), width, axis=0)),
+                           to=TensorProto.FLOAT)
+            per_head = op.Relu(op.MatMul(q, op.Transpose(keys, perm=[1, 0])))  # [R, HI, T]
+            scores = op.Squeeze(op.MatMul(op.Unsqueeze(w, op.Constant(value_ints=[1])), per_head),
+                                op.Constant(value_ints=[1]))
+        else:
+            keys = op.Gather(by_block, blocks, axis=0)  # [R, B, bs, DI]
+            keys = op.Cast(op.Reshape(keys, op.Concat(op.Shape(blocks, start=0, end=1), op.Constant(value_ints=[-1]),
+                                                       width, axis=0)), to=TensorProto.FLOAT)
+            per_head = op.Relu(op.MatMul(keys, op.Transpose(q, perm=[0, 2, 1])))  # [R, T, HI]
+            scores = op.Squeeze(op.MatMul(per_head, op.Unsqueeze(w, op.Constant(value_ints=[-1]))),
+                                op.Constant(value_ints=[-1]))
     return scores
 
 
