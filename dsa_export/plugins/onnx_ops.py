@@ -11,11 +11,12 @@ The decompositions have the costs of a real implementation, not of the readable 
   tokens fit one tile, every decode step, runs the tile directly), the tile height chosen in the graph so that one
   tile's gathered keys and scores stay within TILE_BYTES: a prefill never holds the [S, HI, T] score tensor; each
   token gathers its own sequence's keys a whole block at a time through the block table, only up to the tile's last
-  position; WriteCache is one ScatterND of the rows at their slots.
+  position (a single token whose keys fill at least half the pool scores the pool in place instead: no copy of a long
+  context's keys); WriteCache is one ScatterND of the rows at their slots.
 - RoutedExperts loops over the experts some token chose (at most min(E, N·k)), running each once on its tokens; a
   step of few tokens (N·k <= E: decode) runs every (token, slot) pair as one batched MatMul instead.
 ONNX Runtime on the CPU runs a copy of the graph (onnxruntime_cpu_graph, as TensorRT builds split_indexer's) in which a
-few tokens' RoutedExperts is its fused MoE kernel.
+few tokens' RoutedExperts is its fused MoE kernel and the indexer's TopK leaves its k keys unsorted.
 Helper functions live in the `dsa.impl` domain. Everything is opset 24.
 """
 
