@@ -471,18 +471,18 @@ def run_decomposition(contract, inputs: dict, attributes: dict, budget: int | No
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     result = torch.from_numpy(session.run(None, arrays)[0])
     if kernels_run is not None:
-        kernels_run.extend((e["args"]["op_name"], e["name"]) for e in json.loads(Path(session.end_profiling()).read_text())
-                           if e.get("cat") == "Node")
+        events = json.loads(Path(session.end_profiling()).read_text())
+        kernels_run.extend((e["args"]["op_name"], e["name"]) for e in events if e.get("cat") == "Node")
     return result
 
 
-@pytest.mark.parametrize("pool_blocks, in_place", [(8, True), (12, False)],
-                         ids=["keys fill half the pool: scored in place", "a third: gathered"])
+@pytest.mark.parametrize("pool_blocks, in_place", [(6, True), (8, False)],
+                         ids=["keys fill 5/6 of the pool: scored in place", "5/8: gathered"])
 def test_onnx_indexer_one_token_scores_a_pool_its_keys_fill_in_place(pool_blocks, in_place):
-    """A decode token whose sequence's keys fill at least half the pool scores the pool where it lies and keeps its
+    """A decode token whose sequence's keys fill at least 4/5 of the pool scores the pool where it lies and keeps its
     keys' scores (no ReduceMin: the gathering branches' one-sequence test did not run); a smaller share gathers
     them. Either way the semantics, over a pool whose other rows hold NaN and whose blocks are out of order."""
-    tables = torch.tensor([[6, 1, 7, 0, 3, -1]], dtype=torch.int32)  # 18 keys in 5 blocks (20 rows)
+    tables = torch.tensor([[4, 1, 5, 0, 3, -1]], dtype=torch.int32)  # 18 keys in 5 blocks (20 rows)
     gen = torch.Generator().manual_seed(0)
     pool = torch.full((pool_blocks * BS, 8), float("nan"))
     for t in range(18):
