@@ -297,3 +297,13 @@ def test_tool_call_markup_is_cut_out_across_pieces():
     assert [c["function"] for c in calls.calls()] == [{"name": "f", "arguments": "{}"}]
     calls = ToolCalls(enabled=True)
     assert calls.feed("no call <｜to") == "no call " and calls.flush() == "<｜to" and calls.calls() == []
+
+
+def test_a_text_worker_that_dies_says_why(build):
+    """The tokenizer's worker process exits before it answers (here its address space is too small for Python to
+    start): the error carries the last line it wrote to stderr, not a guess."""
+    from dsa_export.serving.generation import RequestError, TextWorker
+
+    with pytest.raises(RequestError, match=r"tokenizing the request failed: the worker exited \(") as error:
+        TextWorker(build, memory_bytes=16 << 20)
+    assert "nothing on its stderr" not in str(error.value) and "MemoryError" in str(error.value)

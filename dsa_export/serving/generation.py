@@ -246,7 +246,7 @@ class TextWorker:
         self.directory, self.seconds, self.memory_bytes = str(directory), seconds, memory_bytes
         self.python = python or sys.executable
         self.lock = threading.Lock()
-        self.process = None
+        self.process = self.stderr = None
         try:
             self._call({"op": "ping"})  # the files load, or this raises with the reason
         except BaseException:
@@ -255,15 +255,29 @@ class TextWorker:
 
     def _start(self):
         import subprocess
+        import tempfile
 
         def limit_memory():
             import resource
 
             resource.setrlimit(resource.RLIMIT_AS, (self.memory_bytes, self.memory_bytes))
 
+        self._close_stderr()
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty worker never blocks on it
         self.process = subprocess.Popen([self.python, str(Path(__file__).resolve()), "--text-worker", self.directory],
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                         text=True, preexec_fn=limit_memory)
+
+    def _last_error(self) -> str:
+        """The last line the worker wrote to stderr (a traceback's: the exception), or ''."""
+        self.stderr.seek(0)
+        lines = [line.strip() for line in self.stderr.read().splitlines() if line.strip()]
+        return lines[-1][:200] if lines else ""
+
+    def _close_stderr(self) -> None:
+        if self.stderr is not None:
+            self.stderr.close()
+            self.stderr = None
 
     def _call(self, request: dict):
         import select
@@ -283,7 +297,8 @@ class TextWorker:
                 process.kill()
                 process.wait()
                 self.process = None
-                why = f"took longer than {self.seconds:g} s" if line is None else "failed (out of memory?)"
+                why = (f"took longer than {self.seconds:g} s" if line is None else
+                       f"failed: the worker exited ({self._last_error() or 'nothing on its stderr: out of memory?'})")
                 raise RequestError(f"tokenizing the request {why}")
         reply = json.loads(line)
         if "error" in reply:
@@ -302,6 +317,7 @@ class TextWorker:
                 self.process.kill()
                 self.process.wait()
                 self.process = None
+            self._close_stderr()
 
 
 def _serve_text(directory: str) -> None:
